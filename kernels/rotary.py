@@ -1,0 +1,24 @@
+"""Rotary position embedding in the "rotate half" layout used by Megatron-LM and HF Llama.
+
+Dimension j < d/2 of a head is paired with dimension j + d/2; the pair is rotated by angle
+position * inv_freq[j]. (Meta's original checkpoints pair adjacent dims instead; the HF converter
+permutes q/k rows for those, so our layout converts to HF Llama without any permutation.)
+"""
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] along the last dim (the multiplication by i of the complex pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_emb_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [s, b, n, d]; cos/sin: [s, b, 1, d] (broadcast over heads). Computed in fp32."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding entry point used by the model (dispatches to fused kernels when available)."""
+    return apply_rotary_emb_reference(x, cos, sin)

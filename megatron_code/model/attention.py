@@ -1,0 +1,44 @@
+"""Causal grouped-query self-attention with RoPE and a fused QKV projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import apply_rotary_emb
+from megatron_code.model.config import ModelConfig
+from megatron_code.model.core_attention import build_core_attention
+
+
+class SelfAttention(nn.Module):
+    """x -> linear_qkv -> RoPE(q, k) -> core attention -> linear_proj.
+
+    linear_qkv's output rows are grouped per KV head, Megatron-style: for each of the nkv groups,
+    the group's (nq / nkv) query heads, then its key head, then its value head. Splitting the rows
+    into contiguous chunks therefore splits whole GQA groups, which is what tensor parallelism does.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.linear_qkv = nn.Linear(config.hidden_size, qkv_rows, bias=False)
+        self.core_attention = build_core_attention(config)
+        self.linear_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def split_qkv(self, mixed: torch.Tensor):
+        """[s, b, nkv * (q_per_kv + 2) * d] -> q [s, b, nq, d], k and v [s, b, nkv, d]."""
+        s, b, _ = mixed.shape
+        q_per_kv = self.num_heads // self.num_kv_heads
+        grouped = mixed.view(s, b, self.num_kv_heads, q_per_kv + 2, self.head_dim)
+        q = grouped[:, :, :, :q_per_kv].reshape(s, b, self.num_heads, self.head_dim)
+        return q, grouped[:, :, :, q_per_kv], grouped[:, :, :, q_per_kv + 1]
+
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None):
+        """x: [s, b, h] -> [s, b, h]."""
+        q, k, v = self.split_qkv(self.linear_qkv(x))
+        q = apply_rotary_emb(q, rotary_cos, rotary_sin)
+        k = apply_rotary_emb(k, rotary_cos, rotary_sin)
+        context = self.core_attention(q, k, v.contiguous(), segment_ids)  # [s, b, nq * d]
+        return self.linear_proj(context)

@@ -1,0 +1,116 @@
+"""Core attention softmax(q k^T / sqrt(d)) v behind one interface, with three backends.
+
+All backends take q: [s, b, nq, d], k/v: [s, b, nkv, d] (nq a multiple of nkv: GQA) and an optional
+segment_ids: [b, s] for packed sequences (a token attends only to earlier tokens of its own
+segment), and return [s, b, nq * d].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_code.model.config import ModelConfig
+
+
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] segment ids -> [b, 1, s, s] bool mask, True where query i may attend to key j."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, s, s]
+    return (causal & same_segment)[:, None]
+
+
+def packed_cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative segment lengths of the batch flattened to b * s tokens (varlen kernels' input).
+
+    A segment ends where the id changes or a sample ends. Returns (cu_seqlens int32 [n + 1], max len).
+    """
+    b, s = segment_ids.shape
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_positions = starts.flatten().nonzero().flatten()
+    total = torch.tensor([b * s], device=segment_ids.device)
+    cu_seqlens = torch.cat((start_positions, total)).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+class SDPAttention(nn.Module):
+    """torch.nn.functional.scaled_dot_product_attention: runs on CPU and GPU (flash/cuDNN/efficient
+    kernels are picked by torch on CUDA)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dropout = config.attention_dropout
+
+    def forward(self, q, k, v, segment_ids=None):
+        s, b, nq, d = q.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+        dropout = self.dropout if self.training else 0.0
+        if segment_ids is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
+        else:
+            mask = document_causal_mask(segment_ids)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)  # [b, n, s, d] -> [s, b, n*d]
+
+
+class FlashAttention(nn.Module):
+    """flash-attn 2/3 kernels (CUDA only). GQA is native; packed sequences use the varlen kernel."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        import flash_attn  # guarded by ModelConfig.validate, which names the install command
+
+        self.flash_attn = flash_attn
+        self.dropout = config.attention_dropout
+
+    def forward(self, q, k, v, segment_ids=None):
+        s, b, nq, d = q.shape
+        dropout = self.dropout if self.training else 0.0
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [b, s, n, d]
+        if segment_ids is None:
+            out = self.flash_attn.flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
+        else:
+            cu_seqlens, max_len = packed_cu_seqlens(segment_ids)
+            q, k, v = (t.reshape(b * s, t.shape[2], d) for t in (q, k, v))  # [t, n, d]
+            out = self.flash_attn.flash_attn_varlen_func(
+                q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout, causal=True
+            )
+        return out.reshape(b, s, nq * d).transpose(0, 1)  # [b, s, n*d] -> [s, b, n*d]
+
+
+class TEAttention(nn.Module):
+    """Transformer Engine's DotProductAttention (cuDNN fused attention; FP8-aware)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        import transformer_engine.pytorch as te  # guarded by ModelConfig.validate
+
+        common = dict(
+            num_attention_heads=config.num_attention_heads,
+            kv_channels=config.head_dim,
+            num_gqa_groups=config.num_kv_heads,
+            attention_dropout=config.attention_dropout,
+        )
+        self.causal = te.DotProductAttention(qkv_format="sbhd", attn_mask_type="causal", **common)
+        self.packed = te.DotProductAttention(qkv_format="thd", attn_mask_type="padding_causal", **common)
+
+    def forward(self, q, k, v, segment_ids=None):
+        s, b, nq, d = q.shape
+        if segment_ids is None:
+            return self.causal(q, k, v)  # [s, b, n*d]
+        cu_seqlens, max_len = packed_cu_seqlens(segment_ids)
+        q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (q, k, v))  # [t, n, d]
+        out = self.packed(
+            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max_len, max_seqlen_kv=max_len,
+        )
+        return out.reshape(b, s, nq * d).transpose(0, 1)  # [t, n*d] -> [s, b, n*d]
+
+
+CORE_ATTENTION = {"sdpa": SDPAttention, "flash": FlashAttention, "te": TEAttention}
+
+
+def build_core_attention(config: ModelConfig) -> nn.Module:
+    return CORE_ATTENTION[config.attention_backend](config)

@@ -1,0 +1,36 @@
+"""SwiGLU MLP: linear_fc2(silu(x W_gate^T) * (x W_up^T))."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_code.model.config import ModelConfig
+
+
+class GateUpLinear(nn.Module):
+    """The gate and up projections as one GEMM.
+
+    The weight is stored as [2, ffn, hidden] (gate = weight[0], up = weight[1]) rather than
+    [2 * ffn, hidden]: tensor parallelism then shards dim 1 into contiguous pieces that hold each
+    rank's gate *and* up rows, so a checkpoint reshards with an ordinary even split.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(2, ffn_hidden_size, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [s, b, h] -> (gate, up), each [s, b, ffn]."""
+        gate_up = F.linear(x, self.weight.flatten(0, 1))  # [s, b, 2 * ffn]
+        gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
+        return gate, up
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.linear_fc1 = GateUpLinear(config.hidden_size, config.ffn_hidden_size)
+        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x)
+        return self.linear_fc2(F.silu(gate) * up)

@@ -1,0 +1,1 @@
+"""Training: configs, arguments, data, optimizer, schedule, checkpoints, logging, the loop."""

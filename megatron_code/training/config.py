@@ -1,0 +1,145 @@
+"""Config dataclasses of the training run, one per component. Field names are Megatron-LM's
+argument names (`--micro-batch-size` sets `micro_batch_size`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_code.model.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are cut into samples."""
+
+    data_path: list[str] = field(default_factory=list)
+    """Dataset prefixes (without .bin/.idx), optionally weighted: `0.7 code 0.3 docs` or `code docs`."""
+    split: str = "949,50,1"
+    """Train/valid/test proportions of each dataset, e.g. 949,50,1."""
+    tokenizer_model: str | None = None
+    """Path of the sentencepiece .model file the data was tokenized with."""
+    seq_length: int = 256
+    """Tokens per training sample."""
+    reset_position_ids: bool = False
+    """Restart position ids after each end-of-document token (packed sequences)."""
+    reset_attention_mask: bool = False
+    """Stop attention across end-of-document tokens (packed sequences see only their own document)."""
+    eod_mask_loss: bool = False
+    """Do not train on predicting the token after an end-of-document token."""
+    data_cache_path: str | None = None
+    """Where megatron-core caches sample indices (default: next to the data)."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with decoupled weight decay; norms and biases are not decayed."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW) for matrices and embeddings."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this value (0 disables clipping)."""
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warmup, then decay to min_lr."""
+
+    lr_warmup_iters: int = 0
+    """Iterations of linear warmup from 0 to lr."""
+    lr_decay_iters: int | None = None
+    """Iteration at which decay reaches min_lr (default: train_iters)."""
+    lr_decay_style: str = "cosine"
+    """constant, linear, cosine, inverse-square-root, or WSD (warmup-stable-decay)."""
+    lr_wsd_decay_style: str = "linear"
+    """Shape of WSD's final decay: linear, cosine, exponential, minus_sqrt."""
+    lr_wsd_decay_iters: int | None = None
+    """Length of WSD's final decay phase (default: 10% of lr_decay_iters)."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch, length, precision and cadence of the run."""
+
+    micro_batch_size: int = 8
+    """Samples per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step across all ranks (default: micro_batch_size x DP)."""
+    train_iters: int = 300
+    """Optimizer steps to train for."""
+    bf16: bool = False
+    """bfloat16 autocast with fp32 master weights (fp32 is the default, and right on CPU)."""
+    seed: int = 1234
+    """Seed of model init, data order and dropout."""
+    eval_interval: int = 100
+    """Run validation every this many steps (0 disables)."""
+    eval_iters: int = 5
+    """Global batches per validation run."""
+    exit_interval: int | None = None
+    """Stop (after saving, if --save is set) once this iteration is reached."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save: str | None = None
+    """Directory to write checkpoints to."""
+    load: str | None = None
+    """Directory to resume from (its latest checkpoint); may equal --save."""
+    save_interval: int | None = None
+    """Save every this many steps (and at the end of training)."""
+    finetune: bool = False
+    """Load only model weights from --load and start at iteration 0 with fresh optimizer."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL, TensorBoard and Weights & Biases logging."""
+
+    log_interval: int = 10
+    """Print a console line every this many steps."""
+    metrics_file: str | None = None
+    """JSONL file receiving one object per step (loss, lr, grad_norm, tokens_per_sec, ...)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory (off when unset)."""
+    wandb_project: str | None = None
+    """Weights & Biases project (off when unset)."""
+    wandb_exp_name: str | None = None
+    """Weights & Biases run name."""
+    wandb_save_dir: str | None = None
+    """Weights & Biases local directory (default: under --save or the working directory)."""
+    wandb_mode: str = "offline"
+    """offline (default: nothing leaves the machine; `wandb sync` later) or online."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one accelerator for MFU (default: known for H100/H200/A100, else no MFU)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model's shape and numerics."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and sampling."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """The learning-rate schedule."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch, precision and cadence."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging sinks."""

@@ -1,0 +1,165 @@
+"""Training data: Megatron .bin/.idx datasets through megatron-core, served in a fixed order.
+
+The order of samples is a pure function of (seed, data, split, seq_length): megatron-core's
+GPTDataset shuffles documents and samples with the seed, and the sampler below walks the sample
+index from `consumed_samples`. Resuming at consumed_samples therefore continues the exact stream.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_code.errors import ConfigError
+from megatron_code.training.config import DataConfig
+
+
+def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """`[w1, p1, w2, p2]` -> ([p1, p2], [w1, w2]); `[p1, p2]` -> ([p1, p2], None) (Megatron syntax)."""
+    if not data_path:
+        raise ConfigError("--data-path is required: one or more dataset prefixes (PREFIX.bin/.idx), "
+                          "optionally weighted as `0.7 PREFIX_A 0.3 PREFIX_B`.")
+
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    if not is_number(data_path[0]):
+        return list(data_path), None
+    if len(data_path) % 2 or not all(is_number(w) for w in data_path[::2]):
+        raise ConfigError(f"--data-path {' '.join(data_path)}: a weighted blend alternates WEIGHT PREFIX "
+                          "pairs, e.g. `0.7 data/a_text_document 0.3 data/b_text_document`.")
+    weights = [float(w) for w in data_path[::2]]
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"--data-path: blend weights must be positive, got {weights}.")
+    return list(data_path[1::2]), weights
+
+
+def check_data_files(prefixes: list[str]) -> None:
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(
+                    f"--data-path: {prefix + ext} does not exist. Give the prefix without extension "
+                    "(e.g. data/code_text_document for data/code_text_document.bin/.idx); build it "
+                    "with `mcode-preprocess-data`."
+                )
+
+
+def split_weights(split: str) -> list[float]:
+    parts = [p for p in split.replace("/", ",").split(",") if p.strip()]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--split {split!r}: expected comma-separated numbers like 949,50,1.") from None
+    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--split {split!r}: expected up to 3 non-negative weights (train,valid,test).")
+    return weights + [0.0] * (3 - len(weights))
+
+
+def documents_per_split(num_documents: int, weights: list[float]) -> list[int]:
+    """How megatron-core's builder cuts N documents by split weights (rounded bookends)."""
+    total, bounds, acc = sum(weights), [0], 0.0
+    for w in weights:
+        acc += w / total
+        bounds.append(round(acc * num_documents))
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def usable_split(prefixes: list[str], split: str, need_valid: bool) -> str:
+    """The split string to hand megatron-core. A split with weight > 0 but no documents makes its
+    sample-index builder loop forever, so an empty split that the run needs (train; valid when
+    evaluating) is an error, and one it does not need (test is never read) is dropped."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weights = split_weights(split)
+    counts = [documents_per_split(len(IndexedDataset(p)), weights) for p in prefixes]
+    smallest = [min(c[i] for c in counts) for i in range(3)]
+    needed = (True, need_valid, False)
+    for index, name in enumerate(("train", "validation", "test")):
+        if weights[index] > 0 and smallest[index] == 0:
+            if needed[index]:
+                raise ConfigError(
+                    f"--split {split}: the {name} split of the smallest dataset gets 0 documents "
+                    f"(documents per split: {counts}). Add data or give the {name} split more weight."
+                )
+            weights[index] = 0.0
+    return ",".join(f"{w:g}" for w in weights)
+
+
+@dataclass
+class Datasets:
+    train: GPTDataset
+    valid: GPTDataset | None
+    test: GPTDataset | None
+
+
+def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int], need_valid: bool) -> Datasets:
+    """Build train/valid/test through megatron-core. Needs torch.distributed initialized."""
+    prefixes, weights = parse_blend(data.data_path)
+    split = usable_split(prefixes, data.split, need_valid=need_valid)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=data.seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=data.data_cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss,
+        # The model derives document boundaries from the tokens; an [s, s] mask per sample would
+        # cost O(s^2) host memory (8 GB at 128K).
+        create_attention_mask=False,
+    )
+    splits = [n if w > 0 else None for n, w in zip(num_samples, split_weights(split))]
+    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, splits, lambda: True, config).build()
+    if train is None:
+        raise ConfigError(f"--split {data.split}: the train split is empty.")
+    return Datasets(train, valid, test)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Yields this data-parallel rank's micro-batches of sample indices, global batch after global
+    batch, starting at `consumed_samples` (Megatron's MegatronPretrainingSampler)."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 global_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.per_rank = global_batch_size // dp_size
+        self.dp_rank = dp_rank
+
+    def __iter__(self):
+        start = self.consumed_samples
+        while start + self.global_batch_size <= self.total_samples:
+            first = start + self.dp_rank * self.per_rank
+            for offset in range(0, self.per_rank, self.micro_batch_size):
+                yield list(range(first + offset, first + offset + self.micro_batch_size))
+            start += self.global_batch_size
+
+    def __len__(self):
+        steps = (self.total_samples - self.consumed_samples) // self.global_batch_size
+        return steps * self.per_rank // self.micro_batch_size
+
+
+def micro_batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def segment_ids_from_eod(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[b, s] -> [b, s] document index of each token. The EOD token belongs to the document it
+    ends, so the next token starts a new segment (Megatron's --reset-attention-mask semantics)."""
+    is_eod = (tokens == eod).long()
+    return torch.cumsum(is_eod, dim=1) - is_eod

@@ -1,0 +1,125 @@
+"""Where training metrics go: a console line every log interval, one JSONL object per step,
+TensorBoard scalars, and Weights & Biases (offline unless asked otherwise). Rank 0 only."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from megatron_code.training.config import LoggingConfig
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, config: LoggingConfig, run_config_dict: dict, enabled: bool, save_dir: str | None):
+        self.config = config
+        self.enabled = enabled
+        self.jsonl = self.tensorboard = self.wandb_run = None
+        if not enabled:
+            return
+        if config.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(config.metrics_file)), exist_ok=True)
+            # Append: a resumed run continues the same file.
+            self.jsonl = open(config.metrics_file, "a", buffering=1)
+        if config.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=config.tensorboard_dir)
+        if config.wandb_project:
+            self.wandb_run = _init_wandb(config, run_config_dict, save_dir)
+
+    def log_step(self, metrics: dict) -> None:
+        """metrics holds at least step, loss, lr, grad_norm, tokens_per_sec."""
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(metrics) + "\n")
+        step = metrics["step"]
+        if self.tensorboard:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"train/{key}", value, step)
+        if self.wandb_run:
+            self.wandb_run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+        if step % self.config.log_interval == 0:
+            print(format_console_line(metrics), flush=True)
+
+    def log_validation(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "valid_loss": loss, "valid_ppl": _perplexity(loss)}
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            self.tensorboard.add_scalar("valid/loss", loss, step)
+        if self.wandb_run:
+            self.wandb_run.log({"valid/loss": loss}, step=step)
+        print(f" validation  step {step:6d} | loss {loss:.4f} | ppl {record['valid_ppl']:.2f}", flush=True)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb_run:
+            self.wandb_run.finish()
+
+
+def _perplexity(loss: float) -> float:
+    return float(torch.tensor(min(loss, 50.0)).exp())
+
+
+def format_console_line(m: dict) -> str:
+    mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
+    return (
+        f" step {m['step']:6d}/{m['train_iters']} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
+        f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_sec']:,.0f} tok/s | "
+        f"{m['ms_per_step']:.0f} ms/step | {m['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
+        f"mem {m['peak_mem_gib']:.2f} GiB"
+    )
+
+
+def _init_wandb(config: LoggingConfig, run_config_dict: dict, save_dir: str | None):
+    # Offline by default: runs on clusters without internet and nothing is uploaded unasked.
+    os.environ.setdefault("WANDB_MODE", config.wandb_mode)
+    import wandb
+
+    directory = config.wandb_save_dir or os.path.join(save_dir or os.getcwd(), "wandb")
+    os.makedirs(directory, exist_ok=True)
+    return wandb.init(
+        project=config.wandb_project, name=config.wandb_exp_name, dir=directory, config=run_config_dict,
+    )
+
+
+class StepTimer:
+    """Wall time of one optimizer step (synchronizing CUDA so the time is the step's, not the launch's)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def print_rank0(*args, enabled: bool = True) -> None:
+    if enabled:
+        print(*args, file=sys.stdout, flush=True)

@@ -1,0 +1,45 @@
+"""AdamW with decoupled weight decay on matrices only, and global-norm gradient clipping."""
+from __future__ import annotations
+
+import torch
+
+from megatron_code.training.config import OptimizerConfig
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices and embeddings; never norms or biases (1-D tensors), as Megatron does."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim == 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        fused=on_cuda or None,  # one kernel for all params on GPU; foreach on CPU
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients; scale them down to max_norm if above (0 = measure only)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(
+            [p for p in parameters if p.grad is not None], max_norm, total_norm
+        )
+    return total_norm

@@ -1,0 +1,231 @@
+"""The pretraining loop: data -> forward/backward over micro-batches -> clip -> AdamW -> log,
+validate and checkpoint on their intervals."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from contextlib import nullcontext
+from itertools import islice
+
+import numpy as np
+import torch
+
+from megatron_code.distributed import DistributedEnv, destroy_distributed, init_distributed
+from megatron_code.errors import ConfigError
+from megatron_code.model import GPTModel
+from megatron_code.training import checkpointing
+from megatron_code.training.config import RunConfig
+from megatron_code.training.data import (
+    ResumableBatchSampler, build_datasets, micro_batch_loader, segment_ids_from_eod,
+)
+from megatron_code.training.flops import peak_tflops, training_flops_per_token
+from megatron_code.training.lr_schedule import LearningRateSchedule
+from megatron_code.training.metrics import MetricsLogger, StepTimer, peak_memory_gib, print_rank0
+from megatron_code.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
+from megatron_code.training.validate import validate_run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Holds the pieces of one run; `run()` trains to train_iters (or exit_interval)."""
+
+    def __init__(self, cfg: RunConfig, env: DistributedEnv, tokenizer):
+        self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
+        seed_everything(cfg.training.seed)
+        self.model = GPTModel(cfg.model).to(env.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
+        self.iteration = 0
+        self._resume()
+        self.datasets = build_datasets(cfg.data, tokenizer, cfg.training.seed, self._split_sizes(),
+                                       need_valid=cfg.training.eval_interval > 0)
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length, self.model.vocab_size)
+        self.peak_tflops = peak_tflops(env.device, cfg.training.bf16, cfg.logging.peak_tflops)
+        self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save)
+        self.history: list[dict] = []
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _split_sizes(self) -> list[int]:
+        t = self.cfg.training
+        eval_samples = t.eval_iters * t.global_batch_size
+        return [t.train_iters * t.global_batch_size, eval_samples, eval_samples]
+
+    def _resume(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.load:
+            return
+        if ck.finetune:
+            state = checkpointing.load_checkpoint(ck.load, self.model, None, restore_rng=False)
+        else:
+            state = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer)
+        if state is None:
+            print_rank0(f"no checkpoint in --load {ck.load}; starting from scratch", enabled=self.env.is_main)
+            return
+        _check_same_model(state, self.cfg)
+        if not ck.finetune:
+            self.iteration = state["iteration"]
+        print_rank0(f"resumed from {ck.load} at iteration {state['iteration']}", enabled=self.env.is_main)
+
+    def _train_loader(self):
+        t = self.cfg.training
+        sampler = ResumableBatchSampler(
+            len(self.datasets.train), self.iteration * t.global_batch_size,
+            t.micro_batch_size, t.global_batch_size,
+        )
+        loader = micro_batch_loader(self.datasets.train, sampler, self.cfg.data.num_workers,
+                                    pin_memory=self.env.device.type == "cuda")
+        return iter(loader)
+
+    # ---- one step -------------------------------------------------------------------------
+    def _forward_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed masked loss and number of loss tokens of one micro-batch."""
+        tokens = batch["tokens"].to(self.env.device, non_blocking=True)
+        segment_ids = None
+        if self.cfg.data.reset_attention_mask:
+            segment_ids = segment_ids_from_eod(tokens, self.tokenizer.eod)
+        autocast = (torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+                    if self.cfg.training.bf16 else nullcontext())
+        with autocast:
+            losses = self.model(
+                tokens, batch["position_ids"].to(self.env.device), segment_ids,
+                labels=batch["labels"].to(self.env.device),
+            )
+        mask = batch["loss_mask"].to(self.env.device, dtype=losses.dtype)
+        return (losses * mask).sum(), mask.sum()
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, float]:
+        """Gradient accumulation over the global batch. The loss is the mean over all loss tokens
+        of the global batch (not a mean of micro-batch means), so it does not depend on how the
+        batch is cut into micro-batches."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)
+        total_loss = torch.zeros((), device=self.env.device)
+        for batch in micro_batches:
+            loss_sum, _ = self._forward_losses(batch)
+            (loss_sum / total_tokens).backward()
+            total_loss += loss_sum.detach() / total_tokens
+        loss = float(total_loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
+        grad_norm = float(clip_gradients(list(self.model.parameters()), self.cfg.optimizer.clip_grad))
+        lr = self.schedule(self.iteration + 1)
+        set_learning_rate(self.optimizer, lr)
+        self.optimizer.step()
+        return loss, grad_norm, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over the first eval_iters global batches of the validation
+        split (the same samples every time, so successive values are comparable)."""
+        self.model.eval()
+        t = self.cfg.training
+        sampler = ResumableBatchSampler(len(self.datasets.valid), 0, t.micro_batch_size, t.global_batch_size)
+        loss_sum = token_count = 0.0
+        for indices in islice(iter(sampler), t.eval_iters * t.global_batch_size // t.micro_batch_size):
+            batch = torch.utils.data.default_collate([self.datasets.valid[i] for i in indices])
+            batch_loss, batch_tokens = self._forward_losses(batch)
+            loss_sum, token_count = loss_sum + float(batch_loss), token_count + float(batch_tokens)
+        return loss_sum / max(token_count, 1.0)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        t, ck = self.cfg.training, self.cfg.checkpoint
+        micro_per_step = t.global_batch_size // t.micro_batch_size
+        loader = self._train_loader()
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
+        last_saved = self.iteration if ck.load else None
+        while self.iteration < t.train_iters:
+            with StepTimer(self.env.device) as timer:
+                loss, grad_norm, lr = self.train_step(list(islice(loader, micro_per_step)))
+            self.iteration += 1
+            self._log(loss, grad_norm, lr, timer.seconds, tokens_per_step)
+            if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
+                self.metrics.log_validation(self.iteration, self.evaluate())
+            exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+            due = bool(ck.save_interval) and self.iteration % ck.save_interval == 0
+            if ck.save and (due or exiting):
+                self.save()
+                last_saved = self.iteration
+            if exiting:
+                break
+        if ck.save and last_saved != self.iteration:
+            self.save()
+        self.metrics.close()
+        return self.history
+
+    def save(self) -> None:
+        state = {"consumed_samples": self.iteration * self.cfg.training.global_batch_size,
+                 "config": dataclasses.asdict(self.cfg)}
+        path = checkpointing.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model,
+                                             self.optimizer, state)
+        print_rank0(f" saved checkpoint {path}", enabled=self.env.is_main)
+
+    def _log(self, loss, grad_norm, lr, seconds, tokens_per_step) -> None:
+        tokens_per_sec = tokens_per_step / seconds
+        tflops = self.flops_per_token * tokens_per_sec / 1e12 / self.env.world_size
+        record = {
+            "step": self.iteration, "train_iters": self.cfg.training.train_iters, "loss": loss,
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+            "ms_per_step": 1000 * seconds, "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "peak_mem_gib": peak_memory_gib(self.env.device),
+            "consumed_samples": self.iteration * self.cfg.training.global_batch_size,
+        }
+        self.history.append(record)
+        self.metrics.log_step(record)
+
+
+def _check_same_model(state: dict, cfg: RunConfig) -> None:
+    """A checkpoint of another shape would fail deep inside DCP; say which field differs instead."""
+    saved = state.get("config", {}).get("model", {})
+    shape_fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "group_query_attention", "kv_channels",
+                    "untie_embeddings_and_output_weights", "vocab_size")
+    for name in shape_fields:
+        if name in saved and saved[name] != getattr(cfg.model, name):
+            raise ConfigError(
+                f"--load: the checkpoint has {name}={saved[name]} but this run has "
+                f"{name}={getattr(cfg.model, name)}. Use the checkpoint's model flags or another --load."
+            )
+
+
+def train(cfg: RunConfig) -> list[dict]:
+    """Validate, set up, train. Returns the per-step metric records."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size != 1:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size}: this trainer runs one process so far; multi-process "
+            "tensor/pipeline/context/data parallelism is tracked in the parallelism issue."
+        )
+    tokenizer = validate_run(cfg, data_parallel_size=world_size)
+    env = init_distributed()
+    try:
+        trainer = Trainer(cfg, env, tokenizer)
+        _print_summary(trainer)
+        return trainer.run()
+    finally:
+        destroy_distributed()
+
+
+def _print_summary(trainer: Trainer) -> None:
+    cfg, model = trainer.cfg, trainer.model
+    n_params = sum(p.numel() for p in model.parameters())
+    print_rank0(
+        f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden "
+        f"{cfg.model.hidden_size}, {cfg.model.num_attention_heads} heads / {cfg.model.num_kv_heads} KV, "
+        f"vocab {model.vocab_size} (tokenizer {cfg.model.vocab_size}) | "
+        f"{trainer.flops_per_token / 1e9:.3f} GFLOP/token | device {trainer.env.device} | "
+        f"{'bf16 autocast' if cfg.training.bf16 else 'fp32'}\n"
+        f"data: {len(trainer.datasets.train)} train samples of {cfg.data.seq_length} tokens; "
+        f"global batch {cfg.training.global_batch_size} = micro {cfg.training.micro_batch_size} x "
+        f"{cfg.training.global_batch_size // cfg.training.micro_batch_size} accumulation steps",
+        enabled=trainer.env.is_main,
+    )
