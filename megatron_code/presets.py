@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     ),
     # The 7B target (Llama-3-8B block shape): 32 x 4096, 32 query heads / 8 KV groups, head dim
     # 128, SwiGLU 14336. 6.98B parameters in the blocks + 2 x vocab x 4096 untied embeddings
-    # (7.38B with a 49,152-token vocab). See docs/model.md.
+    # (7,382,241,280 in all with a 49,152-token vocab). See docs/model.md.
     "7b": dict(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
         group_query_attention=True, num_query_groups=8, max_position_embeddings=131072,

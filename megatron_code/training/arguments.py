@@ -67,10 +67,18 @@ def _coerce(name: str, value, kind, source: str):
         raise ConfigError(f"{source}: field {name!r} expects {expected}, got {value!r}.") from None
 
 
-def _add_field_argument(group, name: str, hint, doc: str) -> None:
+def _field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _add_field_argument(group, f: dataclasses.Field, hint, doc: str) -> None:
+    name = f.name
     flag = "--" + name.replace("_", "-")
     kind = _unwrap_optional(hint)
-    kwargs = dict(dest=name, default=argparse.SUPPRESS, help=doc)
+    # Defaults are SUPPRESSed so that only flags actually given override the preset and YAML file;
+    # the dataclass default is shown in the help text instead.
+    help_text = f"{doc} (default: {_field_default(f)})".replace("%", "%%")
+    kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
     if kind is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif typing.get_origin(kind) is list:
@@ -83,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcode-train",
         description="Pretrain a GQA + RoPE decoder on Megatron .bin/.idx data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", default=None, help="Named preset (tiny, 125m, 1b, 7b, 7b-128k).")
     parser.add_argument("--config", default=None, help="YAML file of field: value pairs (flat or by section).")
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(section, cls.__doc__.splitlines()[0])
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            _add_field_argument(group, f.name, hints[f.name], docs.get(f.name, ""))
+            _add_field_argument(group, f, hints[f.name], docs.get(f.name, ""))
     return parser
 
 

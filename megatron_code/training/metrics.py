@@ -51,7 +51,7 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(f"train/{key}", value, step)
         if self.wandb_run:
             self.wandb_run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
-        if step % self.config.log_interval == 0:
+        if step % self.config.log_interval == 0 or step == metrics["train_iters"]:
             print(format_console_line(metrics), flush=True)
 
     def log_validation(self, step: int, loss: float) -> None:

@@ -1,0 +1,138 @@
+"""Command line and config handling: precedence, Megatron flag names, and one clear error for
+each bad input, raised before any model or dataset is built."""
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_code.config_docs import undocumented_fields
+from megatron_code.errors import ConfigError
+from megatron_code.model.config import ModelConfig
+from megatron_code.train import main
+from megatron_code.training import config as training_config
+from megatron_code.training.arguments import build_parser, parse_args
+from megatron_code.training.validate import validate_run
+from tests.conftest import TOKENIZER
+
+MEGATRON_FLAGS = (
+    "--num-layers --hidden-size --ffn-hidden-size --num-attention-heads --group-query-attention "
+    "--num-query-groups --seq-length --max-position-embeddings --micro-batch-size --global-batch-size "
+    "--train-iters --lr --min-lr --lr-warmup-iters --lr-decay-iters --lr-decay-style --weight-decay "
+    "--clip-grad --bf16 --data-path --split --tokenizer-model --save --load --save-interval "
+    "--eval-interval --eval-iters --log-interval --exit-interval --seed --wandb-project "
+    "--reset-position-ids --reset-attention-mask --eod-mask-loss --untie-embeddings-and-output-weights "
+    "--rotary-base --norm-epsilon --init-method-std --make-vocab-size-divisible-by --use-rope-scaling"
+).split()
+
+
+def test_megatron_flag_names_exist():
+    known = {opt for action in build_parser()._actions for opt in action.option_strings}
+    missing = [flag for flag in MEGATRON_FLAGS if flag not in known]
+    assert not missing
+
+
+def test_every_config_field_is_documented():
+    classes = [ModelConfig] + [
+        obj for obj in vars(training_config).values()
+        if dataclasses.is_dataclass(obj) and obj.__module__ == training_config.__name__
+    ]
+    assert {cls.__name__: undocumented_fields(cls) for cls in classes} == {cls.__name__: [] for cls in classes}
+
+
+def test_precedence_preset_then_yaml_then_flags(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model:\n  hidden-size: 512\n  num_layers: 6\nlr: 1e-3\ntrain_iters: 77\n")
+    cfg = parse_args(["--preset", "tiny", "--config", str(yaml_file), "--num-layers", "3", "--no-bf16"])
+    assert cfg.model.hidden_size == 512  # yaml over preset (256)
+    assert cfg.model.num_layers == 3  # flag over yaml (6) over preset (4)
+    assert cfg.model.ffn_hidden_size == 704  # preset over default
+    assert cfg.optimizer.lr == pytest.approx(1e-3)  # yaml's "1e-3" string coerced to float
+    assert cfg.training.train_iters == 77 and cfg.training.bf16 is False
+
+
+def test_data_path_blend_and_lists_parse():
+    cfg = parse_args(["--data-path", "0.3", "a", "0.7", "b", "--split", "90,10,0"])
+    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"] and cfg.data.split == "90,10,0"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("hiden_size: 3\n", "unknown field 'hiden_size'. Did you mean hidden_size"),
+        ("lr: fast\n", "field 'lr' expects float, got 'fast'"),
+        ("- 1\n- 2\n", "expected a mapping"),
+    ],
+)
+def test_bad_yaml_names_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_args(["--config", str(path)])
+    assert str(path) in str(info.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*'7b'"):
+        parse_args(["--preset", "huge"])
+
+
+def _args(data_prefix, *extra):
+    return ["--preset", "tiny", "--data-path", data_prefix, "--tokenizer-model", TOKENIZER,
+            "--train-iters", "4", "--lr-warmup-iters", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--hidden-size", "250"], r"--hidden-size \(250\) must be divisible by --num-attention-heads \(4\)"),
+        (["--num-query-groups", "3"], r"--num-attention-heads \(4\) must be divisible by --num-query-groups \(3\)"),
+        (["--global-batch-size", "12"], r"--global-batch-size \(12\) must be divisible by --micro-batch-size \(8\)"),
+        (["--vocab-size", "1000"], r"has 2048 tokens but --vocab-size is 1000"),
+        (["--seq-length", "2048"], r"--seq-length \(2048\) exceeds --max-position-embeddings \(1024\)"),
+        (["--tokenizer-model", "/nope/sp.model"], r"no file at '/nope/sp.model'"),
+        (["--split", "100,0,0", "--eval-interval", "5"], r"needs a validation split"),
+        (["--save-interval", "5"], r"--save-interval is set but --save"),
+        (["--lr-decay-style", "step"], r"--lr-decay-style must be one of"),
+        (["--lr-warmup-iters", "9"], r"--lr-warmup-iters \(9\) exceeds --lr-decay-iters \(4\)"),
+        (["--attention-backend", "flash"], r"pip install flash-attn"),
+    ],
+)
+def test_bad_inputs_raise_one_clear_error(fixture_data, extra, message):
+    if "flash" in extra and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match=message):
+        validate_run(parse_args(_args(fixture_data, *extra)))
+
+
+def test_missing_data_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nowhere_text_document.bin does not exist"):
+        validate_run(parse_args(_args(str(tmp_path / "nowhere_text_document"))))
+
+
+def test_data_from_another_tokenizer_is_caught(fixture_data, tmp_path):
+    """Token ids beyond the model's vocabulary mean the data was built with another tokenizer."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "foreign")
+    builder = IndexedDatasetBuilder(prefix + ".bin")
+    builder.add_item(torch.tensor([5, 40000, 2]))
+    builder.end_document()
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(ConfigError, match="token id 40000 is outside the model's vocabulary"):
+        validate_run(parse_args(_args(prefix)))
+
+
+def test_cli_prints_error_without_traceback_and_exits_2(fixture_data, capsys):
+    assert main(_args(fixture_data, "--hidden-size", "250")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mcode-train: error: --hidden-size (250)") and "Traceback" not in err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "megatron_code.train", "--help"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "--num-query-groups" in out and "Number of key/value heads" in out

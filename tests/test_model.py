@@ -1,0 +1,200 @@
+"""Model tests against independent references: naive attention, complex-number RoPE, HF's RoPE
+scaling, per-document forward passes, the analytic parameter count."""
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import apply_rotary_emb
+from megatron_code.errors import ConfigError
+from megatron_code.model import GPTModel, ModelConfig
+from megatron_code.model.attention import SelfAttention
+from megatron_code.model.core_attention import packed_cu_seqlens
+from megatron_code.model.rope import RotaryEmbedding, llama3_scale_frequencies, rope_inverse_frequencies
+from megatron_code.presets import get_preset
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                group_query_attention=True, num_query_groups=2, vocab_size=300,
+                max_position_embeddings=128, untie_embeddings_and_output_weights=True)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def naive_attention(q, k, v, allowed):
+    """q [s, b, nq, d], k/v [s, b, nkv, d]; K/V heads repeated per group; explicit softmax."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("sbnd,tbnd->bnst", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), v)
+    return out.flatten(2)
+
+
+def test_logits_and_loss_shapes():
+    torch.manual_seed(0)
+    model = GPTModel(small_config())
+    tokens = torch.randint(0, 300, (3, 17))
+    assert model.vocab_size == 384  # 300 padded to a multiple of 128
+    assert model(tokens).shape == (3, 17, 384)
+    losses = model(tokens, labels=tokens)
+    assert losses.shape == (3, 17) and losses.dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_groups", [4, 2, 1])
+def test_attention_matches_naive_reference(num_groups):
+    """MHA (groups == heads), GQA and MQA all equal explicit softmax attention with K/V heads
+    repeated over their query group."""
+    torch.manual_seed(0)
+    cfg = small_config(num_query_groups=num_groups)
+    attn = SelfAttention(cfg)
+    x = torch.randn(9, 2, 64)
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(9).expand(2, 9))
+    q, k, v = attn.split_qkv(attn.linear_qkv(x))
+    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+    expected = attn.linear_proj(naive_attention(q, k, v, torch.ones(9, 9, dtype=torch.bool).tril()))
+    torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_with_groups_equal_heads_is_multi_head_attention():
+    torch.manual_seed(0)
+    gqa = GPTModel(small_config(num_query_groups=4))
+    mha = GPTModel(small_config(group_query_attention=False, num_query_groups=None))
+    mha.load_state_dict(gqa.state_dict())
+    tokens = torch.randint(0, 300, (2, 11))
+    torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=0, atol=0)
+
+
+def test_rope_equals_complex_rotation():
+    """Rotating pair (x_j, x_{j+d/2}) by angle m * theta_j is multiplying x_j + i x_{j+d/2} by e^{i m theta_j}."""
+    torch.manual_seed(0)
+    cfg = small_config()
+    s, b, n, d = 7, 2, 3, cfg.head_dim
+    x = torch.randn(s, b, n, d, dtype=torch.float64)
+    positions = torch.randint(0, 100, (b, s))  # fp32 angles (as in HF and Megatron) drift ~1e-7 * position
+    cos, sin = RotaryEmbedding(cfg)(positions)
+    ours = apply_rotary_emb(x, cos.double(), sin.double())
+    theta = 1.0 / cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = positions.t().double()[:, :, None, None] * theta  # [s, b, 1, d/2]
+    z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * torch.polar(torch.ones_like(angle), angle)
+    torch.testing.assert_close(ours, torch.cat((z.real, z.imag), -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = small_config(use_rope_scaling=True, rotary_base=500000.0, rope_scaling_factor=16.0,
+                       rope_original_max_position_embeddings=64, hidden_size=256, num_attention_heads=2)
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=1024,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 64})
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    ours = llama3_scale_frequencies(rope_inverse_frequencies(cfg.head_dim, cfg.rotary_base), cfg)
+    torch.testing.assert_close(ours, hf_inv_freq.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(ours, rope_inverse_frequencies(cfg.head_dim, cfg.rotary_base))
+
+
+def test_causality_future_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPTModel(small_config())
+    tokens = torch.randint(0, 300, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, 300, (2, 8))
+    before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_packed_documents_equal_separate_forward_passes():
+    """With segment ids and restarted positions, each packed document's logits equal a forward
+    pass over that document alone (Megatron's reset-attention-mask + reset-position-ids)."""
+    torch.manual_seed(0)
+    model = GPTModel(small_config())
+    docs = [torch.randint(4, 300, (n,)) for n in (5, 9, 4)]
+    packed = torch.cat(docs)[None]
+    segment_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    logits = model(packed, positions, segment_ids)
+    start = 0
+    for doc in docs:
+        alone = model(doc[None])
+        torch.testing.assert_close(logits[:, start:start + len(doc)], alone, rtol=1e-5, atol=1e-5)
+        start += len(doc)
+
+
+def test_packed_cu_seqlens_split_at_segment_changes_and_sample_ends():
+    segment_ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])
+    cu_seqlens, max_len = packed_cu_seqlens(segment_ids)
+    assert cu_seqlens.tolist() == [0, 2, 5, 6, 8, 10] and max_len == 3
+
+
+def test_parameter_count_formula_matches_model():
+    model = GPTModel(small_config())
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
+    tied = GPTModel(small_config(untie_embeddings_and_output_weights=False))
+    assert sum(p.numel() for p in tied.parameters()) == tied.config.num_parameters()
+
+
+def test_7b_preset_shape_and_parameter_count():
+    """The documented 7B shape: 6,979,584,000 parameters in the blocks; 7,382,241,280 with a 49,152 vocab."""
+    fields = {k: v for k, v in get_preset("7b").items() if k in ModelConfig.__dataclass_fields__}
+    cfg = ModelConfig(**fields, vocab_size=49152)
+    assert (cfg.num_kv_heads, cfg.head_dim) == (8, 128)
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == cfg.num_parameters() == 7_382_241_280
+    blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.layers"))
+    assert blocks == 6_979_584_000
+
+
+def test_output_projections_get_depth_scaled_init():
+    torch.manual_seed(0)
+    cfg = small_config(num_layers=8, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4)
+    model = GPTModel(cfg)
+    layer = model.decoder.layers["0"]
+    scaled = cfg.init_method_std / math.sqrt(2 * 8)
+    assert layer.mlp.linear_fc2.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert layer.self_attention.linear_qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(layer.input_layernorm.weight == 1)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(hidden_size=66), "divisible by --num-attention-heads"),
+        (dict(num_query_groups=3), "divisible by --num-query-groups"),
+        (dict(num_query_groups=None), "--group-query-attention needs --num-query-groups"),
+        (dict(attention_backend="cudnn"), "--attention-backend must be one of"),
+        (dict(params_dtype="fp8"), "--params-dtype must be one of"),
+    ],
+)
+def test_bad_model_configs_raise_clear_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        small_config(**changes).validate()
+
+
+@pytest.mark.parametrize("backend, package", [("flash", "flash_attn"), ("te", "transformer_engine")])
+def test_missing_attention_backend_says_how_to_install(backend, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ConfigError, match=rf"needs the '{package}' package.*pip install"):
+        small_config(attention_backend=backend).validate()
+
+
+def test_bf16_autocast_forward_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPTModel(small_config())
+    tokens = torch.randint(0, 300, (2, 16))
+    reference = model(tokens, labels=tokens).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(tokens, labels=tokens).mean()
+    assert low.dtype == torch.float32
+    assert abs(low.item() - reference.item()) < 0.05
+    assert F.mse_loss(low, reference).item() >= 0

@@ -1,0 +1,113 @@
+"""Training-loop tests: the loss falls, N + N resumed steps equal 2N steps, gradient accumulation
+equals one big micro-batch, checkpoints survive a crash mid-save, and the logs carry the metrics."""
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_code.training import checkpointing
+from tests.conftest import run_training, tiny_run
+
+
+def losses(history):
+    return [h["loss"] for h in history]
+
+
+def test_tiny_loss_falls(fixture_data):
+    history = run_training(tiny_run(fixture_data, train_iters=40, lr_warmup_iters=5))
+    first, last = losses(history)[:5], losses(history)[-5:]
+    assert sum(last) / 5 < sum(first) / 5 - 1.5, (first, last)
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(fixture_data, tmp_path):
+    """Losses and grad norms of 4 steps + resume + 4 steps == 8 uninterrupted steps (fp32, CPU)."""
+    common = dict(train_iters=8, lr_warmup_iters=2, micro_batch_size=2, global_batch_size=4)
+    full = run_training(tiny_run(fixture_data, **common))
+    ckpt = str(tmp_path / "ckpt")
+    first = run_training(tiny_run(fixture_data, **common, save=ckpt, exit_interval=4))
+    assert checkpointing.latest_iteration(ckpt) == 4
+    second = run_training(tiny_run(fixture_data, **common, save=ckpt, load=ckpt))
+    assert [h["step"] for h in first + second] == list(range(1, 9))
+    assert losses(first + second) == losses(full)
+    assert [h["grad_norm"] for h in first + second] == [h["grad_norm"] for h in full]
+    assert [h["lr"] for h in first + second] == [h["lr"] for h in full]
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(fixture_data):
+    """The loss is a mean over all loss tokens of the global batch, so cutting the batch into
+    micro-batches changes nothing but rounding."""
+    one = run_training(tiny_run(fixture_data, train_iters=3, micro_batch_size=4, global_batch_size=4))
+    four = run_training(tiny_run(fixture_data, train_iters=3, micro_batch_size=1, global_batch_size=4))
+    for a, b in zip(one, four):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(fixture_data, tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ckpt")
+    run_training(tiny_run(fixture_data, train_iters=2, save=ckpt))
+    assert checkpointing.latest_iteration(ckpt) == 2
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash mid-save")
+
+    monkeypatch.setattr(checkpointing.dcp, "save", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(tiny_run(fixture_data, train_iters=4, save=ckpt, load=ckpt))
+    monkeypatch.undo()
+    assert checkpointing.latest_iteration(ckpt) == 2
+    assert not os.path.exists(checkpointing.checkpoint_dir(ckpt, 4))
+    resumed = run_training(tiny_run(fixture_data, train_iters=3, save=ckpt, load=ckpt))
+    assert [h["step"] for h in resumed] == [3]
+
+
+def test_checkpoint_holds_model_optimizer_rng_and_data_position(fixture_data, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_training(tiny_run(fixture_data, train_iters=3, save=ckpt, global_batch_size=8))
+    final = checkpointing.checkpoint_dir(ckpt, 3)
+    with open(os.path.join(final, "train_state.json")) as fh:
+        state = json.load(fh)
+    assert state["iteration"] == 3 and state["consumed_samples"] == 24
+    assert state["config"]["model"]["num_layers"] == 4
+    assert os.path.isfile(os.path.join(final, "rng", "rank_00000.pt"))
+    assert os.path.isfile(os.path.join(final, ".metadata"))
+    assert not [p for p in os.listdir(ckpt) if p.endswith(".tmp")]
+
+
+def test_finetune_loads_weights_only_and_restarts_at_zero(fixture_data, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    pretrain = run_training(tiny_run(fixture_data, train_iters=6, save=ckpt))
+    tuned = run_training(tiny_run(fixture_data, train_iters=2, load=ckpt, finetune=True))
+    assert [h["step"] for h in tuned] == [1, 2]
+    assert tuned[0]["loss"] < pretrain[0]["loss"] - 0.5  # starts from trained weights
+
+
+def test_metrics_file_has_one_object_per_step(fixture_data, tmp_path, capsys):
+    metrics = tmp_path / "m.jsonl"
+    run_training(tiny_run(fixture_data, train_iters=4, metrics_file=str(metrics), log_interval=2,
+                          eval_interval=2, eval_iters=1, tensorboard_dir=str(tmp_path / "tb")))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "ms_per_step", "peak_mem_gib"):
+        assert all(isinstance(r[key], float) for r in steps), key
+    assert [r["step"] for r in records if "valid_loss" in r] == [2, 4]
+    out = capsys.readouterr().out
+    assert "step      2/4 | loss" in out and "tok/s" in out and "grad norm" in out
+    assert "validation  step      2" in out
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+
+
+def test_wandb_runs_offline_by_default(fixture_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_training(tiny_run(fixture_data, train_iters=2, wandb_project="unit", wandb_save_dir=str(tmp_path)))
+    assert os.environ["WANDB_MODE"] == "offline"
+    runs = os.listdir(tmp_path / "wandb")
+    assert any(name.startswith("offline-run-") for name in runs), runs
+
+
+def test_bf16_autocast_training_runs_and_learns(fixture_data):
+    history = run_training(tiny_run(fixture_data, train_iters=12, bf16=True, lr_warmup_iters=2))
+    assert torch.isfinite(torch.tensor(losses(history))).all()
+    assert losses(history)[-1] < losses(history)[0]
