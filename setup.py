@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "transformers>=4.46"],
-    # Cluster-only accelerators; need CUDA toolkits. Installed by launch/install_gpu.sh.
+    # Cluster-only accelerators; need CUDA toolkits and a compiler. See docs/install.md.
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
 }
 

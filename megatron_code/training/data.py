@@ -118,8 +118,9 @@ def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int
         # cost O(s^2) host memory (8 GB at 128K).
         create_attention_mask=False,
     )
-    splits = [n if w > 0 else None for n, w in zip(num_samples, split_weights(split))]
-    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, splits, lambda: True, config).build()
+    # Sizes are given for every split: megatron-core skips zero-weight splits itself, and with
+    # blend weights it asserts that no size is None.
+    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
     if train is None:
         raise ConfigError(f"--split {data.split}: the train split is empty.")
     return Datasets(train, valid, test)

@@ -1,0 +1,71 @@
+"""Data loading: blend syntax, split bookkeeping, deterministic sample order, the resumable
+sampler, and segment ids at end-of-document tokens."""
+import pytest
+import torch
+
+from megatron_code.distributed import destroy_distributed, init_distributed
+from megatron_code.errors import ConfigError
+from megatron_code.tokenizer import SentencePieceTokenizer
+from megatron_code.training.config import DataConfig
+from megatron_code.training.data import (
+    ResumableBatchSampler, build_datasets, documents_per_split, parse_blend, segment_ids_from_eod,
+    usable_split,
+)
+from tests.conftest import TOKENIZER
+
+
+def test_parse_blend():
+    assert parse_blend(["a", "b"]) == (["a", "b"], None)
+    assert parse_blend(["0.3", "a", "0.7", "b"]) == (["a", "b"], [0.3, 0.7])
+    with pytest.raises(ConfigError, match="alternates WEIGHT PREFIX"):
+        parse_blend(["0.3", "a", "b"])
+    with pytest.raises(ConfigError, match="--data-path is required"):
+        parse_blend([])
+
+
+def test_documents_per_split_matches_megatron_bookends():
+    assert documents_per_split(16, [949, 50, 1]) == [15, 1, 0]
+    assert documents_per_split(1000, [949, 50, 1]) == [949, 50, 1]
+
+
+def test_empty_needed_split_is_an_error_and_empty_test_split_is_dropped(fixture_data):
+    assert usable_split([fixture_data], "949,50,1", need_valid=True) == "949,50,0"
+    with pytest.raises(ConfigError, match="validation split .* gets 0 documents"):
+        usable_split([fixture_data], "990,5,5", need_valid=True)
+
+
+@pytest.fixture
+def process_group():
+    init_distributed()
+    yield
+    destroy_distributed()
+
+
+def first_samples(prefixes, seed, n=6):
+    data = DataConfig(data_path=prefixes, seq_length=64, split="949,50,1")
+    datasets = build_datasets(data, SentencePieceTokenizer(TOKENIZER), seed, [n, n, n], need_valid=True)
+    return torch.stack([datasets.train[i]["tokens"] for i in range(n)])
+
+
+def test_sample_order_is_a_function_of_the_seed(fixture_data, process_group):
+    a, b = first_samples([fixture_data], 1), first_samples([fixture_data], 1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, first_samples([fixture_data], 2))
+
+
+def test_weighted_blend_draws_from_both(fixture_data, process_group):
+    blended = first_samples(["0.5", fixture_data, "0.5", fixture_data], 1, n=8)
+    assert blended.shape == (8, 64)
+
+
+def test_sampler_resumes_mid_stream_and_slices_per_rank():
+    full = list(ResumableBatchSampler(24, 0, micro_batch_size=2, global_batch_size=8))
+    resumed = list(ResumableBatchSampler(24, 8, micro_batch_size=2, global_batch_size=8))
+    assert resumed == full[4:]
+    rank1 = list(ResumableBatchSampler(24, 0, micro_batch_size=2, global_batch_size=8, dp_rank=1, dp_size=2))
+    assert rank1[:2] == [[4, 5], [6, 7]]
+
+
+def test_segment_ids_start_after_each_eod():
+    tokens = torch.tensor([[5, 6, 2, 7, 2, 2, 8]])
+    assert segment_ids_from_eod(tokens, eod=2).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
