@@ -1,17 +1,22 @@
 """Training throughput of our GPTModel vs. transformers' LlamaForCausalLM, same shapes, same process.
 
-Measures tokens/s of one full training step -- zero_grad + forward + loss + backward + AdamW step --
-on CPU in fp32 with SDPA attention, for both models built with identical shapes and identical
-parameter counts (HF gets our padded vocab). The two are timed interleaved: each repeat runs
-`--steps` steps of one model then `--steps` of the other (the order alternates every repeat), after
-`--warmup` untimed steps of each; the reported number is the median over repeats, so machine noise
-(other processes, frequency changes) hits both sides equally.
+Measures tokens/s of one full training step -- zero_grad + forward + loss + backward + AdamW step
+(foreach, identical hyperparameters) -- on CPU in fp32 with SDPA attention, for both models built
+with identical shapes and identical parameter counts (HF gets our padded vocab). Both are timed in
+one process, interleaved: after `--warmup` untimed steps of each, every repeat times `--steps` steps
+of one model and then `--steps` of the other, alternating which goes first (ours, HF, HF, ours, ...).
+Reported per model: median and best tokens/s over the repeats; and three ratios ours/HF: of the
+medians (the headline), of the bests, and the median of the per-repeat ratios (each repeat's two
+runs are adjacent in time, so that one cancels slow load drifts best). The thread count is torch's
+default; the header prints it with the torch version, the CPU model and the load average.
 
 Before timing, our weights are copied into the HF model and the max |logit difference| is printed
-as a sanity check that the two models compute the same function.
+as a check that the two compute the same function (fp32: expect ~1e-6).
 
     PYTHONPATH=. python benchmarks/bench_vs_hf.py --config tiny
     PYTHONPATH=. python benchmarks/bench_vs_hf.py --config small --json small.json
+
+See docs/benchmarks.md for results and how to read them.
 """
 from __future__ import annotations
 
@@ -198,8 +203,10 @@ def main(argv=None) -> dict:
     if n_ours != n_hf:
         sys.exit(f"parameter counts differ: ours {n_ours} vs hf {n_hf}")
 
-    # Sanity: same weights -> same logits (eval mode, no dropout anyway).
+    # Sanity: same weights -> same logits (eval mode; both have zero dropout anyway).
     copy_ours_into_hf(ours, hf)
+    ours.eval()
+    hf.eval()
     g = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(0, p["vocab_size"], (batch, seq), generator=g)
     labels = torch.randint(0, p["vocab_size"], (batch, seq), generator=g)

@@ -51,6 +51,8 @@ def test_attention_matches_naive_reference(num_groups):
     torch.manual_seed(0)
     cfg = small_config(num_query_groups=num_groups)
     attn = SelfAttention(cfg)
+    for param in attn.parameters():  # layers leave init to GPTModel.reset_parameters
+        torch.nn.init.normal_(param, std=0.1)
     x = torch.randn(9, 2, 64)
     cos, sin = RotaryEmbedding(cfg)(torch.arange(9).expand(2, 9))
     q, k, v = attn.split_qkv(attn.linear_qkv(x))

@@ -7,7 +7,9 @@ import torch
 from megatron_code.model import GPTModel, ModelConfig
 from megatron_code.training.config import OptimizerConfig, SchedulerConfig
 from megatron_code.training.lr_schedule import LearningRateSchedule
-from megatron_code.training.optimizer import clip_gradients, parameter_groups
+from megatron_code.parallel.grads import clip_grads_by_norm, global_grad_norm
+from megatron_code.parallel.state import ParallelState
+from megatron_code.training.optimizer import parameter_groups
 
 
 def schedule(style, warmup=10, decay=110, **extra):
@@ -61,7 +63,8 @@ def test_no_weight_decay_on_norms():
 def test_clip_gradients_scales_to_max_norm():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     params[0].grad, params[1].grad = torch.full((3,), 2.0), torch.full((4,), 2.0)
-    norm = clip_gradients(params, max_norm=1.0)
+    norm = global_grad_norm(params, ParallelState())
+    clip_grads_by_norm(params, 1.0, norm)
     assert norm.item() == pytest.approx(math.sqrt(7 * 4))
     clipped = torch.cat([p.grad for p in params]).norm().item()
     assert clipped == pytest.approx(1.0, rel=1e-5)

@@ -7,6 +7,8 @@ from torch import nn
 from kernels import apply_rotary_emb
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.core_attention import build_core_attention
+from megatron_code.parallel.layers import SINGLE, ColumnParallelLinear, RowParallelLinear
+from megatron_code.parallel.state import ParallelState
 
 
 class SelfAttention(nn.Module):
@@ -14,18 +16,19 @@ class SelfAttention(nn.Module):
 
     linear_qkv's output rows are grouped per KV head, Megatron-style: for each of the nkv groups,
     the group's (nq / nkv) query heads, then its key head, then its value head. Splitting the rows
-    into contiguous chunks therefore splits whole GQA groups, which is what tensor parallelism does.
+    into contiguous chunks therefore splits whole GQA groups, which is what tensor parallelism does:
+    each TP rank holds nq / TP query heads and nkv / TP key/value heads.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = config.num_attention_heads // parallel.tp  # local heads
+        self.num_kv_heads = config.num_kv_heads // parallel.tp
         self.head_dim = config.head_dim
-        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.linear_qkv = nn.Linear(config.hidden_size, qkv_rows, bias=False)
+        qkv_rows = (config.num_attention_heads + 2 * config.num_kv_heads) * self.head_dim
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_rows, parallel)
         self.core_attention = build_core_attention(config)
-        self.linear_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, parallel)
 
     def split_qkv(self, mixed: torch.Tensor):
         """[s, b, nkv * (q_per_kv + 2) * d] -> q [s, b, nq, d], k and v [s, b, nkv, d]."""
@@ -36,7 +39,7 @@ class SelfAttention(nn.Module):
         return q, grouped[:, :, :, q_per_kv], grouped[:, :, :, q_per_kv + 1]
 
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None):
-        """x: [s, b, h] -> [s, b, h]."""
+        """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism)."""
         q, k, v = self.split_qkv(self.linear_qkv(x))
         q = apply_rotary_emb(q, rotary_cos, rotary_sin)
         k = apply_rotary_emb(k, rotary_cos, rotary_sin)

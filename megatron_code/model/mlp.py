@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_code.model.config import ModelConfig
+from megatron_code.parallel.layers import SINGLE, RowParallelLinear, column_parallel_input, mark_tensor_parallel
+from megatron_code.parallel.state import ParallelState
 
 
 class GateUpLinear(nn.Module):
@@ -14,22 +16,25 @@ class GateUpLinear(nn.Module):
     rank's gate *and* up rows, so a checkpoint reshards with an ordinary even split.
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, parallel: ParallelState = SINGLE):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(2, ffn_hidden_size, hidden_size))
+        self.parallel = parallel
+        weight = nn.Parameter(torch.empty(2, ffn_hidden_size // parallel.tp, hidden_size))
+        self.weight = mark_tensor_parallel(weight, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [s, b, h] -> (gate, up), each [s, b, ffn]."""
-        gate_up = F.linear(x, self.weight.flatten(0, 1))  # [s, b, 2 * ffn]
+        """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel)."""
+        x = column_parallel_input(x, self.parallel)
+        gate_up = F.linear(x, self.weight.flatten(0, 1))  # [s, b, 2 * ffn / tp]
         gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
         return gate, up
 
 
 class SwiGLUMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE):
         super().__init__()
-        self.linear_fc1 = GateUpLinear(config.hidden_size, config.ffn_hidden_size)
-        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        self.linear_fc1 = GateUpLinear(config.hidden_size, config.ffn_hidden_size, parallel)
+        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x)

@@ -6,10 +6,14 @@ from kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight.tensor_parallel_dim = None
+        # Under sequence parallelism each TP rank normalizes its own tokens, so the weight's
+        # gradient is a partial sum that must be all-reduced over TP.
+        self.weight.sequence_parallel_grad = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_code.model.config import ModelConfig
+from megatron_code.parallel.state import ParallelConfig
 
 
 @dataclass
@@ -131,6 +132,8 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model's shape and numerics."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the run is split over processes."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources and sampling."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

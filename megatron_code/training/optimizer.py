@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and global-norm gradient clipping."""
+"""AdamW with decoupled weight decay on matrices only (clipping: megatron_code.parallel.grads)."""
 from __future__ import annotations
 
 import torch
@@ -32,14 +32,3 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients; scale them down to max_norm if above (0 = measure only)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(
-            [p for p in parameters if p.grad is not None], max_norm, total_norm
-        )
-    return total_norm

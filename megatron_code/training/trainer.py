@@ -15,6 +15,10 @@ import torch
 from megatron_code.distributed import DistributedEnv, destroy_distributed, init_distributed
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
+from megatron_code.parallel.grads import (
+    GradientReducer, clip_grads_by_norm, global_grad_norm, reduce_sequence_parallel_grads,
+)
+from megatron_code.parallel.state import ParallelState, build_parallel_state, validate_layout
 from megatron_code.training import checkpointing
 from megatron_code.training.config import RunConfig
 from megatron_code.training.data import (
@@ -23,7 +27,7 @@ from megatron_code.training.data import (
 from megatron_code.training.flops import peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
 from megatron_code.training.metrics import MetricsLogger, StepTimer, peak_memory_gib, print_rank0
-from megatron_code.training.optimizer import build_optimizer, clip_gradients, set_learning_rate
+from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.validate import validate_run
 
 
@@ -36,10 +40,12 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Holds the pieces of one run; `run()` trains to train_iters (or exit_interval)."""
 
-    def __init__(self, cfg: RunConfig, env: DistributedEnv, tokenizer):
-        self.cfg, self.env, self.tokenizer = cfg, env, tokenizer
+    def __init__(self, cfg: RunConfig, env: DistributedEnv, tokenizer, parallel: ParallelState):
+        self.cfg, self.env, self.tokenizer, self.parallel = cfg, env, tokenizer, parallel
         seed_everything(cfg.training.seed)
-        self.model = GPTModel(cfg.model).to(env.device)
+        self.model = GPTModel(cfg.model, parallel, init_seed=cfg.training.seed).to(env.device)
+        self.params = list(self.model.parameters())
+        self.grad_reducer = GradientReducer(self.params, parallel.dp_group) if parallel.dp > 1 else None
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
         self.iteration = 0
@@ -61,23 +67,22 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.load:
             return
-        if ck.finetune:
-            state = checkpointing.load_checkpoint(ck.load, self.model, None, restore_rng=False)
-        else:
-            state = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer)
-        if state is None:
+        saved = checkpointing.read_train_state(ck.load)
+        if saved is None:
             print_rank0(f"no checkpoint in --load {ck.load}; starting from scratch", enabled=self.env.is_main)
             return
-        _check_same_model(state, self.cfg)
+        _check_same_model(saved, self.cfg)
+        optimizer = None if ck.finetune else self.optimizer
+        checkpointing.load_checkpoint(ck.load, self.model, optimizer, self.parallel, restore_rng=not ck.finetune)
         if not ck.finetune:
-            self.iteration = state["iteration"]
-        print_rank0(f"resumed from {ck.load} at iteration {state['iteration']}", enabled=self.env.is_main)
+            self.iteration = saved["iteration"]
+        print_rank0(f"resumed from {ck.load} at iteration {saved['iteration']}", enabled=self.env.is_main)
 
     def _train_loader(self):
         t = self.cfg.training
         sampler = ResumableBatchSampler(
             len(self.datasets.train), self.iteration * t.global_batch_size,
-            t.micro_batch_size, t.global_batch_size,
+            t.micro_batch_size, t.global_batch_size, self.parallel.dp_rank, self.parallel.dp,
         )
         loader = micro_batch_loader(self.datasets.train, sampler, self.cfg.data.num_workers,
                                     pin_memory=self.env.device.type == "cuda")
@@ -100,26 +105,39 @@ class Trainer:
         mask = batch["loss_mask"].to(self.env.device, dtype=losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
+    def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        if self.parallel.dp > 1:
+            torch.distributed.all_reduce(value, group=self.parallel.dp_group)
+        return value
+
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, float]:
-        """Gradient accumulation over the global batch. The loss is the mean over all loss tokens
-        of the global batch (not a mean of micro-batch means), so it does not depend on how the
-        batch is cut into micro-batches."""
+        """Gradient accumulation over this rank's share of the global batch. Every micro-batch's
+        summed token loss is divided by the loss-token count of the whole global batch (all DP
+        ranks), so the summed gradients are the exact global-batch gradient, independent of how
+        the batch is cut into micro-batches and ranks."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)
+        local_tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)
+        total_tokens = float(self._sum_over_dp(torch.tensor(local_tokens, dtype=torch.float64)))
         total_loss = torch.zeros((), device=self.env.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            if self.grad_reducer is not None:
+                self.grad_reducer.armed = i == len(micro_batches) - 1
             loss_sum, _ = self._forward_losses(batch)
             (loss_sum / total_tokens).backward()
             total_loss += loss_sum.detach() / total_tokens
-        loss = float(total_loss)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
+        loss = float(self._sum_over_dp(total_loss))
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
-        grad_norm = float(clip_gradients(list(self.model.parameters()), self.cfg.optimizer.clip_grad))
+        reduce_sequence_parallel_grads(self.params, self.parallel)
+        grad_norm = global_grad_norm(self.params, self.parallel)
+        clip_grads_by_norm(self.params, self.cfg.optimizer.clip_grad, grad_norm)
         lr = self.schedule(self.iteration + 1)
         set_learning_rate(self.optimizer, lr)
         self.optimizer.step()
-        return loss, grad_norm, lr
+        return loss, float(grad_norm), lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -127,18 +145,21 @@ class Trainer:
         split (the same samples every time, so successive values are comparable)."""
         self.model.eval()
         t = self.cfg.training
-        sampler = ResumableBatchSampler(len(self.datasets.valid), 0, t.micro_batch_size, t.global_batch_size)
-        loss_sum = token_count = 0.0
-        for indices in islice(iter(sampler), t.eval_iters * t.global_batch_size // t.micro_batch_size):
+        sampler = ResumableBatchSampler(len(self.datasets.valid), 0, t.micro_batch_size, t.global_batch_size,
+                                        self.parallel.dp_rank, self.parallel.dp)
+        totals = torch.zeros(2, dtype=torch.float64)  # [loss sum, loss tokens]
+        micro_batches = t.eval_iters * t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
+        for indices in islice(iter(sampler), micro_batches):
             batch = torch.utils.data.default_collate([self.datasets.valid[i] for i in indices])
             batch_loss, batch_tokens = self._forward_losses(batch)
-            loss_sum, token_count = loss_sum + float(batch_loss), token_count + float(batch_tokens)
+            totals += torch.tensor([float(batch_loss), float(batch_tokens)], dtype=torch.float64)
+        loss_sum, token_count = self._sum_over_dp(totals).tolist()
         return loss_sum / max(token_count, 1.0)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> list[dict]:
         t, ck = self.cfg.training, self.cfg.checkpoint
-        micro_per_step = t.global_batch_size // t.micro_batch_size
+        micro_per_step = t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
         loader = self._train_loader()
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
         last_saved = self.iteration if ck.load else None
@@ -165,7 +186,7 @@ class Trainer:
         state = {"consumed_samples": self.iteration * self.cfg.training.global_batch_size,
                  "config": dataclasses.asdict(self.cfg)}
         path = checkpointing.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model,
-                                             self.optimizer, state)
+                                             self.optimizer, self.parallel, state)
         print_rank0(f" saved checkpoint {path}", enabled=self.env.is_main)
 
     def _log(self, loss, grad_norm, lr, seconds, tokens_per_step) -> None:
@@ -200,15 +221,13 @@ def _check_same_model(state: dict, cfg: RunConfig) -> None:
 def train(cfg: RunConfig) -> list[dict]:
     """Validate, set up, train. Returns the per-step metric records."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size != 1:
-        raise ConfigError(
-            f"WORLD_SIZE={world_size}: this trainer runs one process so far; multi-process "
-            "tensor/pipeline/context/data parallelism is tracked in the parallelism issue."
-        )
-    tokenizer = validate_run(cfg, data_parallel_size=world_size)
+    m = cfg.model
+    dp = validate_layout(cfg.parallel, world_size, m.num_attention_heads, m.num_kv_heads,
+                         m.hidden_dropout, m.attention_dropout)
+    tokenizer = validate_run(cfg, data_parallel_size=dp)
     env = init_distributed()
     try:
-        trainer = Trainer(cfg, env, tokenizer)
+        trainer = Trainer(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device))
         _print_summary(trainer)
         return trainer.run()
     finally:
@@ -224,8 +243,11 @@ def _print_summary(trainer: Trainer) -> None:
         f"vocab {model.vocab_size} (tokenizer {cfg.model.vocab_size}) | "
         f"{trainer.flops_per_token / 1e9:.3f} GFLOP/token | device {trainer.env.device} | "
         f"{'bf16 autocast' if cfg.training.bf16 else 'fp32'}\n"
+        f"layout: {trainer.parallel.world_size} processes = TP {trainer.parallel.tp} x DP {trainer.parallel.dp}"
+        f"{' + sequence parallel' if trainer.parallel.sequence_parallel else ''}\n"
         f"data: {len(trainer.datasets.train)} train samples of {cfg.data.seq_length} tokens; "
         f"global batch {cfg.training.global_batch_size} = micro {cfg.training.micro_batch_size} x "
-        f"{cfg.training.global_batch_size // cfg.training.micro_batch_size} accumulation steps",
+        f"{cfg.training.global_batch_size // (cfg.training.micro_batch_size * trainer.parallel.dp)} "
+        f"accumulation steps x {trainer.parallel.dp} data-parallel ranks",
         enabled=trainer.env.is_main,
     )

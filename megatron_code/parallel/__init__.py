@@ -1,0 +1,1 @@
+"""Parallelism: the layout and its process groups, tensor-parallel layers, gradient reduction."""

@@ -1,0 +1,113 @@
+"""Gradient synchronization across ranks, and the global gradient norm.
+
+The trainer divides every rank's summed token losses by the number of loss tokens in the whole
+global batch, so the exact global gradient is the SUM of the data-parallel ranks' gradients
+(not their mean): that is what the reducer computes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_code.parallel.state import ParallelState
+
+
+class _Bucket:
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.pending = len(params)
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+
+class GradientReducer:
+    """Sums gradients over the data-parallel group in buckets of ~bucket_mb MB. A bucket's
+    all-reduce is launched (asynchronously) as soon as backward has produced all of its gradients,
+    so communication overlaps the rest of backward. Armed only for the last micro-batch of a step,
+    so gradient accumulation communicates once per step."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group, bucket_mb: float = 25.0):
+        self.group = group
+        self.armed = False
+        # Backward produces gradients roughly in reverse order of definition: bucket that way.
+        self.buckets: list[_Bucket] = []
+        current, size = [], 0
+        for param in reversed([p for p in params if p.requires_grad]):
+            current.append(param)
+            size += param.numel() * param.element_size()
+            if size >= bucket_mb * 2**20:
+                self.buckets.append(_Bucket(current))
+                current, size = [], 0
+        if current:
+            self.buckets.append(_Bucket(current))
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        for param in self.bucket_of_params():
+            param.register_post_accumulate_grad_hook(self._on_gradient_ready)
+
+    def bucket_of_params(self):
+        return [p for b in self.buckets for p in b.params]
+
+    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
+        if not self.armed:
+            return
+        bucket = self.bucket_of[id(param)]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+        bucket.flat = torch.cat([g.flatten() for g in grads])
+        bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any whose parameters got no gradient) and write the
+        summed gradients back."""
+        for bucket in self.buckets:
+            if bucket.work is None:
+                self._launch(bucket)
+            bucket.work.wait()
+            offset = 0
+            for param in bucket.params:
+                n = param.numel()
+                param.grad = bucket.flat[offset:offset + n].view_as(param)
+                offset += n
+            bucket.flat, bucket.work, bucket.pending = None, None, len(bucket.params)
+        self.armed = False
+
+
+def reduce_sequence_parallel_grads(params, parallel: ParallelState) -> None:
+    """Norm weights see only their rank's tokens under sequence parallelism: sum over TP."""
+    if not parallel.sequence_parallel:
+        return
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel_grad", False) and p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=parallel.tp_group)
+        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def global_grad_norm(params, parallel: ParallelState) -> torch.Tensor:
+    """L2 norm of the full model's gradient: TP-sharded parameters contribute their shard on each
+    TP rank (summed over TP); replicated ones are identical on all TP ranks and count once.
+    Gradients are already identical across data-parallel ranks."""
+    sharded, replicated = [], []
+    for p in params:
+        if p.grad is not None:
+            (replicated if getattr(p, "tensor_parallel_dim", None) is None else sharded).append(p.grad)
+
+    def sum_of_squares(grads):
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=params[0].device)
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+
+    sharded_sq = sum_of_squares(sharded)
+    if parallel.tp > 1:
+        dist.all_reduce(sharded_sq, group=parallel.tp_group)
+    return (sharded_sq + sum_of_squares(replicated)).sqrt()
+
+
+def clip_grads_by_norm(params, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients so the global norm is at most max_norm (0 disables)."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total_norm)

@@ -1,0 +1,125 @@
+"""Megatron-style tensor-parallel layers. With a TP group of one rank they are plain layers.
+
+Each sharded parameter carries `tensor_parallel_dim` (the dim split over TP ranks), which
+initialization, gradient-norm computation and checkpointing read. Parameters replicated across
+TP ranks whose gradients are partial under sequence parallelism (norm weights) carry
+`sequence_parallel_grad = True` and get their gradients all-reduced over TP before the step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_code.parallel.mappings import (
+    copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
+    reduce_scatter_sequence_parallel,
+)
+from megatron_code.parallel.state import ParallelState
+
+SINGLE = ParallelState()
+
+
+def mark_tensor_parallel(param: nn.Parameter, dim: int | None) -> nn.Parameter:
+    param.tensor_parallel_dim = dim
+    return param
+
+
+def column_parallel_input(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
+    """Bring the input of a column-parallel GEMM to full sequence on every TP rank."""
+    if parallel.sequence_parallel:
+        return gather_sequence_parallel(x, parallel.tp_group)  # [s/tp, b, h] -> [s, b, h]
+    return copy_to_tensor_parallel(x, parallel.tp_group)
+
+
+def row_parallel_output(y: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
+    """Sum the partial outputs of a row-parallel GEMM (and re-split the sequence under SP)."""
+    if parallel.sequence_parallel:
+        return reduce_scatter_sequence_parallel(y, parallel.tp_group)  # [s, b, h] -> [s/tp, b, h]
+    return reduce_from_tensor_parallel(y, parallel.tp_group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with the output features (rows of W) split over TP ranks; output stays split."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: ParallelState = SINGLE):
+        super().__init__()
+        self.parallel = parallel
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // parallel.tp, in_features)), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(column_parallel_input(x, self.parallel), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with the input features (columns of W) split over TP ranks; output summed."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: ParallelState = SINGLE):
+        super().__init__()
+        self.parallel = parallel
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // parallel.tp)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return row_parallel_output(F.linear(x, self.weight), self.parallel)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are split over TP ranks: each rank looks up the ids in
+    its range, zeros the others, and the partial results are summed over TP."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelState = SINGLE):
+        super().__init__()
+        self.parallel = parallel
+        rows = vocab_size // parallel.tp
+        self.vocab_start = parallel.tp_rank * rows
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(rows, hidden_size)), 0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> [s, b, h] (or [s/tp, b, h] under sequence parallelism)."""
+        ids = tokens.t()  # [s, b]
+        if self.parallel.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside[..., None], 0.0)
+        return row_parallel_output(out, self.parallel)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits whose vocabulary is split over TP ranks, without gathering them:
+    three all-reduces of [s, b] tensors (max, target logit, sum of exponentials)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group):
+        logits = logits.float()
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        logits = logits - row_max[..., None]
+        local = targets - vocab_start
+        outside = (local < 0) | (local >= logits.shape[-1])
+        local = local.masked_fill(outside, 0)
+        target_logit = logits.gather(-1, local[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+        dist.all_reduce(target_logit, group=group)
+        exp = logits.exp_()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        softmax = exp.div_(sum_exp[..., None])
+        ctx.save_for_backward(softmax, local, outside)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax  # d loss / d logits = softmax - onehot(target)
+        grad.scatter_add_(-1, local[..., None], -(~outside).to(grad.dtype)[..., None])
+        return grad * grad_loss[..., None], None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                                 parallel: ParallelState) -> torch.Tensor:
+    """logits [s, b, V/tp] (this rank's vocabulary slice), targets [s, b] -> loss [s, b] in fp32."""
+    if parallel.tp == 1:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, parallel.tp_group)
