@@ -69,3 +69,12 @@ def test_sampler_resumes_mid_stream_and_slices_per_rank():
 def test_segment_ids_start_after_each_eod():
     tokens = torch.tensor([[5, 6, 2, 7, 2, 2, 8]])
     assert segment_ids_from_eod(tokens, eod=2).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+
+
+def test_context_parallel_chunks_are_load_balanced_and_cover_the_sequence():
+    from megatron_code.parallel.context import _natural_order_cpu, local_token_indices
+
+    held = [local_token_indices(16, 2, r, "cpu").tolist() for r in range(2)]
+    assert held == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
+    gathered = torch.tensor(held[0] + held[1])
+    assert torch.equal(gathered[_natural_order_cpu(16, 2)], torch.arange(16))

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from megatron_code.training import checkpointing
 from tests.conftest import TOKENIZER, run_training, tiny_run
 
 STEPS = 3
@@ -60,6 +61,14 @@ LAYOUTS = {
     "tp2_sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
     "dp2": (2, dict()),
     "tp2_dp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+    "cp2": (2, dict(context_parallel_size=2)),
+    "tp2_cp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2)),
+    "pp2_1f1b": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="1f1b")),
+    "pp2_vp2_interleaved": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved-1f1b",
+                                    virtual_pipeline_model_parallel_size=2)),
+    "pp2_zbv": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="zbv")),
+    "pp2_dualpipev": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="dualpipev")),
+    "tp2_pp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, pipeline_model_parallel_size=2)),
 }
 
 
@@ -70,10 +79,20 @@ def test_layout_matches_single_process(layout, fixture_data, reference, tmp_path
     assert_same_numbers(records, reference)
 
 
+def test_context_parallel_with_packed_documents(fixture_data, tmp_path):
+    """CP2 with document masking and restarted positions equals one process doing the same."""
+    packed = dict(COMMON, reset_attention_mask=True, reset_position_ids=True)
+    expected = run_training(tiny_run(fixture_data, **packed))
+    records = torchrun(2, tiny_run(fixture_data, **packed, context_parallel_size=2), str(tmp_path / "m.jsonl"))
+    assert_same_numbers(records, expected)
+
+
 RESHARD = {
     "tp2_to_tp1": ((2, dict(tensor_model_parallel_size=2)), (1, dict())),
     "tp1_to_tp2": ((1, dict()), (2, dict(tensor_model_parallel_size=2, sequence_parallel=True))),
     "dp2_to_dp1": ((2, dict()), (1, dict())),
+    "dp4_to_dp1": ((4, dict()), (1, dict())),
+    "pp2_to_pp4": ((2, dict(pipeline_model_parallel_size=2)), (4, dict(pipeline_model_parallel_size=4))),
 }
 
 
@@ -102,3 +121,107 @@ def test_tp_larger_than_kv_groups_is_refused(fixture_data, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "KV heads (2) must be divisible by --tensor-model-parallel-size (4)" in result.stderr
+
+
+# ---- distributed optimizer (ZeRO-1) and checkpoint options ------------------------------------
+
+def run_layout(nproc: int, values: dict, metrics: str) -> list[dict]:
+    """One process in-process, or a torchrun job."""
+    return run_training(values) if nproc == 1 else torchrun(nproc, values, metrics)
+
+
+DISTRIBUTED_OPTIMIZER = {
+    "dp2": (2, dict(use_distributed_optimizer=True)),
+    "tp2_sp_dp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True)),
+    "pp2_dp2": (4, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True)),
+}
+
+
+@pytest.mark.parametrize("layout", list(DISTRIBUTED_OPTIMIZER))
+def test_distributed_optimizer_matches_single_process(layout, fixture_data, reference, tmp_path):
+    nproc, extra = DISTRIBUTED_OPTIMIZER[layout]
+    records = torchrun(nproc, tiny_run(fixture_data, **COMMON, **extra), str(tmp_path / "m.jsonl"))
+    assert_same_numbers(records, reference)
+
+
+RESHARD_OPTIMIZER = {
+    # The DP2 side also saves asynchronously (background thread, its own gloo group) and keeps one.
+    "on_dp2_to_off": ((2, dict(use_distributed_optimizer=True, async_save=True, save_interval=1, keep_last=1)),
+                      (1, dict())),
+    "off_to_on_dp2": ((1, dict()), (2, dict(use_distributed_optimizer=True))),
+}
+
+
+@pytest.mark.parametrize("case", list(RESHARD_OPTIMIZER))
+def test_distributed_optimizer_checkpoint_reshards(case, fixture_data, reference, tmp_path):
+    """Adam state saved sharded (gathered to the global form) loads unsharded, and back."""
+    (n_save, save_opts), (n_load, load_opts) = RESHARD_OPTIMIZER[case]
+    ckpt = str(tmp_path / "ckpt")
+    run_layout(n_save, tiny_run(fixture_data, **COMMON, **save_opts, save=ckpt, exit_interval=2),
+               str(tmp_path / "a.jsonl"))
+    assert checkpointing.latest_iteration(ckpt) == 2
+    if save_opts.get("keep_last") == 1:
+        assert sorted(os.listdir(ckpt)) == sorted([checkpointing.LATEST_MARKER, "iter_0000002"])
+    records = run_layout(n_load, tiny_run(fixture_data, **COMMON, **load_opts, load=ckpt), str(tmp_path / "b.jsonl"))
+    assert_same_numbers(records, reference[2:])
+
+
+def test_keep_last_never_deletes_the_latest(tmp_path):
+    root = str(tmp_path)
+    for iteration in (1, 2, 3, 9):
+        os.makedirs(checkpointing.checkpoint_dir(root, iteration))
+    os.makedirs(checkpointing.checkpoint_dir(root, 10) + ".tmp")  # an unfinished save: not counted
+    with open(os.path.join(root, checkpointing.LATEST_MARKER), "w") as fh:
+        fh.write("3\n")  # e.g. iter_9 left by a run that was rolled back by hand
+    deleted = checkpointing.delete_old_checkpoints(root, 1)
+    assert deleted == [checkpointing.checkpoint_dir(root, i) for i in (1, 2)]
+    assert sorted(os.listdir(root)) == sorted([checkpointing.LATEST_MARKER, "iter_0000003", "iter_0000009",
+                                               "iter_0000010.tmp"])
+
+
+def test_async_save_resumes_exactly(fixture_data, reference, tmp_path):
+    """Async saves every step (each published at the next step, the last at exit); resuming from
+    the last one reproduces the uninterrupted run. The resumed run saves synchronously with
+    --keep-last 2, which prunes iter_1."""
+    ckpt = str(tmp_path / "ckpt")
+    first = run_training(tiny_run(fixture_data, **COMMON, save=ckpt, save_interval=1, exit_interval=2, async_save=True))
+    assert checkpointing.latest_iteration(ckpt) == 2
+    assert sorted(os.listdir(ckpt)) == sorted([checkpointing.LATEST_MARKER, "iter_0000001", "iter_0000002"])
+    second = run_training(tiny_run(fixture_data, **COMMON, load=ckpt, save=ckpt, keep_last=2))
+    assert_same_numbers(first + second, reference)
+    assert checkpointing.latest_iteration(ckpt) == 3
+    assert sorted(os.listdir(ckpt)) == sorted([checkpointing.LATEST_MARKER, "iter_0000002", "iter_0000003"])
+
+
+def test_rank_killed_during_save_leaves_previous_checkpoint(fixture_data, reference, tmp_path, monkeypatch):
+    """DP2 (distributed optimizer, synchronous saves) saves at step 2 and at the end (step 3);
+    rank 1 dies while writing step 3 (fault injection hook). Step 2 stays the latest checkpoint,
+    and one process (plain optimizer) resumes from it with the uninterrupted run's numbers."""
+    ckpt = str(tmp_path / "ckpt")
+    monkeypatch.setenv(checkpointing.KILL_DURING_SAVE_ENV, "3")  # read by rank 1 only
+    values = tiny_run(fixture_data, **COMMON, save=ckpt, save_interval=2, use_distributed_optimizer=True)
+    records = torchrun(2, values, str(tmp_path / "a.jsonl"))
+    assert_same_numbers(records, reference)  # the steps ran; only the last save failed
+    assert checkpointing.latest_iteration(ckpt) == 2
+    assert not os.path.exists(checkpointing.checkpoint_dir(ckpt, 3))
+    assert os.path.exists(checkpointing.checkpoint_dir(ckpt, 3) + ".tmp")  # the partial write
+    resumed = run_training(tiny_run(fixture_data, **COMMON, load=ckpt, save=ckpt))
+    assert_same_numbers(resumed, reference[2:])
+    assert checkpointing.latest_iteration(ckpt) == 3
+    assert sorted(os.listdir(ckpt)) == sorted([checkpointing.LATEST_MARKER, "iter_0000002", "iter_0000003"])
+
+
+def test_distributed_optimizer_shards_match_adamw():
+    """2 spawned gloo ranks: ZeRO-1 shards reproduce torch AdamW on the whole batch (params,
+    clipped global norm, gathered Adam state) with buckets that cut parameters and need padding."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.distributed_optimizer_worker import zero1_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The worker lives in a light module: spawned processes import it (not this test module).
+    mp.spawn(zero1_worker, args=(2, port), nprocs=2, join=True)

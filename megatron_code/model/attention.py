@@ -7,6 +7,7 @@ from torch import nn
 from kernels import apply_rotary_emb
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.core_attention import build_core_attention
+from megatron_code.parallel.context import gather_sequence
 from megatron_code.parallel.layers import SINGLE, ColumnParallelLinear, RowParallelLinear
 from megatron_code.parallel.state import ParallelState
 
@@ -22,6 +23,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE):
         super().__init__()
+        self.parallel = parallel
         self.num_heads = config.num_attention_heads // parallel.tp  # local heads
         self.num_kv_heads = config.num_kv_heads // parallel.tp
         self.head_dim = config.head_dim
@@ -38,10 +40,14 @@ class SelfAttention(nn.Module):
         q = grouped[:, :, :, :q_per_kv].reshape(s, b, self.num_heads, self.head_dim)
         return q, grouped[:, :, :, q_per_kv], grouped[:, :, :, q_per_kv + 1]
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None):
-        """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism)."""
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
+        """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism; s is
+        this rank's s/cp tokens under context parallelism)."""
         q, k, v = self.split_qkv(self.linear_qkv(x))
         q = apply_rotary_emb(q, rotary_cos, rotary_sin)
         k = apply_rotary_emb(k, rotary_cos, rotary_sin)
-        context = self.core_attention(q, k, v.contiguous(), segment_ids)  # [s, b, nq * d]
+        if self.parallel.cp > 1:  # every rank's keys/values, in sequence order: [s, b, nkv, d]
+            k = gather_sequence(k, self.parallel.cp, self.parallel.cp_group)
+            v = gather_sequence(v, self.parallel.cp, self.parallel.cp_group)
+        context = self.core_attention(q, k, v.contiguous(), segment_ids, query_index)  # [s, b, nq * d]
         return self.linear_proj(context)

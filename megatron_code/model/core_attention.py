@@ -3,6 +3,9 @@
 All backends take q: [s, b, nq, d], k/v: [s, b, nkv, d] (nq a multiple of nkv: GQA) and an optional
 segment_ids: [b, s] for packed sequences (a token attends only to earlier tokens of its own
 segment), and return [s, b, nq * d].
+
+Under context parallelism q holds only this rank's s/cp tokens while k/v hold the whole sequence;
+`query_index` [s/cp] then gives the queries' global positions (sdpa backend only).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_code.model.config import ModelConfig
+from megatron_code.parallel.context import context_parallel_mask
 
 
 def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -43,11 +47,14 @@ class SDPAttention(nn.Module):
         super().__init__()
         self.dropout = config.attention_dropout
 
-    def forward(self, q, k, v, segment_ids=None):
+    def forward(self, q, k, v, segment_ids=None, query_index=None):
         s, b, nq, d = q.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
         dropout = self.dropout if self.training else 0.0
-        if segment_ids is None:
+        if query_index is not None:
+            mask = context_parallel_mask(query_index, k.shape[2], segment_ids)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+        elif segment_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
         else:
             mask = document_causal_mask(segment_ids)
@@ -65,7 +72,8 @@ class FlashAttention(nn.Module):
         self.flash_attn = flash_attn
         self.dropout = config.attention_dropout
 
-    def forward(self, q, k, v, segment_ids=None):
+    def forward(self, q, k, v, segment_ids=None, query_index=None):
+        assert query_index is None, "context parallelism runs on the sdpa backend (validated earlier)"
         s, b, nq, d = q.shape
         dropout = self.dropout if self.training else 0.0
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [b, s, n, d]
@@ -96,7 +104,8 @@ class TEAttention(nn.Module):
         self.causal = te.DotProductAttention(qkv_format="sbhd", attn_mask_type="causal", **common)
         self.packed = te.DotProductAttention(qkv_format="thd", attn_mask_type="padding_causal", **common)
 
-    def forward(self, q, k, v, segment_ids=None):
+    def forward(self, q, k, v, segment_ids=None, query_index=None):
+        assert query_index is None, "context parallelism runs on the sdpa backend (validated earlier)"
         s, b, nq, d = q.shape
         if segment_ids is None:
             return self.causal(q, k, v)  # [s, b, n*d]

@@ -20,6 +20,7 @@ from megatron_code.model.config import ModelConfig
 from megatron_code.model.mlp import SwiGLUMLP
 from megatron_code.model.norm import RMSNorm
 from megatron_code.model.rope import RotaryEmbedding
+from megatron_code.parallel.context import local_token_indices, slice_local
 from megatron_code.parallel.layers import (
     SINGLE, VocabParallelEmbedding, column_parallel_input, mark_tensor_parallel, vocab_parallel_cross_entropy,
 )
@@ -36,26 +37,28 @@ class TransformerLayer(nn.Module):
         self.mlp = SwiGLUMLP(config, parallel)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None):
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
-        attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids)
+        attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids, query_index)
         x = x + F.dropout(attn, self.hidden_dropout, self.training)
         mlp = self.mlp(self.pre_mlp_layernorm(x))
         return x + F.dropout(mlp, self.hidden_dropout, self.training)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, layer_indices: range, post_process: bool):
         super().__init__()
         # A ModuleDict keyed by global layer index keeps parameter names stable when a pipeline
         # stage keeps only some of the layers.
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, parallel) for i in range(config.num_layers)})
-        self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, parallel.sequence_parallel)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, parallel) for i in layer_indices})
+        self.final_layernorm = None
+        if post_process:
+            self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, parallel.sequence_parallel)
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None):
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
         for layer in self.layers.values():
-            x = layer(x, rotary_cos, rotary_sin, segment_ids)
-        return self.final_layernorm(x)
+            x = layer(x, rotary_cos, rotary_sin, segment_ids, query_index)
+        return x if self.final_layernorm is None else self.final_layernorm(x)
 
 
 class Embedding(nn.Module):
@@ -69,19 +72,26 @@ class Embedding(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """The decoder. `parallel` gives the tensor-parallel layout (default: one process);
-    `init_seed` fixes the initial weights, which do not depend on the layout."""
+    """The decoder. `parallel` gives the tensor/context-parallel layout (default: one process);
+    `init_seed` fixes the initial weights, which do not depend on the layout.
 
-    def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE, init_seed: int = 0):
+    A pipeline stage is a GPTModel that holds only `layer_indices` (global numbering, so parameter
+    names stay those of the whole model), the embedding only if `pre_process` (first stage) and
+    the final norm and output layer only if `post_process` (last stage), as in Megatron-LM."""
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE, init_seed: int = 0,
+                 layer_indices: range | None = None, pre_process: bool = True, post_process: bool = True):
         super().__init__()
         config.validate()
         self.config, self.parallel = config, parallel
+        self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = config.padded_vocab_size(parallel.tp)
-        self.embedding = Embedding(self.vocab_size, config.hidden_size, parallel)
+        self.embedding = Embedding(self.vocab_size, config.hidden_size, parallel) if pre_process else None
         self.rotary_pos_emb = RotaryEmbedding(config)
-        self.decoder = TransformerBlock(config, parallel)
+        layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
+        self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)
         self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
+        if config.untie_embeddings_and_output_weights and post_process:
             weight = nn.Parameter(torch.empty(self.vocab_size // parallel.tp, config.hidden_size))
             self.output_layer = nn.Module()
             self.output_layer.weight = mark_tensor_parallel(weight, 0)  # column parallel over the vocabulary
@@ -110,25 +120,52 @@ class GPTModel(nn.Module):
             full = torch.empty(full_shape).normal_(0.0, scaled_std if is_output_projection else std, generator=generator)
             param.copy_(full if dim is None else full.chunk(self.parallel.tp, dim)[self.parallel.tp_rank])
 
+    def context_parallel_slice(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[b, s] -> this rank's [b, s / cp] tokens, matching forward()'s outputs."""
+        if self.parallel.cp == 1:
+            return per_token
+        return slice_local(per_token, self.parallel.cp, self.parallel.cp_rank)
+
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
+    def query_index(self, local_seq_len: int, device) -> torch.Tensor | None:
+        """Global positions of this rank's tokens under context parallelism (None without CP)."""
+        if self.parallel.cp == 1:
+            return None
+        return local_token_indices(local_seq_len * self.parallel.cp, self.parallel.cp, self.parallel.cp_rank, device)
+
+    def run_layers(self, hidden, position_ids, segment_ids=None):
+        """This model's (or stage's) layers: hidden [s(/tp), b, h] with this rank's position ids
+        [b, s/cp] -> [s(/tp), b, h] (normalized on the last stage)."""
+        cos, sin = self.rotary_pos_emb(position_ids)
+        query_index = self.query_index(position_ids.shape[1], position_ids.device)
+        return self.decoder(hidden, cos, sin, segment_ids, query_index)
+
+    def output_logits(self, hidden):
+        """Last stage: [s(/tp), b, h] -> this rank's vocabulary slice of the logits [s, b, V / tp]."""
+        return F.linear(column_parallel_input(hidden, self.parallel), self.output_weight())
+
+    def vocab_start(self) -> int:
+        return self.parallel.tp_rank * (self.vocab_size // self.parallel.tp)
+
     def forward(self, tokens, position_ids=None, segment_ids=None, labels=None):
-        """tokens, position_ids, segment_ids, labels: [b, s].
+        """tokens, position_ids, segment_ids, labels: [b, s] (whole samples on every rank).
 
         Returns logits [b, s, V / tp] (this rank's vocabulary slice) when labels is None, else the
         per-token cross-entropy [b, s] in fp32 (the caller masks and reduces it, as Megatron's
-        loss_func does). Full-vocabulary logits are never gathered.
+        loss_func does). Full-vocabulary logits are never gathered. Under context parallelism
+        both cover only this rank's s / cp tokens (`context_parallel_slice` selects the same
+        tokens of other per-token tensors such as the loss mask).
         """
         b, s = tokens.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=tokens.device).expand(b, s)
-        cos, sin = self.rotary_pos_emb(position_ids)
-        hidden = self.decoder(self.embedding(tokens), cos, sin, segment_ids)  # [s(/tp), b, h]
-        hidden = column_parallel_input(hidden, self.parallel)  # [s, b, h]
-        logits = F.linear(hidden, self.output_weight())  # [s, b, V / tp]
+        tokens, position_ids = self.context_parallel_slice(tokens), self.context_parallel_slice(position_ids)
+        hidden = self.run_layers(self.embedding(tokens), position_ids, segment_ids)  # [s(/tp), b, h]
+        logits = self.output_logits(hidden)  # [s, b, V / tp]
         if labels is None:
             return logits.transpose(0, 1)
-        vocab_start = self.parallel.tp_rank * logits.shape[-1]
-        losses = vocab_parallel_cross_entropy(logits, labels.t(), vocab_start, self.parallel)  # [s, b]
+        labels = self.context_parallel_slice(labels)
+        losses = vocab_parallel_cross_entropy(logits, labels.t(), self.vocab_start(), self.parallel)  # [s, b]
         return losses.t()

@@ -89,8 +89,9 @@ def reduce_sequence_parallel_grads(params, parallel: ParallelState) -> None:
 
 def global_grad_norm(params, parallel: ParallelState) -> torch.Tensor:
     """L2 norm of the full model's gradient: TP-sharded parameters contribute their shard on each
-    TP rank (summed over TP); replicated ones are identical on all TP ranks and count once.
-    Gradients are already identical across data-parallel ranks."""
+    TP rank (summed over TP); replicated ones are identical on all TP ranks and count once;
+    pipeline stages hold disjoint parameters (summed over PP). Gradients are already identical
+    across data-parallel ranks."""
     sharded, replicated = [], []
     for p in params:
         if p.grad is not None:
@@ -104,7 +105,10 @@ def global_grad_norm(params, parallel: ParallelState) -> torch.Tensor:
     sharded_sq = sum_of_squares(sharded)
     if parallel.tp > 1:
         dist.all_reduce(sharded_sq, group=parallel.tp_group)
-    return (sharded_sq + sum_of_squares(replicated)).sqrt()
+    total_sq = sharded_sq + sum_of_squares(replicated)
+    if parallel.pp > 1:  # each parameter lives on exactly one pipeline stage
+        dist.all_reduce(total_sq, group=parallel.group("pp"))
+    return total_sq.sqrt()
 
 
 def clip_grads_by_norm(params, max_norm: float, total_norm: torch.Tensor) -> None:

@@ -49,58 +49,28 @@ def _own_chunk_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return x.chunk(_size(group), dim=0)[dist.get_rank(group)].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
+
+
+def _collective(name: str, forward, backward) -> type:
+    """An autograd Function computing forward(x, group) whose backward is backward(grad, group)."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _GatherSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_dim0(grad, ctx.group), None
-
-
-class _ReduceScatterSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.group), None
-
-
-class _ScatterSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _own_chunk_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.group), None
+_CopyToTP = _collective("_CopyToTP", _identity, _all_reduce)
+_ReduceFromTP = _collective("_ReduceFromTP", _all_reduce, _identity)
+_GatherSP = _collective("_GatherSP", _all_gather_dim0, _reduce_scatter_dim0)
+_ReduceScatterSP = _collective("_ReduceScatterSP", _reduce_scatter_dim0, _all_gather_dim0)
+_ScatterSP = _collective("_ScatterSP", _own_chunk_dim0, _all_gather_dim0)
 
 
 def _apply(fn, x, group):

@@ -28,6 +28,19 @@ class ParallelConfig:
     """Tensor-parallel size: attention heads, MLP columns and the vocabulary are split over this many ranks."""
     sequence_parallel: bool = False
     """With TP > 1, also split the sequence outside attention/MLP (norms, dropout, residual) over the TP ranks."""
+    context_parallel_size: int = 1
+    """Context-parallel size: each sample's sequence is split over this many ranks (causally load-balanced)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size: the layers are cut into this many consecutive groups of stages."""
+    pipeline_schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b, interleaved-1f1b, zbv (zero-bubble V), dualpipev."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Stages per pipeline rank for interleaved-1f1b (zbv and dualpipev always use 2)."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Alternative to the virtual size: layers per virtual stage (virtual size = layers / (PP x this))."""
+    use_distributed_optimizer: bool = False
+    """ZeRO-1: shard the AdamW state (and the optimizer step) over the data-parallel ranks; gradients
+    are reduce-scattered instead of all-reduced and the updated parameters all-gathered."""
 
 
 @dataclass
@@ -65,18 +78,38 @@ class ParallelState:
         return self.group("dp")
 
     @property
+    def cp_group(self):
+        return self.group("cp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank("cp")
+
+    @property
+    def dp_cp_group(self):
+        """Ranks that hold the same parameters and different tokens: gradients and loss sums
+        are reduced over data-parallel x context-parallel."""
+        if self.mesh is None:
+            return None
+        return self.mesh["dp_cp"].get_group() if self.cp > 1 else self.dp_group
+
+    @property
     def dp_rank(self) -> int:
         return self.rank("dp")
 
 
-def validate_layout(config: ParallelConfig, world_size: int, num_attention_heads: int,
-                    num_kv_heads: int, hidden_dropout: float, attention_dropout: float) -> int:
-    """Check the layout against the world and the model; return the data-parallel size."""
-    tp = config.tensor_model_parallel_size
-    if tp < 1 or world_size % tp:
+def validate_layout(config: ParallelConfig, world_size: int, model, seq_length: int) -> int:
+    """Check the layout against the world, the model (a ModelConfig) and the sequence length;
+    return the data-parallel size."""
+    model.validate()
+    tp, cp, pp = config.tensor_model_parallel_size, config.context_parallel_size, config.pipeline_model_parallel_size
+    num_attention_heads, num_kv_heads = model.num_attention_heads, model.num_kv_heads
+    if tp < 1 or cp < 1 or pp < 1 or world_size % (tp * cp * pp):
         raise ConfigError(
-            f"--tensor-model-parallel-size {tp} must divide the number of processes ({world_size})."
+            f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} x "
+            f"--pipeline-model-parallel-size {pp} must divide the number of processes ({world_size})."
         )
+    _check_context_parallel(cp, tp, config.sequence_parallel, seq_length, model.attention_backend)
     if num_attention_heads % tp:
         raise ConfigError(
             f"--num-attention-heads ({num_attention_heads}) must be divisible by "
@@ -91,19 +124,55 @@ def validate_layout(config: ParallelConfig, world_size: int, num_attention_heads
         )
     if config.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1.")
-    if tp > 1 and (hidden_dropout or attention_dropout):
+    if (tp > 1 or cp > 1) and (model.hidden_dropout or model.attention_dropout):
         raise ConfigError(
             "dropout with tensor parallelism needs per-rank RNG streams, which are not implemented; "
             "use --hidden-dropout 0 --attention-dropout 0 (Llama-style pretraining uses none)."
         )
-    return world_size // tp
+    return world_size // (tp * cp * pp)
+
+
+def virtual_stages(config: ParallelConfig, num_layers: int) -> int:
+    """Stages per pipeline rank (1 without virtual stages)."""
+    if config.pipeline_schedule in ("zbv", "dualpipev"):
+        return 2
+    if config.num_layers_per_virtual_pipeline_stage:
+        per_rank = num_layers // config.pipeline_model_parallel_size
+        if per_rank % config.num_layers_per_virtual_pipeline_stage:
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage ({config.num_layers_per_virtual_pipeline_stage}) "
+                f"must divide the layers per pipeline rank ({per_rank})."
+            )
+        return per_rank // config.num_layers_per_virtual_pipeline_stage
+    return config.virtual_pipeline_model_parallel_size or 1
+
+
+def _check_context_parallel(cp: int, tp: int, sequence_parallel: bool, seq_length: int, backend: str) -> None:
+    if cp == 1:
+        return
+    if seq_length % (2 * cp):
+        raise ConfigError(
+            f"--seq-length ({seq_length}) must be divisible by 2 x --context-parallel-size ({2 * cp}): "
+            "each CP rank holds two equal chunks (causal load balancing)."
+        )
+    if sequence_parallel and (seq_length // cp) % tp:
+        raise ConfigError(
+            f"with sequence parallelism, --seq-length / --context-parallel-size ({seq_length // cp}) "
+            f"must be divisible by --tensor-model-parallel-size ({tp})."
+        )
+    if backend != "sdpa":
+        raise ConfigError(
+            f"--context-parallel-size > 1 runs with --attention-backend sdpa for now (got {backend}); "
+            "flash/te context-parallel attention is tracked in the parallelism issue."
+        )
 
 
 def build_parallel_state(config: ParallelConfig, device: torch.device) -> ParallelState:
     """Create the device mesh over all ranks (collective: every rank calls it)."""
     world_size = dist.get_world_size()
-    tp = config.tensor_model_parallel_size
-    pp, cp = 1, 1
+    tp, cp, pp = config.tensor_model_parallel_size, config.context_parallel_size, config.pipeline_model_parallel_size
     dp = world_size // (tp * pp * cp)
     mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+    if cp > 1:
+        mesh["dp", "cp"]._flatten("dp_cp")  # registers the combined group on the root mesh
     return ParallelState(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=config.sequence_parallel, mesh=mesh)

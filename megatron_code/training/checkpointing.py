@@ -9,13 +9,17 @@ Layout of --save DIR:
 
 A checkpoint is written under a temporary name and renamed when complete, and the `latest`
 marker is replaced atomically after that, so a crash at any point leaves the previous checkpoint
-as the one that loads.
+as the one that loads. With async_save the DCP write runs in a background thread and the rename
++ marker happen when it completes (finish_pending_save); keep_last then prunes older iter_* dirs.
 
 Every tensor is stored under its global name with its global (unsharded) shape: a rank's
 tensor-parallel shard is wrapped as a DTensor over the TP mesh, and DCP writes the shards and
 de-duplicates replicas (data-parallel copies). Loading under another layout therefore just
 reads other slices of the same global tensors, and a reader that asks for one name gets the
 full tensor (what checkpoints_convert relies on).
+
+The distributed optimizer's Adam shards are gathered into this same form for saving and cut back
+to the rank's shard when loading (see sharded_state), so ZeRO-1 on/off does not change the files.
 """
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
 from megatron_code.parallel.state import ParallelState
 
 LATEST_MARKER = "latest_checkpointed_iteration.txt"
@@ -98,18 +104,30 @@ def _adam_state(optimizer, param) -> dict:
     return state
 
 
-def sharded_state(model, optimizer, parallel: ParallelState) -> dict:
+def sharded_state(model, optimizer, parallel: ParallelState, gather_optimizer: bool = True) -> dict:
     """{"model": {name: tensor}, "optimizer": {name: {exp_avg, exp_avg_sq}}, "optimizer_step": n}
-    with every tensor in its global form (see the module docstring)."""
+    with every tensor in its global form (see the module docstring).
+
+    The distributed optimizer (ZeRO-1) keeps only this rank's shard of the Adam state: for saving,
+    the shards are all-gathered over the data-parallel group into each parameter's TP-local full
+    tensor (collective; a temporary 8 bytes per local parameter on every rank), so the files are
+    the same as without it and a checkpoint moves freely between the two. For loading
+    (gather_optimizer=False) zeros of that shape are the targets, and _copy_loaded keeps the shard."""
     state = {"model": {name: _global_view(p.detach(), p, parallel) for name, p in model.named_parameters()}}
     if optimizer is not None:
-        adam = {name: _adam_state(optimizer, p) for name, p in model.named_parameters()}
+        if isinstance(optimizer, DistributedOptimizer):
+            full = optimizer.full_adam_state(gather=gather_optimizer)
+            adam = {name: full[p] for name, p in model.named_parameters()}
+            step = optimizer.step_count()
+        else:
+            adam = {name: _adam_state(optimizer, p) for name, p in model.named_parameters()}
+            # AdamW keeps one step count per parameter; they are always equal.
+            step = next(iter(adam.values()))["step"]
         state["optimizer"] = {
             name: {key: _global_view(s[key], p, parallel) for key in ("exp_avg", "exp_avg_sq")}
             for (name, p), s in zip(model.named_parameters(), adam.values())
         }
-        # AdamW keeps one step count per parameter; they are always equal.
-        state["optimizer_step"] = next(iter(adam.values()))["step"].detach().clone().cpu()
+        state["optimizer_step"] = step.detach().clone().cpu()
     return state
 
 
@@ -120,34 +138,171 @@ def _copy_loaded(state: dict, model, optimizer) -> None:
         for name, p in model.named_parameters():
             loaded = state["model"][name]
             p.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
-            if optimizer is not None:
+            if optimizer is not None and not isinstance(optimizer, DistributedOptimizer):
                 adam = optimizer.state[p]
                 for key in ("exp_avg", "exp_avg_sq"):
                     value = state["optimizer"][name][key]
                     adam[key].copy_(value.to_local() if isinstance(value, DTensor) else value)
                 adam["step"].copy_(state["optimizer_step"])
+    if isinstance(optimizer, DistributedOptimizer):
+        full = {p: {key: _local(value) for key, value in state["optimizer"][name].items()}
+                for name, p in model.named_parameters()}
+        optimizer.load_full_adam_state(full, state["optimizer_step"])
+
+
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+KILL_DURING_SAVE_ENV = "MCODE_TEST_KILL_DURING_SAVE"
+"""Fault injection for tests only: when this variable equals the iteration being saved
+(synchronously), rank 1 exits abruptly (os._exit(1)) after the DCP shards of that checkpoint are
+written and before the save completes, the way a node dies mid-save. Never set it in a real run."""
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    """An async save in flight on this rank."""
+
+    future: object
+    root: str
+    tmp_dir: str
+    final_dir: str
+    iteration: int
+    keep_last: int | None
+    process_group: object  # the default group when the save started
+
+
+_pending: _PendingSave | None = None
+_save_group: tuple | None = None  # (default process group, gloo group for async saves)
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, parallel: ParallelState,
-                    train_state: dict) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    train_state: dict, async_save: bool = False, keep_last: int | None = None) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory, which exists on
+    return for a synchronous save; an async save is published later by finish_pending_save
+    (at most one is in flight: a new save first waits for the previous one)."""
+    global _pending
+    finish_pending_save(wait=True)
     final_dir = checkpoint_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     if _rank() == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a crashed save
         os.makedirs(os.path.join(tmp_dir, "rng"))
     _barrier()
-    dcp.save(sharded_state(model, optimizer, parallel), checkpoint_id=tmp_dir)
+    state = sharded_state(model, optimizer, parallel)
+    # Small files first: once DCP has finished, the directory is complete.
     torch.save(rng_state(), os.path.join(tmp_dir, "rng", f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
         with open(os.path.join(tmp_dir, "train_state.json"), "w") as fh:
             json.dump({**train_state, "iteration": iteration}, fh, indent=2, default=_json_default)
+    if async_save:
+        # _CopyStager copies the tensors to CPU memory before this returns (a second copy of
+        # the whole state while the save is in flight), so training may change the parameters
+        # right away; the writing runs in a background thread whose collectives use their own
+        # gloo group (never interleaved with the training's collectives).
+        future = dcp.async_save(state, checkpoint_id=tmp_dir, process_group=_async_save_group(),
+                                async_stager=_CopyStager())
+        _pending = _PendingSave(future, root, tmp_dir, final_dir, iteration, keep_last,
+                                _default_group())
+        return final_dir
+    dcp.save(state, checkpoint_id=tmp_dir)
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(iteration) and _rank() == 1:
+        os._exit(1)  # fault injection (tests only): see KILL_DURING_SAVE_ENV
     _barrier()
     if _rank() == 0:
-        _publish(tmp_dir, final_dir)
-        _write_text_atomically(os.path.join(root, LATEST_MARKER), f"{iteration}\n")
+        _finalize(root, tmp_dir, final_dir, iteration, keep_last)
     _barrier()
     return final_dir
+
+
+class _CopyStager(AsyncStager):
+    """Stages for async_save by copying every tensor (a DTensor's local shard) into fresh CPU
+    memory: a snapshot that training can no longer change. It replaces DCP's DefaultStager, which
+    in torch 2.13 fails on a DTensor built from a view with a storage offset (the distributed
+    optimizer's parameters are views into flat buffers): the wrapper then reports a non-zero data
+    pointer, and copying its (null) storage raises "invalid python storage"."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return _copy_to_cpu(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _copy_to_cpu(obj):
+    if isinstance(obj, dict):
+        return {key: _copy_to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, DTensor):
+        local = obj.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
+                                  shape=obj.shape, stride=obj.stride())
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    return obj
+
+
+def finish_pending_save(wait: bool) -> str | None:
+    """Publish this rank's async save once it has completed (wait=True: block until it has).
+    Returns the published directory, else None. Not collective: DCP's last step gathers every
+    rank's write results on rank 0 before rank 0's future completes, so when rank 0 sees it done
+    all ranks' files (written before their async_save call, or by it) are on disk, and rank 0
+    alone renames the directory and writes the marker. Other ranks only reap their futures."""
+    global _pending
+    pending = _pending
+    if pending is None or not (wait or pending.future.done()):
+        return None
+    _pending = None
+    if pending.process_group is not _default_group():
+        return None  # left over from an earlier (failed) run in this process: never publish it
+    pending.future.result()  # raises if the save failed; the previous checkpoint stays latest
+    if _rank() == 0:
+        _finalize(pending.root, pending.tmp_dir, pending.final_dir, pending.iteration, pending.keep_last)
+    return pending.final_dir
+
+
+def _default_group():
+    return dist.distributed_c10d._get_default_group() if dist.is_initialized() else None
+
+
+def _async_save_group():
+    """A gloo group of all ranks for the background thread of async saves (one per process group
+    lifetime: in-process tests create several)."""
+    global _save_group
+    if not dist.is_initialized():
+        return None
+    default = _default_group()
+    if _save_group is None or _save_group[0] is not default:
+        _save_group = (default, dist.new_group(backend="gloo"))
+    return _save_group[1]
+
+
+def _finalize(root: str, tmp_dir: str, final_dir: str, iteration: int, keep_last: int | None) -> None:
+    """Rank 0, once every rank's files are written: rename into place, mark latest, prune."""
+    _publish(tmp_dir, final_dir)
+    _write_text_atomically(os.path.join(root, LATEST_MARKER), f"{iteration}\n")
+    if keep_last:
+        delete_old_checkpoints(root, keep_last)
+
+
+def delete_old_checkpoints(root: str, keep_last: int) -> list[str]:
+    """Delete iter_* checkpoints beyond the newest keep_last, never the one `latest` names.
+    Returns the deleted directories."""
+    latest = latest_iteration(root)
+    iterations = sorted(int(name[5:]) for name in os.listdir(root)
+                        if name.startswith("iter_") and name[5:].isdigit())
+    deleted = []
+    for iteration in iterations[:-keep_last]:
+        if iteration != latest:
+            path = checkpoint_dir(root, iteration)
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
 
 
 def _publish(tmp_dir: str, final_dir: str) -> None:
@@ -184,7 +339,7 @@ def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restor
     if train_state is None:
         return None
     ckpt = checkpoint_dir(root, train_state["iteration"])
-    state = sharded_state(model, optimizer, parallel)
+    state = sharded_state(model, optimizer, parallel, gather_optimizer=False)
     dcp.load(state, checkpoint_id=ckpt)
     _copy_loaded(state, model, optimizer)
     if restore_rng:

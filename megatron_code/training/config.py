@@ -102,6 +102,13 @@ class CheckpointConfig:
     """Save every this many steps (and at the end of training)."""
     finetune: bool = False
     """Load only model weights from --load and start at iteration 0 with fresh optimizer."""
+    keep_last: int | None = None
+    """After each successful save keep only the newest K iter_* checkpoints (never deleting the one
+    `latest` names); default: keep all."""
+    async_save: bool = False
+    """Write checkpoints in a background thread (torch.distributed.checkpoint.async_save): training
+    continues while the files are written; the checkpoint is renamed into place and marked latest
+    once complete (checked every step, before the next save and at the end of training)."""
 
 
 @dataclass

@@ -19,9 +19,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    on_cuda = next(model.parameters()).is_cuda
+    return adamw(parameter_groups(model, config.weight_decay), config, next(model.parameters()).is_cuda)
+
+
+def adamw(groups: list[dict], config: OptimizerConfig, on_cuda: bool) -> torch.optim.AdamW:
+    """torch AdamW with the run's hyperparameters (shared by the distributed optimizer's shards)."""
     return torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay),
+        groups,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,

@@ -15,10 +15,14 @@ import torch
 from megatron_code.distributed import DistributedEnv, destroy_distributed, init_distributed
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
+from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
 from megatron_code.parallel.grads import (
     GradientReducer, clip_grads_by_norm, global_grad_norm, reduce_sequence_parallel_grads,
 )
-from megatron_code.parallel.state import ParallelState, build_parallel_state, validate_layout
+from megatron_code.parallel.pipeline import (
+    IGNORE_LABEL, ModelChunks, PipelineRunner, build_stage_models, check_pipeline,
+)
+from megatron_code.parallel.state import ParallelState, build_parallel_state, validate_layout, virtual_stages
 from megatron_code.training import checkpointing
 from megatron_code.training.config import RunConfig
 from megatron_code.training.data import (
@@ -43,16 +47,23 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistributedEnv, tokenizer, parallel: ParallelState):
         self.cfg, self.env, self.tokenizer, self.parallel = cfg, env, tokenizer, parallel
         seed_everything(cfg.training.seed)
-        self.model = GPTModel(cfg.model, parallel, init_seed=cfg.training.seed).to(env.device)
+        self.model, self.pipeline = build_model(cfg, parallel, env.device)
         self.params = list(self.model.parameters())
-        self.grad_reducer = GradientReducer(self.params, parallel.dp_group) if parallel.dp > 1 else None
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if cfg.parallel.use_distributed_optimizer:
+            # ZeRO-1: the optimizer owns the gradient buffers and reduce-scatters them itself.
+            self.optimizer = DistributedOptimizer(self.model, cfg.optimizer, parallel, parallel.dp_cp_group)
+            self.grad_reducer = self.optimizer
+        else:
+            self.grad_reducer = (GradientReducer(self.params, parallel.dp_cp_group)
+                                 if parallel.dp * parallel.cp > 1 else None)
+            self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
         self.iteration = 0
         self._resume()
         self.datasets = build_datasets(cfg.data, tokenizer, cfg.training.seed, self._split_sizes(),
                                        need_valid=cfg.training.eval_interval > 0)
-        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length, self.model.vocab_size)
+        self.flops_per_token = training_flops_per_token(
+            cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(parallel.tp))
         self.peak_tflops = peak_tflops(env.device, cfg.training.bf16, cfg.logging.peak_tflops)
         self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save)
         self.history: list[dict] = []
@@ -102,13 +113,23 @@ class Trainer:
                 tokens, batch["position_ids"].to(self.env.device), segment_ids,
                 labels=batch["labels"].to(self.env.device),
             )
-        mask = batch["loss_mask"].to(self.env.device, dtype=losses.dtype)
+        mask = self.model.context_parallel_slice(batch["loss_mask"]).to(self.env.device, dtype=losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
     def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
-        if self.parallel.dp > 1:
-            torch.distributed.all_reduce(value, group=self.parallel.dp_group)
+        """Sum over the ranks that see different tokens (data- and context-parallel)."""
+        if self.parallel.dp * self.parallel.cp > 1:
+            torch.distributed.all_reduce(value, group=self.parallel.dp_cp_group)
         return value
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Complete the gradients (sequence-parallel sums), return the global norm, clip."""
+        if isinstance(self.optimizer, DistributedOptimizer):
+            return self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
+        reduce_sequence_parallel_grads(self.params, self.parallel)
+        grad_norm = global_grad_norm(self.params, self.parallel)
+        clip_grads_by_norm(self.params, self.cfg.optimizer.clip_grad, grad_norm)
+        return grad_norm
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, float]:
         """Gradient accumulation over this rank's share of the global batch. Every micro-batch's
@@ -117,8 +138,24 @@ class Trainer:
         the batch is cut into micro-batches and ranks."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        local_tokens = sum(float(b["loss_mask"].sum()) for b in micro_batches)
+        local_tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in micro_batches)
         total_tokens = float(self._sum_over_dp(torch.tensor(local_tokens, dtype=torch.float64)))
+        if self.pipeline is not None:  # the schedule runs all micro-batches; reduce afterwards
+            total_loss = self.pipeline.run(*self._pipeline_inputs(micro_batches), total_tokens, train=True)
+        else:
+            total_loss = self._accumulate_gradients(micro_batches, total_tokens)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
+        loss = float(self._sum_over_dp(self._sum_over_pp(total_loss)))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
+        grad_norm = self._clip_gradients()
+        lr = self.schedule(self.iteration + 1)
+        set_learning_rate(self.optimizer, lr)
+        self.optimizer.step()
+        return loss, float(grad_norm), lr
+
+    def _accumulate_gradients(self, micro_batches: list[dict], total_tokens: float) -> torch.Tensor:
         total_loss = torch.zeros((), device=self.env.device)
         for i, batch in enumerate(micro_batches):
             if self.grad_reducer is not None:
@@ -126,18 +163,26 @@ class Trainer:
             loss_sum, _ = self._forward_losses(batch)
             (loss_sum / total_tokens).backward()
             total_loss += loss_sum.detach() / total_tokens
-        if self.grad_reducer is not None:
-            self.grad_reducer.finish()
-        loss = float(self._sum_over_dp(total_loss))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
-        reduce_sequence_parallel_grads(self.params, self.parallel)
-        grad_norm = global_grad_norm(self.params, self.parallel)
-        clip_grads_by_norm(self.params, self.cfg.optimizer.clip_grad, grad_norm)
-        lr = self.schedule(self.iteration + 1)
-        set_learning_rate(self.optimizer, lr)
-        self.optimizer.step()
-        return loss, float(grad_norm), lr
+        return total_loss
+
+    def _pipeline_inputs(self, micro_batches: list[dict]):
+        """This rank's micro-batches as whole tensors [B_local, s] for the pipeline schedule, which
+        cuts them again; masked labels become IGNORE_LABEL so the loss needs no extra tensor."""
+        device = self.env.device
+        tokens = torch.cat([b["tokens"] for b in micro_batches]).to(device)
+        positions = torch.cat([b["position_ids"] for b in micro_batches]).to(device)
+        labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
+        mask = torch.cat([b["loss_mask"] for b in micro_batches]).to(device)
+        labels = labels.masked_fill(mask == 0, IGNORE_LABEL)
+        segments = (segment_ids_from_eod(tokens, self.tokenizer.eod) if self.cfg.data.reset_attention_mask
+                    else torch.zeros_like(tokens))
+        return tokens, positions, segments, labels
+
+    def _sum_over_pp(self, value: torch.Tensor) -> torch.Tensor:
+        """The loss lives on the last pipeline stage: share it with every stage."""
+        if self.parallel.pp > 1:
+            torch.distributed.all_reduce(value, group=self.parallel.group("pp"))
+        return value
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -149,8 +194,16 @@ class Trainer:
                                         self.parallel.dp_rank, self.parallel.dp)
         totals = torch.zeros(2, dtype=torch.float64)  # [loss sum, loss tokens]
         micro_batches = t.eval_iters * t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
-        for indices in islice(iter(sampler), micro_batches):
-            batch = torch.utils.data.default_collate([self.datasets.valid[i] for i in indices])
+        batches = [torch.utils.data.default_collate([self.datasets.valid[i] for i in indices])
+                   for indices in islice(iter(sampler), micro_batches)]
+        if self.pipeline is not None:  # one schedule call per global batch; loss sums, not means
+            per_step = t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
+            for start in range(0, len(batches), per_step):
+                group = batches[start:start + per_step]
+                loss = self.pipeline.run(*self._pipeline_inputs(group), 1.0, train=False)
+                tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in group)
+                totals += torch.tensor([float(self._sum_over_pp(loss)), tokens], dtype=torch.float64)
+        for batch in batches if self.pipeline is None else []:
             batch_loss, batch_tokens = self._forward_losses(batch)
             totals += torch.tensor([float(batch_loss), float(batch_tokens)], dtype=torch.float64)
         loss_sum, token_count = self._sum_over_dp(totals).tolist()
@@ -168,6 +221,7 @@ class Trainer:
                 loss, grad_norm, lr = self.train_step(list(islice(loader, micro_per_step)))
             self.iteration += 1
             self._log(loss, grad_norm, lr, timer.seconds, tokens_per_step)
+            self._publish_async_save(wait=False)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
                 self.metrics.log_validation(self.iteration, self.evaluate())
             exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
@@ -179,15 +233,24 @@ class Trainer:
                 break
         if ck.save and last_saved != self.iteration:
             self.save()
+        self._publish_async_save(wait=True)
         self.metrics.close()
         return self.history
 
     def save(self) -> None:
         state = {"consumed_samples": self.iteration * self.cfg.training.global_batch_size,
                  "config": dataclasses.asdict(self.cfg)}
-        path = checkpointing.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model,
-                                             self.optimizer, self.parallel, state)
-        print_rank0(f" saved checkpoint {path}", enabled=self.env.is_main)
+        ck = self.cfg.checkpoint
+        self._publish_async_save(wait=True)  # (save_checkpoint would wait too; this also logs it)
+        path = checkpointing.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.parallel,
+                                             state, async_save=ck.async_save, keep_last=ck.keep_last)
+        print_rank0(f" {'saving checkpoint (async)' if ck.async_save else 'saved checkpoint'} {path}",
+                    enabled=self.env.is_main)
+
+    def _publish_async_save(self, wait: bool) -> None:
+        path = checkpointing.finish_pending_save(wait)
+        if path is not None:
+            print_rank0(f" saved checkpoint {path}", enabled=self.env.is_main)
 
     def _log(self, loss, grad_norm, lr, seconds, tokens_per_step) -> None:
         tokens_per_sec = tokens_per_step / seconds
@@ -204,6 +267,19 @@ class Trainer:
         self.metrics.log_step(record)
 
 
+def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
+    """The whole model, or with pipeline parallelism this rank's stages plus the schedule runner."""
+    if parallel.pp == 1:
+        return GPTModel(cfg.model, parallel, init_seed=cfg.training.seed).to(device), None
+    vp = virtual_stages(cfg.parallel, cfg.model.num_layers)
+    schedule = cfg.parallel.pipeline_schedule
+    chunks = [c.to(device) for c in build_stage_models(cfg.model, parallel, cfg.training.seed, schedule, vp)]
+    t = cfg.training
+    micro_batches = t.global_batch_size // (t.micro_batch_size * parallel.dp)
+    runner = PipelineRunner(chunks, parallel, schedule, vp, micro_batches, device, cfg.data.reset_attention_mask)
+    return ModelChunks(chunks), runner
+
+
 def _check_same_model(state: dict, cfg: RunConfig) -> None:
     """A checkpoint of another shape would fail deep inside DCP; say which field differs instead."""
     saved = state.get("config", {}).get("model", {})
@@ -216,15 +292,28 @@ def _check_same_model(state: dict, cfg: RunConfig) -> None:
                 f"--load: the checkpoint has {name}={saved[name]} but this run has "
                 f"{name}={getattr(cfg.model, name)}. Use the checkpoint's model flags or another --load."
             )
+    saved_tp = state.get("config", {}).get("parallel", {}).get("tensor_model_parallel_size", 1)
+    saved_padded = cfg.model.replace(
+        make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128)).padded_vocab_size(saved_tp)
+    padded = cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size)
+    if saved_padded != padded:
+        raise ConfigError(
+            f"--load: the checkpoint's embedding has {saved_padded} rows (vocab padded for TP {saved_tp}) "
+            f"but this layout pads to {padded}. Keep --make-vocab-size-divisible-by x TP a multiple "
+            "of the same value in both layouts (e.g. --make-vocab-size-divisible-by 1024)."
+        )
 
 
 def train(cfg: RunConfig) -> list[dict]:
     """Validate, set up, train. Returns the per-step metric records."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    m = cfg.model
-    dp = validate_layout(cfg.parallel, world_size, m.num_attention_heads, m.num_kv_heads,
-                         m.hidden_dropout, m.attention_dropout)
+    dp = validate_layout(cfg.parallel, world_size, cfg.model, cfg.data.seq_length)
     tokenizer = validate_run(cfg, data_parallel_size=dp)
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        t = cfg.training
+        check_pipeline(cfg.parallel.pipeline_schedule, cfg.parallel.pipeline_model_parallel_size,
+                       virtual_stages(cfg.parallel, cfg.model.num_layers), cfg.model,
+                       t.global_batch_size // (t.micro_batch_size * dp))
     env = init_distributed()
     try:
         trainer = Trainer(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device))
@@ -238,12 +327,14 @@ def _print_summary(trainer: Trainer) -> None:
     cfg, model = trainer.cfg, trainer.model
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(
-        f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden "
+        f"model: {cfg.model.num_parameters(trainer.parallel.tp) / 1e6:.2f}M parameters "
+        f"({n_params / 1e6:.2f}M on rank 0), {cfg.model.num_layers} layers, hidden "
         f"{cfg.model.hidden_size}, {cfg.model.num_attention_heads} heads / {cfg.model.num_kv_heads} KV, "
-        f"vocab {model.vocab_size} (tokenizer {cfg.model.vocab_size}) | "
+        f"vocab {cfg.model.padded_vocab_size(trainer.parallel.tp)} (tokenizer {cfg.model.vocab_size}) | "
         f"{trainer.flops_per_token / 1e9:.3f} GFLOP/token | device {trainer.env.device} | "
         f"{'bf16 autocast' if cfg.training.bf16 else 'fp32'}\n"
-        f"layout: {trainer.parallel.world_size} processes = TP {trainer.parallel.tp} x DP {trainer.parallel.dp}"
+        f"layout: {trainer.parallel.world_size} processes = TP {trainer.parallel.tp} x CP {trainer.parallel.cp} "
+        f"x PP {trainer.parallel.pp} x DP {trainer.parallel.dp}"
         f"{' + sequence parallel' if trainer.parallel.sequence_parallel else ''}\n"
         f"data: {len(trainer.datasets.train)} train samples of {cfg.data.seq_length} tokens; "
         f"global batch {cfg.training.global_batch_size} = micro {cfg.training.micro_batch_size} x "
@@ -251,3 +342,5 @@ def _print_summary(trainer: Trainer) -> None:
         f"accumulation steps x {trainer.parallel.dp} data-parallel ranks",
         enabled=trainer.env.is_main,
     )
+    if isinstance(trainer.optimizer, DistributedOptimizer):
+        print_rank0(f"memory: {trainer.optimizer.memory_summary()}", enabled=trainer.env.is_main)

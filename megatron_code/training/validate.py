@@ -89,6 +89,8 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1) -> SentencePieceTo
         )
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval is set but --save (the checkpoint directory) is not.")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"--keep-last must be >= 1 (checkpoints to keep), got {cfg.checkpoint.keep_last}.")
     LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
     check_data_matches_tokenizer(prefixes, cfg.model.padded_vocab_size())
     return tokenizer

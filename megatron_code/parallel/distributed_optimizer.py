@@ -1,0 +1,297 @@
+"""ZeRO-1 distributed optimizer: AdamW whose state is sharded over the data-parallel ranks.
+
+The model's fp32 parameters are the master weights (bf16 is autocast), so what ZeRO-1 shards
+here is the Adam state (exp_avg, exp_avg_sq: 8 bytes per parameter) and the optimizer's work.
+
+Layout. Parameters are grouped into buckets of ~bucket_mb (in reverse definition order, the
+order backward produces gradients). Each bucket owns two flat buffers of the same length, padded
+to a multiple of the group size G: the parameters (every parameter's `.data` becomes a view into
+it) and their gradients (every `.grad` a view, which autograd accumulates into in place, so no
+gradient is copied before communication). Rank r of the group owns elements [r*S, (r+1)*S) of
+each bucket, S = padded length / G.
+
+One step:
+1. backward (last micro-batch only): as soon as all of a bucket's gradients are accumulated, the
+   bucket is reduce-scattered asynchronously: rank r receives the group's SUM of its elements
+   (the exact global-batch gradient, see grads.py) in a shard-sized buffer;
+2. the shard elements of sequence-parallel norm weights (partial sums per TP rank) are
+   all-reduced over TP;
+3. the global grad norm from the shards: sums of squares over the group, TP-sharded parameters
+   also summed over TP, TP-replicated ones counted once (the rule of grads.global_grad_norm);
+4. clipping scales the shard; torch AdamW updates the shard;
+5. the updated parameter shards are all-gathered into the full parameter buffers.
+
+AdamW works on "pieces": the intersection of one parameter with this rank's shard, a 1-D view
+of the parameter buffer whose `.grad` is the matching view of the reduced gradient shard and
+whose exp_avg / exp_avg_sq are views of this bucket's flat state shards. Weight decay is chosen
+per piece from its parameter (optimizer.parameter_groups: no decay on 1-D tensors), so every
+element gets exactly the update of the non-distributed optimizer.
+
+Per-rank bytes for N fp32 parameters: params 4N + grads 4N (+ 4N/G for the reduced shard when
+G > 1) + Adam 8N/G, against 4N + 4N + 8N without sharding (`memory_bytes`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_code.parallel.state import ParallelState
+from megatron_code.training.config import OptimizerConfig
+from megatron_code.training.optimizer import adamw, parameter_groups
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class _Piece:
+    """The part [start, end) of a flattened parameter that falls in this rank's shard, at
+    [shard_start, shard_end) of the shard."""
+
+    def __init__(self, param, offset: int, start: int, end: int, shard_start: int):
+        self.param, self.offset, self.start, self.end = param, offset, start, end
+        self.shard = slice(shard_start, shard_start + end - start)
+        self.tensor: torch.Tensor | None = None  # the view AdamW updates
+
+
+class _Bucket:
+    def __init__(self, params: list[torch.nn.Parameter], group_size: int, group_rank: int):
+        self.params = params
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        padded = -(-total // group_size) * group_size
+        self.shard_size = padded // group_size
+        self.lo = group_rank * self.shard_size
+        like = dict(dtype=params[0].dtype, device=params[0].device)
+        self.param_buffer = torch.zeros(padded, **like)
+        self.grad_buffer = torch.zeros(padded, **like)
+        with torch.no_grad():
+            for p, off in zip(params, self.offsets):
+                self.param_buffer[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = self.param_buffer[off:off + p.numel()].view_as(p)
+        self.point_grads()
+        # With a group of one the gradient buffer already is the reduced shard.
+        self.grad_shard = self.grad_buffer if group_size == 1 else torch.zeros(self.shard_size, **like)
+        self.state = {key: torch.zeros(self.shard_size, **like) for key in ADAM_KEYS}
+        self.pieces = []
+        for p, off in zip(params, self.offsets):
+            start, end = max(off, self.lo), min(off + p.numel(), self.lo + self.shard_size)
+            if start < end:
+                self.pieces.append(_Piece(p, off, start - off, end - off, start - self.lo))
+        self.pending, self.launched, self.work = len(params), False, None
+
+    def point_grads(self) -> None:
+        for p, off in zip(self.params, self.offsets):
+            p.grad = self.grad_buffer[off:off + p.numel()].view_as(p)
+
+    def own_params(self) -> torch.Tensor:
+        return self.param_buffer[self.lo:self.lo + self.shard_size]
+
+
+class DistributedOptimizer:
+    """AdamW over this rank's shard of every bucket; also the gradient reducer of the run (same
+    interface as grads.GradientReducer: `armed`, `finish()`), since gradients must be
+    reduce-scattered into the layout the optimizer owns.
+
+    `group` is the group whose ranks hold the same parameters and see different tokens
+    (data x context parallel). Collective: every rank of the run builds it."""
+
+    def __init__(self, model: torch.nn.Module, config: OptimizerConfig, parallel: ParallelState,
+                 group, bucket_mb: float = 25.0):
+        self.parallel, self.group = parallel, group
+        self.group_size = 1 if group is None else dist.get_world_size(group)
+        self.group_rank = 0 if group is None else dist.get_rank(group)
+        self.armed = False
+        decay_of = {id(p): g["weight_decay"] for g in parameter_groups(model, config.weight_decay)
+                    for p in g["params"]}
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = self._make_buckets(params, bucket_mb)
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_gradient_ready)
+        self.optimizer = self._build_adamw(config, decay_of, params[0].is_cuda)
+
+    def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
+        """Backward produces gradients roughly in reverse order of definition: bucket that way
+        (one dtype per bucket)."""
+        buckets, current, size = [], [], 0
+        for p in reversed(params):
+            if current and p.dtype != current[0].dtype:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_mb * 2**20:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        return [_Bucket(b, self.group_size, self.group_rank) for b in buckets]
+
+    def _build_adamw(self, config: OptimizerConfig, decay_of: dict, on_cuda: bool) -> torch.optim.AdamW:
+        groups: dict[float, list] = {}
+        for b in self.buckets:
+            for piece in b.pieces:
+                t = b.param_buffer[piece.offset + piece.start:piece.offset + piece.end]
+                t.grad = b.grad_shard[piece.shard]
+                piece.tensor = t
+                groups.setdefault(decay_of[id(piece.param)], []).append(t)
+        param_groups = [{"params": ts, "weight_decay": wd} for wd, ts in groups.items()]
+        if not param_groups:  # this rank's shards hold only padding (a model smaller than the group)
+            param_groups = [{"params": [torch.zeros(0, device=self.buckets[0].param_buffer.device)]}]
+        optimizer = adamw(param_groups, config, on_cuda)
+        fused = any(g.get("fused") for g in optimizer.param_groups)
+        for b in self.buckets:  # Adam state as views of the flat shard buffers (gathered for saving)
+            for piece in b.pieces:
+                optimizer.state[piece.tensor].update(
+                    step=torch.zeros((), dtype=torch.float32, device=piece.tensor.device if fused else "cpu"),
+                    **{key: b.state[key][piece.shard] for key in ADAM_KEYS},
+                )
+        return optimizer
+
+    # ---- the optimizer interface the trainer uses -------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffers (gradients stay views of them, whatever set_to_none says)."""
+        for b in self.buckets:
+            b.grad_buffer.zero_()
+            b.point_grads()
+
+    def step(self) -> None:
+        """AdamW on this rank's shards, then all-gather the updated parameters."""
+        self.optimizer.step()
+        if self.group_size == 1:
+            return
+        works = [dist.all_gather_into_tensor(b.param_buffer, b.own_params().clone(), group=self.group,
+                                             async_op=True) for b in self.buckets]
+        for work in works:
+            work.wait()
+
+    # ---- gradient reduction (GradientReducer's interface) -----------------------------------
+    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
+        if not self.armed:
+            return
+        bucket = self.bucket_of[id(param)]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.launched = True
+        if self.group_size > 1:
+            bucket.work = dist.reduce_scatter_tensor(bucket.grad_shard, bucket.grad_buffer,
+                                                     group=self.group, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for every bucket's reduce-scatter (launching any whose parameters got no gradient)."""
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket)
+            if bucket.work is not None:
+                bucket.work.wait()
+            bucket.work, bucket.launched, bucket.pending = None, False, len(bucket.params)
+        self.armed = False
+
+    # ---- norm and clipping ------------------------------------------------------------------
+    def _pieces(self):
+        return [piece for b in self.buckets for piece in b.pieces]
+
+    def _reduce_sequence_parallel_grads(self) -> None:
+        """Norm weights see only their rank's tokens under sequence parallelism: sum over TP. TP
+        peers have identical bucket layouts, so their shards hold the same pieces."""
+        if not self.parallel.sequence_parallel:
+            return
+        grads = [pc.tensor.grad for pc in self._pieces() if getattr(pc.param, "sequence_parallel_grad", False)]
+        if grads:
+            flat = torch.cat(grads)
+            dist.all_reduce(flat, group=self.parallel.tp_group)
+            torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))
+
+    def global_grad_norm(self) -> torch.Tensor:
+        """L2 norm of the full model's reduced gradient, from the shards (see module docstring)."""
+        device = self.buckets[0].grad_shard.device
+        sums = {True: [], False: []}  # TP-sharded?
+        for pc in self._pieces():
+            sums[getattr(pc.param, "tensor_parallel_dim", None) is not None].append(pc.tensor.grad.float().pow(2).sum())
+        sq = torch.stack([torch.stack(sums[k]).sum() if sums[k] else torch.zeros((), device=device)
+                          for k in (True, False)])
+        if self.group_size > 1:
+            dist.all_reduce(sq, group=self.group)
+        if self.parallel.tp > 1:
+            sharded = sq[:1].clone()
+            dist.all_reduce(sharded, group=self.parallel.tp_group)
+            sq = torch.cat([sharded, sq[1:]])
+        total_sq = sq.sum()
+        if self.parallel.pp > 1:  # each parameter lives on exactly one pipeline stage
+            dist.all_reduce(total_sq, group=self.parallel.group("pp"))
+        return total_sq.sqrt()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Finish the gradients (SP sums), return the global norm, clip the shards to max_norm
+        (0: only measure) with torch's clip_grads_with_norm_ formula."""
+        self._reduce_sequence_parallel_grads()
+        total_norm = self.global_grad_norm()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+            for b in self.buckets:
+                b.grad_shard.mul_(coef.to(b.grad_shard.device))
+        return total_norm
+
+    # ---- memory -----------------------------------------------------------------------------
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held on this rank: parameters, gradients (full buffers + reduced shards),
+        optimizer state (the Adam shards)."""
+        def nbytes(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        grads = nbytes(b.grad_buffer for b in self.buckets)
+        if self.group_size > 1:
+            grads += nbytes(b.grad_shard for b in self.buckets)
+        return {"params": nbytes(b.param_buffer for b in self.buckets), "grads": grads,
+                "optimizer": nbytes(b.state[k] for b in self.buckets for k in ADAM_KEYS)}
+
+    def unsharded_memory_bytes(self) -> dict[str, int]:
+        """What the non-distributed optimizer holds on every rank for the same parameters."""
+        n = sum(p.numel() * p.element_size() for b in self.buckets for p in b.params)
+        return {"params": n, "grads": n, "optimizer": 2 * n}
+
+    def memory_summary(self) -> str:
+        mine, plain = self.memory_bytes(), self.unsharded_memory_bytes()
+        mib = 2**20
+        return (f"distributed optimizer over {self.group_size} ranks, per rank: params {mine['params'] / mib:.1f} MiB"
+                f" + grads {mine['grads'] / mib:.1f} MiB + Adam state {mine['optimizer'] / mib:.1f} MiB = "
+                f"{sum(mine.values()) / mib:.1f} MiB (non-distributed: {sum(plain.values()) / mib:.1f} MiB, "
+                f"Adam state {plain['optimizer'] / mib:.1f} MiB)")
+
+    # ---- checkpoints (layout-independent form, see training/checkpointing.py) ----------------
+    def step_count(self) -> torch.Tensor:
+        states = [self.optimizer.state[pc.tensor]["step"] for pc in self._pieces()]
+        return states[0] if states else torch.zeros(())
+
+    def full_adam_state(self, gather: bool) -> dict:
+        """{param: {"exp_avg": t, "exp_avg_sq": t}} with each tensor of the parameter's (TP-local)
+        full shape. gather=True all-gathers the shards over the group (collective), so every rank
+        temporarily holds the full 8N bytes; gather=False returns zeros of that shape (targets
+        for loading)."""
+        out = {p: {} for b in self.buckets for p in b.params}
+        for b in self.buckets:
+            for key in ADAM_KEYS:
+                full = torch.zeros(b.grad_buffer.numel(), dtype=b.state[key].dtype, device=b.state[key].device)
+                if gather and self.group_size > 1:
+                    dist.all_gather_into_tensor(full, b.state[key], group=self.group)
+                elif gather:
+                    full.copy_(b.state[key])
+                for p, off in zip(b.params, b.offsets):
+                    out[p][key] = full[off:off + p.numel()].view_as(p)
+        return out
+
+    def load_full_adam_state(self, full: dict, step: torch.Tensor) -> None:
+        """Keep this rank's shard of full (TP-local) Adam states {param: {key: tensor}}."""
+        with torch.no_grad():
+            for b in self.buckets:
+                for pc in b.pieces:
+                    for key in ADAM_KEYS:
+                        b.state[key][pc.shard].copy_(full[pc.param][key].reshape(-1)[pc.start:pc.end])
+                    self.optimizer.state[pc.tensor]["step"].copy_(step)

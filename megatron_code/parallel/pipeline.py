@@ -1,0 +1,154 @@
+"""Pipeline parallelism with torch.distributed.pipelining (ARCHITECTURE.md, decision 3).
+
+The model is cut into PP x VP stages of consecutive layers. Each PP rank builds only its stages
+(GPTModel chunks holding global layer indices, so parameter names and checkpoints are those of
+the whole model); the first stage owns the embedding, the last the final norm, output layer and
+loss. Stages exchange (hidden [s, b, h], position_ids, segment_ids): every stage needs the
+positions for RoPE and the segment ids for document masks.
+
+Stage placement per schedule: `1f1b` one stage per rank; `interleaved-1f1b` VP stages per rank,
+round robin (rank r holds r, r + PP, ...); `zbv` and `dualpipev` two stages per rank in a V
+(rank r holds r and 2 PP - 1 - r), so the first and last stage share rank 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
+)
+
+from megatron_code.errors import ConfigError
+from megatron_code.model import GPTModel
+from megatron_code.model.config import ModelConfig
+from megatron_code.parallel.layers import vocab_parallel_cross_entropy
+from megatron_code.parallel.state import ParallelState
+
+SCHEDULES = {
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+V_SHAPED = ("zbv", "dualpipev")
+IGNORE_LABEL = -1
+
+
+def stages_per_rank(schedule: str, virtual_size: int | None) -> int:
+    return 2 if schedule in V_SHAPED else (virtual_size or 1)
+
+
+def local_stage_ids(schedule: str, pp: int, vp: int, pp_rank: int) -> list[int]:
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(vp)]
+
+
+def check_pipeline(schedule: str, pp: int, vp: int, model: ModelConfig, micro_batches: int) -> None:
+    """Layout checks that need the model and batch (one clear error each)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"--pipeline-schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}.")
+    if schedule == "1f1b" and vp > 1:
+        raise ConfigError("virtual pipeline stages need --pipeline-schedule interleaved-1f1b (or zbv/dualpipev).")
+    if model.num_layers % (pp * vp):
+        raise ConfigError(
+            f"--num-layers ({model.num_layers}) must be divisible by pipeline stages x virtual stages ({pp} x {vp})."
+        )
+    if not model.untie_embeddings_and_output_weights:
+        raise ConfigError(
+            "pipeline parallelism needs --untie-embeddings-and-output-weights: the embedding lives on "
+            "the first stage and the output layer on the last."
+        )
+    if schedule in ("1f1b", "dualpipev") and micro_batches < pp * vp:
+        raise ConfigError(
+            f"--pipeline-schedule {schedule} needs at least as many micro-batches per step as stages: "
+            f"{micro_batches} (global batch / (micro batch x DP)) < {pp * vp}. Raise --global-batch-size."
+        )
+    # torch's interleaved schedule runs max(1, n // PP) rounds and needs n to be a multiple of them.
+    if schedule == "interleaved-1f1b" and micro_batches % max(1, micro_batches // pp):
+        raise ConfigError(f"--pipeline-schedule {schedule}: micro-batches per step ({micro_batches}) "
+                          f"must be a multiple of {max(1, micro_batches // pp)}.")
+
+
+def build_stage_models(config: ModelConfig, parallel: ParallelState, init_seed: int, schedule: str,
+                       vp: int) -> list[GPTModel]:
+    """This PP rank's stages as GPTModel chunks, in the order the schedule expects."""
+    num_stages = parallel.pp * vp
+    per_stage = config.num_layers // num_stages
+    chunks = []
+    for stage in local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp")):
+        layers = range(stage * per_stage, (stage + 1) * per_stage)
+        chunks.append(GPTModel(config, parallel, init_seed, layer_indices=layers,
+                               pre_process=stage == 0, post_process=stage == num_stages - 1))
+    return chunks
+
+
+class ModelChunks(nn.Module):
+    """The stages one rank holds, seen as one model: parameters keep their global names."""
+
+    def __init__(self, chunks: list[GPTModel]):
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for chunk in self.chunks:
+            yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
+
+    def context_parallel_slice(self, per_token: torch.Tensor) -> torch.Tensor:
+        return self.chunks[0].context_parallel_slice(per_token)
+
+
+class _StageModule(nn.Module):
+    """Adapts a GPTModel chunk to the pipelining protocol (tensors in, tensors out)."""
+
+    def __init__(self, model: GPTModel, use_segments: bool):
+        super().__init__()
+        self.model, self.use_segments = model, use_segments
+
+    def forward(self, first, position_ids, segment_ids):
+        m = self.model
+        if m.pre_process:  # first: tokens [b, s] of whole samples
+            position_ids = m.context_parallel_slice(position_ids)
+            first = m.embedding(m.context_parallel_slice(first))
+        hidden = m.run_layers(first, position_ids, segment_ids if self.use_segments else None)
+        if m.post_process:
+            return m.output_logits(hidden)  # [s, b, V / tp]
+        return hidden, position_ids, segment_ids
+
+
+class PipelineRunner:
+    """Runs one step (forward + backward of all micro-batches) through the schedule."""
+
+    def __init__(self, chunks: list[GPTModel], parallel: ParallelState, schedule: str, vp: int,
+                 micro_batches: int, device: torch.device, use_segments: bool):
+        num_stages = parallel.pp * vp
+        stage_ids = local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp"))
+        self.stages = [
+            PipelineStage(_StageModule(chunk, use_segments), sid, num_stages, device, group=parallel.group("pp"))
+            for chunk, sid in zip(chunks, stage_ids)
+        ]
+        self.last = next((c for c in chunks if c.post_process), None)
+        self.has_first = any(c.pre_process for c in chunks)
+        self.parallel, self.total_tokens = parallel, 1.0
+        cls = SCHEDULES[schedule]
+        stages = self.stages[0] if cls is Schedule1F1B else self.stages
+        self.schedule = cls(stages, micro_batches, loss_fn=self._loss, scale_grads=False)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed token loss of one micro-batch over the step's global loss-token count."""
+        labels = self.last.context_parallel_slice(labels)  # [b, s/cp], IGNORE_LABEL where masked
+        keep = labels != IGNORE_LABEL
+        losses = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).t(), self.last.vocab_start(), self.parallel)
+        return (losses * keep.t()).sum() / self.total_tokens
+
+    def run(self, tokens, position_ids, segment_ids, labels, total_tokens: float, train: bool) -> torch.Tensor:
+        """All [B_local, s]. Returns this rank's share of the step loss (0 where no last stage)."""
+        self.total_tokens = total_tokens
+        args = (tokens, position_ids, segment_ids) if self.has_first else ()
+        losses: list[torch.Tensor] = []
+        target = labels if self.last is not None else None
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, target=target, losses=losses if self.last is not None else None)
+        if not losses:
+            return torch.zeros((), device=tokens.device)
+        return torch.stack([loss.detach().float() for loss in losses]).sum()

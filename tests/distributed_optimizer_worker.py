@@ -1,0 +1,60 @@
+"""Worker of tests/test_parallel.py::test_distributed_optimizer_shards_match_adamw, in its own
+module so that spawned processes import only what they need (not the test module's fixtures)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+from megatron_code.parallel.state import ParallelState
+from megatron_code.training.config import OptimizerConfig
+from megatron_code.training.optimizer import build_optimizer, set_learning_rate
+
+
+def _model() -> torch.nn.Module:
+    # Backward order buckets of >= 40 bytes: [15] (padded to 16), [5 + 5], [5 + 35]; 1-D
+    # (no decay) and 2-D (decay) parameters share buckets and shards.
+    return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3, bias=False))
+
+
+def zero1_worker(rank: int, world: int, port: int) -> None:
+    """Distributed optimizer on `world` gloo ranks (each half of the batch) vs torch AdamW on the
+    whole batch in every rank, with buckets so small that shards cut parameters in the middle."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, ref = _model(), _model()
+    ref.load_state_dict(model.state_dict())
+    cfg = OptimizerConfig(lr=0.05, weight_decay=0.1)
+    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20)
+    ref_opt = build_optimizer(ref, cfg)
+    assert len(opt.buckets) == 3
+    assert any(b.grad_buffer.numel() > sum(p.numel() for p in b.params) for b in opt.buckets)  # padding
+    data = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(8, 7, generator=data)
+        lr = 0.05 * (step + 1)
+        opt.zero_grad()
+        opt.armed = True
+        model(x[rank::world]).pow(2).sum().backward()  # the group's gradients are summed
+        opt.finish()
+        norm = opt.clip_grad_norm(0.5)
+        set_learning_rate(opt, lr)
+        opt.step()
+        ref_opt.zero_grad()
+        ref(x).pow(2).sum().backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        set_learning_rate(ref_opt, lr)
+        ref_opt.step()
+        assert float(ref_norm) > 0.5  # clipping is active
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    full = opt.full_adam_state(gather=True)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(full[p][key], ref_opt.state[q][key], rtol=1e-5, atol=1e-9)
+    assert float(opt.step_count()) == 3.0
+    padded = sum(b.grad_buffer.numel() for b in opt.buckets)
+    assert opt.memory_bytes()["optimizer"] == 8 * padded // world
+    dist.destroy_process_group()
+    os._exit(0)  # see ARCHITECTURE.md on gloo exits
