@@ -34,6 +34,7 @@ CONSOLE_SCRIPTS = [
     "mcode-seed-corpus=data_tools.seed_corpus:main",
     "mcode-train-tokenizer=data_tools.train_tokenizer:main",
     "mcode-preprocess-data=data_tools.preprocess_data:main",
+    "mcode-convert=checkpoints_convert.__main__:main",
 ]
 
 setup(

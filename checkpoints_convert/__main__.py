@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert from a --save directory (default: latest)")
     p.add_argument("--tokenizer-model", default=None,
                    help="sentencepiece .model (default: the one recorded in the checkpoint's train_state.json)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="write weights and config only (e.g. the model came from-hf with a non-sentencepiece tokenizer)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: keep the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
     _common(p)
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.command == "to-hf":
         to_hf(args.checkpoint, args.output, iteration=args.iteration, tokenizer_model=args.tokenizer_model,
-              dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+              no_tokenizer=args.no_tokenizer, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
               verify=args.verify, atol=args.atol, progress=not args.quiet)
     elif args.command == "from-hf":
         from_hf(args.hf_dir, args.output, dtype=args.dtype,

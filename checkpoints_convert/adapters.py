@@ -56,6 +56,7 @@ class LlamaAdapter:
 
     architecture = "LlamaForCausalLM"
     model_type = "llama"
+    default_tie = False  # LlamaConfig's default for tie_word_embeddings
 
     # ---- config ---------------------------------------------------------------------------
     def model_config(self, hf: dict) -> ModelConfig:
@@ -86,8 +87,6 @@ class LlamaAdapter:
         except ConfigError as exc:
             raise ConvertError(f"config.json describes a model ours cannot build: {exc}") from None
         return config
-
-    default_tie = False  # LlamaConfig's default for tie_word_embeddings
 
     def _refuse_unsupported(self, hf: dict) -> None:
         act = hf.get("hidden_act", "silu")

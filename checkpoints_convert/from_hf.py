@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from checkpoints_convert.adapters import adapter_for
 from checkpoints_convert.errors import ConvertError
-from checkpoints_convert.ours import write_checkpoint
+from checkpoints_convert.ours import OurCheckpoint, write_checkpoint
 from checkpoints_convert.output import atomic_output_dir, check_disk_space, check_output_free
 from checkpoints_convert.safetensors_io import HFWeights, nbytes
 from checkpoints_convert.to_hf import DTYPES
+from checkpoints_convert.verify import verify_logits
 
 TRAIN_CONFIG_YAML = "mcode_train_config.yaml"
 
@@ -87,8 +88,8 @@ def check_hf_tokenizer(hf_dir: str, vocab_size: int) -> str | None:
     if os.path.isfile(tok_json):
         with open(tok_json) as fh:
             tok = json.load(fh)
-        ids = set((tok.get("model") or {}).get("vocab", {}).values()) if isinstance(
-            (tok.get("model") or {}).get("vocab"), dict) else set()
+        vocab = (tok.get("model") or {}).get("vocab")
+        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab or [])))
         ids |= {t["id"] for t in tok.get("added_tokens", [])}
         if ids and max(ids) >= vocab_size:
             raise ConvertError(f"{tok_json} uses token id {max(ids)} but the embedding has vocab_size={vocab_size} rows.")
@@ -110,10 +111,10 @@ def from_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, tensor_model
     adapter = adapter_for(hf_config, os.path.join(hf_dir, "config.json"))
     config = adapter.model_config(hf_config)
     check_output_free(out_dir, overwrite, (hf_dir,))
+    sp_model = check_hf_tokenizer(hf_dir, config.vocab_size)
     weights = HFWeights(hf_dir)
     rules = adapter.rules(config, config.padded_vocab_size(1))
     check_hf_tensors(weights, rules, adapter, config)
-    sp_model = check_hf_tokenizer(hf_dir, config.vocab_size)
 
     def source_dtype(rule) -> torch.dtype:
         result = None
@@ -154,9 +155,6 @@ def from_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, tensor_model
             yaml.safe_dump({"model": run_config["model"], **({"data": {"tokenizer_model": tokenizer_path}}
                                                              if tokenizer_path else {})}, fh, sort_keys=False)
         if verify:
-            from checkpoints_convert.ours import OurCheckpoint
-            from checkpoints_convert.verify import verify_logits
-
             verify_logits(OurCheckpoint(tmp), hf_dir, atol=atol, log=log)
     seconds = time.perf_counter() - start
     if not sp_model:

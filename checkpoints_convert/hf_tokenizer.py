@@ -20,7 +20,7 @@ Known, unfixable difference: a literal U+2581 ("\u2581") in the text. Our encode
 byte-fallback ids (so decode gives it back); sentencepiece itself, and any tokenizer.json, cannot
 tell it from an escaped space and emits the space piece. HF's decode of our ids is still exact.
 
-`tokenizer_class` is PreTrainedTokenizerFast (transformers 4.x and 5.x, vLLM): loading uses
+`tokenizer_class` is PreTrainedTokenizerFast (a name transformers 4.x and 5.x both know): loading uses
 tokenizer.json as written; model-specific classes (LlamaTokenizer) would rebuild their own
 pre-tokenizer (prefix space, Metaspace splitting) and no longer match.
 """
@@ -32,7 +32,7 @@ import shutil
 
 from checkpoints_convert.errors import ConvertError
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # sentencepiece piece types
 BPE_MODEL = 2
 
 # Code with tabs, newlines, unicode and long whitespace runs; checked on every export.
@@ -132,7 +132,7 @@ def write_tokenizer(sp_model_path: str, out_dir: str, model_max_length: int) -> 
                      ("pad_token", spec.pad_id)):
         if idx >= 0:
             specials[key] = proto.pieces[idx].piece
-    extra = [p.piece for i, p in enumerate(proto.pieces)
+    extra = [p.piece for p in proto.pieces
              if p.type == CONTROL and p.piece not in specials.values()]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

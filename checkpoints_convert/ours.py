@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -31,11 +32,21 @@ IGNORED_SUFFIXES = ("._extra_state",)
 
 
 @contextlib.contextmanager
-def _quiet_dcp():
-    """DCP warns on every single-process call that no process group exists; that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _dcp_call(what: str, path: str):
+    """Run one DCP call quietly (it warns on every single-process call that no process group
+    exists; that is the intent) and turn its CheckpointException, a BaseException wrapping each
+    rank's error, back into the ConvertError raised inside, or a ConvertError naming the path."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    except CheckpointException as exc:
+        errors = [error for error, _ in exc.failures.values()]
+        for error in errors:
+            if isinstance(error, ConvertError):
+                raise error from None
+        first = errors[0] if errors else exc
+        raise ConvertError(f"{what} {path} failed: {type(first).__name__}: {first}") from None
 
 
 def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
@@ -101,7 +112,7 @@ class OurCheckpoint:
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The full tensors of these names (without the "model." prefix), in their stored dtype."""
         state = {MODEL_PREFIX + n: torch.empty(self.tensors[n][0], dtype=self.tensors[n][1]) for n in names}
-        with _quiet_dcp():
+        with _dcp_call("reading checkpoint", self.path):
             dcp.load(state, checkpoint_id=self.path, no_dist=True)
         return {n: state[MODEL_PREFIX + n] for n in names}
 
@@ -128,8 +139,12 @@ def write_checkpoint(root: str, tensors: dict[str, tuple[tuple, torch.dtype]],
     ckpt = checkpoint_dir(root, iteration)
     os.makedirs(ckpt)
     state = {"model": {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in tensors.items()}}
-    with _quiet_dcp():
-        dcp.save(state, checkpoint_id=ckpt, planner=_StreamingSavePlanner(produce), no_dist=True)
+    # One file per tensor: torch 2.13's FileSystemWriter keeps a reference to every tensor it
+    # wrote into a file until the file is closed (for its safetensors mode), so a single file per
+    # rank would hold the whole model in memory by the end.
+    writer = dcp.FileSystemWriter(ckpt, single_file_per_rank=False)
+    with _dcp_call("writing checkpoint", ckpt):
+        dcp.save(state, storage_writer=writer, planner=_StreamingSavePlanner(produce), no_dist=True)
     with open(os.path.join(ckpt, TRAIN_STATE), "w") as fh:
         json.dump({**train_state, "iteration": iteration}, fh, indent=2)
     with open(os.path.join(root, LATEST_MARKER), "w") as fh:

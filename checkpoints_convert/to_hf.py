@@ -20,6 +20,7 @@ from checkpoints_convert.hf_tokenizer import special_ids, write_tokenizer
 from checkpoints_convert.ours import OurCheckpoint
 from checkpoints_convert.output import atomic_output_dir, check_disk_space, check_output_free
 from checkpoints_convert.safetensors_io import ShardedWriter, nbytes, parse_size
+from checkpoints_convert.verify import verify_logits
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -46,7 +47,8 @@ def check_our_tensors(ckpt: OurCheckpoint, rules: list[Rule]) -> None:
 def resolve_tokenizer(ckpt: OurCheckpoint, tokenizer_model: str | None) -> str:
     path = tokenizer_model or ckpt.tokenizer_model
     if not path:
-        raise ConvertError(f"{ckpt.path}: train_state.json records no tokenizer; pass --tokenizer-model.")
+        raise ConvertError(f"{ckpt.path}: train_state.json records no tokenizer; pass --tokenizer-model, or "
+                           "--no-tokenizer to write the weights and config only.")
     if not os.path.isfile(path):
         where = "--tokenizer-model" if tokenizer_model else "the tokenizer recorded in train_state.json"
         raise ConvertError(f"{where}: no file at {path!r}; pass --tokenizer-model with the run's sentencepiece .model.")
@@ -64,7 +66,7 @@ def resolve_tokenizer(ckpt: OurCheckpoint, tokenizer_model: str | None) -> str:
 
 
 def to_hf(checkpoint: str, out_dir: str, *, iteration: int | None = None, tokenizer_model: str | None = None,
-          dtype: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+          no_tokenizer: bool = False, dtype: str | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
           verify: bool = False, atol: float = 1e-4, progress: bool = True, log=print) -> dict:
     """Convert; returns a summary (files, bytes, seconds)."""
     start = time.perf_counter()
@@ -82,7 +84,7 @@ def to_hf(checkpoint: str, out_dir: str, *, iteration: int | None = None, tokeni
     adapter = ADAPTERS["LlamaForCausalLM"]
     rules = adapter.rules(config, padded)
     check_our_tensors(ckpt, rules)
-    tokenizer = resolve_tokenizer(ckpt, tokenizer_model)
+    tokenizer = None if no_tokenizer else resolve_tokenizer(ckpt, tokenizer_model)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     out_dtype = {r.ours: DTYPES[dtype] if dtype else ckpt.tensors[r.ours][1] for r in rules}
@@ -91,6 +93,8 @@ def to_hf(checkpoint: str, out_dir: str, *, iteration: int | None = None, tokeni
     with atomic_output_dir(out_dir, overwrite, (ckpt.path,)) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_bytes)
         check_disk_space(tmp, writer.total_size)
+        if tokenizer:  # first: its self-check can refuse the export before any weights are written
+            write_tokenizer(tokenizer, tmp, config.max_position_embeddings)
         bar = tqdm(total=writer.total_size, unit="B", unit_scale=True, desc="to-hf", disable=not progress)
         try:
             for rule in rules:
@@ -107,14 +111,11 @@ def to_hf(checkpoint: str, out_dir: str, *, iteration: int | None = None, tokeni
         finally:
             bar.close()
         write_time = time.perf_counter() - start
-        ids = special_ids(tokenizer)
+        ids = special_ids(tokenizer) if tokenizer else {}
         hf_config = adapter.hf_config(config, out_dtype[rules[0].ours], ids)
         _write_json(os.path.join(tmp, "config.json"), hf_config)
         _write_json(os.path.join(tmp, "generation_config.json"), {**ids, "_from_model_config": True})
-        write_tokenizer(tokenizer, tmp, config.max_position_embeddings)
         if verify:
-            from checkpoints_convert.verify import verify_logits
-
             verify_logits(ckpt, tmp, atol=atol, log=log)
     seconds = time.perf_counter() - start
     summary = {"output": os.path.abspath(out_dir), "source": ckpt.path, "shards": writer.names,

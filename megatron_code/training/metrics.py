@@ -54,6 +54,17 @@ class MetricsLogger:
         if step % self.config.log_interval == 0 or step == metrics["train_iters"]:
             print(format_console_line(metrics), flush=True)
 
+    def log_memory(self, per_rank: list[dict]) -> None:
+        """End of run: each rank's peak memory and parameter/gradient/optimizer bytes."""
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"memory_per_rank": per_rank}) + "\n")
+        worst = max(per_rank, key=lambda r: r["peak_mem_gib"])
+        print(f" memory: peak {worst['peak_mem_gib']:.2f} GiB (rank {worst['rank']}); rank 0 holds params "
+              f"{per_rank[0]['params'] / 2**20:.1f} MiB, grads {per_rank[0]['grads'] / 2**20:.1f} MiB, "
+              f"optimizer state {per_rank[0]['optimizer'] / 2**20:.1f} MiB", flush=True)
+
     def log_validation(self, step: int, loss: float) -> None:
         if not self.enabled:
             return

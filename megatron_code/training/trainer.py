@@ -83,6 +83,13 @@ class Trainer:
             print_rank0(f"no checkpoint in --load {ck.load}; starting from scratch", enabled=self.env.is_main)
             return
         _check_same_model(saved, self.cfg)
+        source = saved.get("converted_from")
+        if source and not ck.finetune:
+            where = source.get("path", source) if isinstance(source, dict) else source
+            raise ConfigError(
+                f"--load {ck.load}: this checkpoint was converted from {where} and "
+                "holds weights only (no optimizer state); add --finetune to start training from it."
+            )
         optimizer = None if ck.finetune else self.optimizer
         checkpointing.load_checkpoint(ck.load, self.model, optimizer, self.parallel, restore_rng=not ck.finetune)
         if not ck.finetune:
@@ -234,8 +241,27 @@ class Trainer:
         if ck.save and last_saved != self.iteration:
             self.save()
         self._publish_async_save(wait=True)
+        self.metrics.log_memory(self._memory_per_rank())
         self.metrics.close()
         return self.history
+
+    def _memory_per_rank(self) -> list[dict]:
+        """Every rank's peak memory and the bytes of its parameters, gradients and optimizer
+        state, gathered to all ranks (a collective)."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        if isinstance(self.optimizer, DistributedOptimizer):
+            held = self.optimizer.memory_bytes()
+        else:
+            adam = [v for state in self.optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0]
+            held = {"params": nbytes(self.params), "grads": nbytes(p.grad for p in self.params if p.grad is not None),
+                    "optimizer": nbytes(adam)}
+        mine = {"rank": self.env.rank, "peak_mem_gib": peak_memory_gib(self.env.device), **held}
+        everyone = [None] * self.env.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
 
     def save(self) -> None:
         state = {"consumed_samples": self.iteration * self.cfg.training.global_batch_size,
