@@ -35,10 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="checkpoint directory to create (use it as mcode-train --load ... --finetune)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: keep the HF dtype)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="target TP size; only 1 for now (other layouts arrive with the parallelism work)")
+                   help="TP size the checkpoint will be trained with (pads the vocabulary for it; default: 1)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="target PP size; only 1 for now (other layouts arrive with the parallelism work)")
+                   help="PP size the checkpoint will be trained with (recorded; default: 1)")
     _common(p)
+
+    p = sub.add_parser("reshard", help="our checkpoint -> our checkpoint for another (TP, PP) layout")
+    p.add_argument("checkpoint", help="a --save directory (its latest iteration) or one iter_XXXXXXX directory")
+    p.add_argument("output", help="checkpoint directory to create")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to take from a --save directory (default: latest)")
+    p.add_argument("--tensor-model-parallel-size", type=int, required=True, help="target TP size")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP size (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     p = sub.add_parser("verify", help="compare our checkpoint's logits with transformers' on a HF directory")
     p.add_argument("checkpoint", help="our checkpoint (--save directory or iter_XXXXXXX directory)")
@@ -72,6 +80,12 @@ def run(args: argparse.Namespace) -> None:
                 tensor_model_parallel_size=args.tensor_model_parallel_size,
                 pipeline_model_parallel_size=args.pipeline_model_parallel_size, overwrite=args.overwrite,
                 verify=args.verify, atol=args.atol, progress=not args.quiet)
+    elif args.command == "reshard":
+        from checkpoints_convert.reshard import reshard
+
+        reshard(args.checkpoint, args.output, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                pipeline_model_parallel_size=args.pipeline_model_parallel_size, iteration=args.iteration,
+                overwrite=args.overwrite)
     else:
         verify_logits(args.checkpoint, args.hf_dir, atol=args.atol, num_sequences=args.num_sequences,
                       seq_length=args.seq_length, seed=args.seed)

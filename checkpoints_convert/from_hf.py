@@ -28,6 +28,7 @@ from checkpoints_convert.adapters import adapter_for
 from checkpoints_convert.errors import ConvertError
 from checkpoints_convert.ours import OurCheckpoint, write_checkpoint
 from checkpoints_convert.output import atomic_output_dir, check_disk_space, check_output_free
+from checkpoints_convert.reshard import check_target_layout
 from checkpoints_convert.safetensors_io import HFWeights, nbytes
 from checkpoints_convert.to_hf import DTYPES
 from checkpoints_convert.verify import verify_logits
@@ -100,20 +101,18 @@ def from_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, tensor_model
             pipeline_model_parallel_size: int = 1, overwrite: bool = False, verify: bool = False,
             atol: float = 1e-4, progress: bool = True, log=print) -> dict:
     start = time.perf_counter()
-    if tensor_model_parallel_size != 1 or pipeline_model_parallel_size != 1:
-        raise ConvertError(
-            "from-hf writes the TP1/PP1 layout only (--tensor-model-parallel-size 1 "
-            "--pipeline-model-parallel-size 1); other target layouts arrive with the parallelism work."
-        )
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     hf_config = read_hf_config(hf_dir)
     adapter = adapter_for(hf_config, os.path.join(hf_dir, "config.json"))
     config = adapter.model_config(hf_config)
+    # Tensors are stored in global form, so any layout loads them; only the vocabulary padding
+    # (a multiple of 128 x TP) depends on the target.
+    check_target_layout(config, tensor_model_parallel_size, pipeline_model_parallel_size)
     check_output_free(out_dir, overwrite, (hf_dir,))
     sp_model = check_hf_tokenizer(hf_dir, config.vocab_size)
     weights = HFWeights(hf_dir)
-    rules = adapter.rules(config, config.padded_vocab_size(1))
+    rules = adapter.rules(config, config.padded_vocab_size(tensor_model_parallel_size))
     check_hf_tensors(weights, rules, adapter, config)
 
     def source_dtype(rule) -> torch.dtype:
@@ -134,6 +133,8 @@ def from_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, tensor_model
             shutil.copyfile(sp_model, os.path.join(tmp, "tokenizer.model"))
             tokenizer_path = os.path.join(final, "tokenizer.model")
         run_config = _run_config(config, tokenizer_path)
+        run_config["parallel"].update(tensor_model_parallel_size=tensor_model_parallel_size,
+                                      pipeline_model_parallel_size=pipeline_model_parallel_size)
         train_state = {"consumed_samples": 0, "config": run_config,
                        "converted_from": {"format": "huggingface", "path": os.path.abspath(hf_dir),
                                           "architecture": adapter.architecture}}

@@ -277,7 +277,7 @@ def test_bad_inputs_are_refused_clearly(trained, exported, tmp_path, capsys):
         json.dump(state, fh)
     refused(["to-hf", str(bad), str(tmp_path / "o5")], "has 2048 pieces but the model was trained with vocab_size=2000")
 
-    refused(["from-hf", hf, str(tmp_path / "o6"), "--tensor-model-parallel-size", "2"], "arrive with the parallelism work")
+    refused(["from-hf", hf, str(tmp_path / "o6"), "--tensor-model-parallel-size", "3"], "must divide the attention heads")
 
     bad = tmp_path / "truncated"  # fails half-way through writing: nothing may be left behind
     shutil.copytree(hf, bad)
@@ -297,17 +297,9 @@ def test_bad_inputs_are_refused_clearly(trained, exported, tmp_path, capsys):
 
 # ---- other layouts ---------------------------------------------------------------------------
 def test_tp2_pp2_loads_a_converted_model_and_its_checkpoint_converts_back(fixture_data, tmp_path):
-    """transformers model (random init) -> ours; fine-tuned under TP2 x PP2 (TP2 alone before
-    pipeline parallelism existed) with the same losses as in one process; the checkpoint that
-    layout saved -> HF gives transformers logits equal to ours."""
-    from megatron_code.parallel.state import ParallelConfig
-
-    fields = {f.name for f in dataclasses.fields(ParallelConfig)}
-    if "tensor_model_parallel_size" not in fields:
-        pytest.skip("no tensor parallelism in this trainer")
-    layout, procs = ["--tensor-model-parallel-size", "2"], 2
-    if "pipeline_model_parallel_size" in fields:
-        layout, procs = layout + ["--pipeline-model-parallel-size", "2"], 4
+    """transformers model (random init) -> ours; fine-tuned under TP2 x PP2 with the same losses as
+    in one process; the checkpoint that layout saved -> HF gives transformers logits equal to ours."""
+    layout, procs = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4
     tiny_shape = dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
                       rope_theta=10000.0, rope_scaling=None, initializer_range=0.05)
@@ -333,3 +325,51 @@ def test_tp2_pp2_loads_a_converted_model_and_its_checkpoint_converts_back(fixtur
 
     to_hf(str(save), str(tmp_path / "back"), progress=False)
     assert_same_logits(str(save), str(tmp_path / "back"), vocab=2048)
+
+
+# ---- ours -> ours for another layout -----------------------------------------------------------
+
+def test_reshard_repads_the_vocabulary_for_another_tensor_parallel_size(fixture_data, tmp_path):
+    """--make-vocab-size-divisible-by 1000 pads 2048 tokens to 3000 rows at TP1 but 4000 at TP2:
+    resuming under TP2 is refused with the fix named; `reshard` re-pads (model and Adam state) and
+    the TP2 run resumes at the right step with the uninterrupted run's loss (padded ids are
+    masked out of the softmax, so the amount of padding does not matter)."""
+    from checkpoints_convert.reshard import reshard
+    from megatron_code.training.checkpointing import checkpoint_dir
+    from tests.test_parallel import cli_args
+
+    run = dict(micro_batch_size=2, global_batch_size=4, seq_length=64, make_vocab_size_divisible_by=1000,
+               lr_warmup_iters=1, train_iters=3)
+    full = run_training(tiny_run(fixture_data, **run))
+    ckpt, resharded = str(tmp_path / "tp1"), str(tmp_path / "tp2")
+    run_training(tiny_run(fixture_data, **run, save=ckpt, exit_interval=2))
+
+    def tp2(load):
+        values = tiny_run(fixture_data, **run, load=load, tensor_model_parallel_size=2,
+                          metrics_file=str(tmp_path / f"{os.path.basename(load)}.jsonl"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "megatron_code.train", *cli_args(values)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    refused = tp2(ckpt)
+    assert refused.returncode != 0 and "embedding has 3000 rows" in refused.stderr
+    reshard(ckpt, resharded, tensor_model_parallel_size=2)
+    shapes = dcp.FileSystemReader(checkpoint_dir(resharded, 2)).read_metadata().state_dict_metadata
+    assert tuple(shapes["model.embedding.word_embeddings.weight"].size) == (4000, 256)
+    assert tuple(shapes["optimizer.output_layer.weight.exp_avg"].size) == (4000, 256)
+    resumed = tp2(resharded)
+    records = [json.loads(line) for line in open(tmp_path / "tp2.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in records] == [3], resumed.stderr[-2000:]
+    assert records[0]["loss"] == pytest.approx(full[2]["loss"], rel=1e-5)
+
+
+def test_from_hf_pads_the_vocabulary_for_the_target_tensor_parallel_size(tmp_path):
+    hf_dir = str(tmp_path / "hf")
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+    from_hf(hf_dir, str(tmp_path / "ours"), tensor_model_parallel_size=4, progress=False)
+    meta = dcp.FileSystemReader(str(tmp_path / "ours" / "iter_0000000")).read_metadata().state_dict_metadata
+    assert tuple(meta["model.embedding.word_embeddings.weight"].size) == (1024, 64)  # multiple of 128 x 4 = 512
+    with pytest.raises(ConvertError, match="must divide the attention heads"):
+        from_hf(hf_dir, str(tmp_path / "bad"), tensor_model_parallel_size=8, progress=False)

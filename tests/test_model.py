@@ -200,3 +200,14 @@ def test_bf16_autocast_forward_close_to_fp32():
     assert low.dtype == torch.float32
     assert abs(low.item() - reference.item()) < 0.05
     assert F.mse_loss(low, reference).item() >= 0
+
+
+def test_padded_vocabulary_rows_get_no_probability():
+    """The loss over a padded vocabulary equals the loss over the tokenizer's vocabulary alone."""
+    torch.manual_seed(0)
+    model = GPTModel(small_config())  # 300 tokens padded to 384 rows
+    tokens = torch.randint(0, 300, (2, 12))
+    logits = model(tokens)
+    assert torch.isinf(logits[..., 300:]).all() and torch.isfinite(logits[..., :300]).all()
+    expected = F.cross_entropy(logits[..., :300].flatten(0, 1), tokens.flatten(), reduction="none").view(2, 12)
+    torch.testing.assert_close(model(tokens, labels=tokens), expected)

@@ -143,8 +143,16 @@ class GPTModel(nn.Module):
         return self.decoder(hidden, cos, sin, segment_ids, query_index)
 
     def output_logits(self, hidden):
-        """Last stage: [s(/tp), b, h] -> this rank's vocabulary slice of the logits [s, b, V / tp]."""
-        return F.linear(column_parallel_input(hidden, self.parallel), self.output_weight())
+        """Last stage: [s(/tp), b, h] -> this rank's vocabulary slice of the logits [s, b, V / tp].
+
+        Logits of the padding rows (ids >= the tokenizer's vocabulary) are -inf: padded ids get
+        zero probability and no gradient, so the loss does not depend on how much padding the
+        layout adds (128 x TP) and equals that of the unpadded Hugging Face model."""
+        logits = F.linear(column_parallel_input(hidden, self.parallel), self.output_weight())
+        first_padding = self.config.vocab_size - self.vocab_start()  # local column of the first padded id
+        if first_padding < logits.shape[-1]:
+            logits[..., max(first_padding, 0):] = float("-inf")
+        return logits
 
     def vocab_start(self) -> int:
         return self.parallel.tp_rank * (self.vocab_size // self.parallel.tp)
