@@ -25,9 +25,11 @@ class GateUpLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel)."""
         x = column_parallel_input(x, self.parallel)
-        gate_up = F.linear(x, self.weight.flatten(0, 1))  # [s, b, 2 * ffn / tp]
-        gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
-        return gate, up
+        # Split the weight, not the output: two GEMMs on the contiguous [ffn/tp, h] halves give
+        # contiguous gate/up (silu and mul run on contiguous memory) and a backward that stacks
+        # the two small weight grads instead of [s, b, 2, ffn/tp] activation grads.
+        w_gate, w_up = self.weight.unbind(0)
+        return F.linear(x, w_gate), F.linear(x, w_up)
 
 
 class SwiGLUMLP(nn.Module):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cross_entropy
 from megatron_code.parallel.mappings import (
     copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
     reduce_scatter_sequence_parallel,
@@ -114,12 +115,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, local, outside = ctx.saved_tensors
         grad = softmax  # d loss / d logits = softmax - onehot(target)
         grad.scatter_add_(-1, local[..., None], -(~outside).to(grad.dtype)[..., None])
-        return grad * grad_loss[..., None], None, None, None
+        return grad.mul_(grad_loss[..., None]), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                  parallel: ParallelState) -> torch.Tensor:
     """logits [s, b, V/tp] (this rank's vocabulary slice), targets [s, b] -> loss [s, b] in fp32."""
     if parallel.tp == 1:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return cross_entropy(logits.float().flatten(0, 1), targets.flatten()).view(targets.shape)
     return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, parallel.tp_group)
