@@ -373,3 +373,23 @@ def test_from_hf_pads_the_vocabulary_for_the_target_tensor_parallel_size(tmp_pat
     assert tuple(meta["model.embedding.word_embeddings.weight"].size) == (1024, 64)  # multiple of 128 x 4 = 512
     with pytest.raises(ConvertError, match="must divide the attention heads"):
         from_hf(hf_dir, str(tmp_path / "bad"), tensor_model_parallel_size=8, progress=False)
+
+
+def test_hf_model_converted_to_ours_gives_transformers_logits_under_tp2(tmp_path):
+    """A random-init transformers Llama -> ours, loaded by two tensor-parallel ranks: the gathered
+    logits equal transformers' (fp32)."""
+    hf_dir = random_llama(tmp_path / "hf", num_attention_heads=4, num_key_value_heads=2)
+    from_hf(hf_dir, str(tmp_path / "ours"), tensor_model_parallel_size=2, progress=False)
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_logits_worker.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker,
+         str(tmp_path / "ours"), str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (tmp_path / "logits.pt").exists(), result.stderr[-3000:]
+    ours = torch.load(tmp_path / "logits.pt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        expected = hf(input_ids=tokens).logits
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
