@@ -165,7 +165,7 @@ def timed(step, model, opt, tokens, labels, steps: int, clock=time.perf_counter)
     return clock() - t0
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--batch", type=int, default=None, help="micro-batch size (default: per preset)")
@@ -184,108 +184,114 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu needs --threads 1: it counts only the calling thread's CPU time")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-
     p = PRESETS[args.config]
-    batch = args.batch or p["batch"]
-    seq = args.seq or p["seq"]
-    args.repeats = args.repeats or p["repeats"]
-    tokens_per_step = batch * seq
+    args.batch, args.seq, args.repeats = args.batch or p["batch"], args.seq or p["seq"], args.repeats or p["repeats"]
+    return args
 
-    torch.manual_seed(args.seed)
-    import transformers
 
-    print(f"# bench_vs_hf: config={args.config} batch={batch} seq={seq} steps={args.steps} "
+def print_header(args, transformers) -> tuple:
+    print(f"# bench_vs_hf: config={args.config} batch={args.batch} seq={args.seq} steps={args.steps} "
           f"warmup={args.warmup} repeats={args.repeats} clock={args.clock}")
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, python "
           f"{platform.python_version()}, threads={torch.get_num_threads()}, cpu: {cpu_model()}")
-
     load = os.getloadavg()
     print(f"# cores={os.cpu_count()}, load average at start (1/5/15 min): "
           f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
     if args.clock == "wall" and load[0] > 0.5 * (os.cpu_count() or 1):
         print("# WARNING: the machine is busy; with OpenMP threads oversubscribed, absolute tokens/s can "
               "drop several-fold (the interleaved ratio is more robust, but rerun on an idle machine).")
+    return load
 
-    ours = build_ours(p, seq)
-    hf = build_hf(p, ours.vocab_size, seq)
-    n_ours = sum(x.numel() for x in ours.parameters())
-    n_hf = sum(x.numel() for x in hf.parameters())
-    print(f"# params: ours={n_ours:,} hf={n_hf:,} (padded vocab {ours.vocab_size})")
-    if n_ours != n_hf:
-        sys.exit(f"parameter counts differ: ours {n_ours} vs hf {n_hf}")
 
-    # Sanity: same weights -> same logits (eval mode; both have zero dropout anyway).
+def sanity_check(ours, hf, tokens, labels, vocab: int) -> dict:
+    """Same weights -> same logits and loss (eval mode; both have zero dropout anyway). Only the
+    real vocabulary is compared: our model sets padded-vocabulary logits to -inf."""
     copy_ours_into_hf(ours, hf)
     ours.eval()
     hf.eval()
-    g = torch.Generator().manual_seed(args.seed + 1)
-    tokens = torch.randint(0, p["vocab_size"], (batch, seq), generator=g)
-    labels = torch.randint(0, p["vocab_size"], (batch, seq), generator=g)
     with torch.no_grad():
-        # Compare the real vocabulary only: our model may set padded-vocab logits to -inf.
-        v = p["vocab_size"]
-        lo = ours(tokens)[..., :v]
-        lh = hf(input_ids=tokens).logits[..., :v]
-        max_diff = (lo - lh).abs().max().item()
-        loss_ours = ours(tokens, labels=labels).mean().item()
-        loss_hf = F.cross_entropy(lh.flatten(0, 1), labels.flatten()).item()
-    print(f"# sanity: max |logits ours - hf| = {max_diff:.3e} (logit scale {lo.abs().max().item():.3f}); "
-          f"loss ours={loss_ours:.6f} hf={loss_hf:.6f}")
-
+        lo = ours(tokens)[..., :vocab]
+        lh = hf(input_ids=tokens).logits[..., :vocab]
+        result = dict(sanity_max_abs_logit_diff=(lo - lh).abs().max().item(),
+                      sanity_loss_ours=ours(tokens, labels=labels).mean().item(),
+                      sanity_loss_hf=F.cross_entropy(lh.flatten(0, 1), labels.flatten()).item())
+    print(f"# sanity: max |logits ours - hf| = {result['sanity_max_abs_logit_diff']:.3e} (logit scale "
+          f"{lo.abs().max().item():.3f}); loss ours={result['sanity_loss_ours']:.6f} hf={result['sanity_loss_hf']:.6f}")
     ours.train()
     hf.train()
-    opt_ours, opt_hf = make_optimizer(ours), make_optimizer(hf)
-    runs = {"ours": (step_ours, ours, opt_ours), "hf": (step_hf, hf, opt_hf)}
+    return result
 
-    for name in ("ours", "hf"):
-        step, model, opt = runs[name]
+
+def interleaved_times(runs: dict, tokens, labels, args, clock) -> dict:
+    """Warm both up, then alternate ours/HF per repeat so load changes hit both alike."""
+    for step, model, opt in runs.values():
         timed(step, model, opt, tokens, labels, args.warmup)
-
     times = {"ours": [], "hf": []}
     for r in range(args.repeats):
-        order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
-        for name in order:
+        for name in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
             step, model, opt = runs[name]
             times[name].append(timed(step, model, opt, tokens, labels, args.steps, clock))
+    return times
 
+
+def summarize(times: dict, args, n_params: dict) -> dict:
+    tokens_per_step = args.batch * args.seq
     tps = {k: [args.steps * tokens_per_step / t for t in v] for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in tps.items()}
     best = {k: max(v) for k, v in tps.items()}
     ms = {k: 1000 * statistics.median(v) / args.steps for k, v in times.items()}
     # Each repeat's ours and HF runs are adjacent in time, so their ratio cancels slow drifts in load.
-    ratio_per_repeat = [a / b for a, b in zip(tps["ours"], tps["hf"])]
-    ratio = med["ours"] / med["hf"]
-    ratio_best = best["ours"] / best["hf"]
-    ratio_paired = statistics.median(ratio_per_repeat)
-
+    per_repeat = [a / b for a, b in zip(tps["ours"], tps["hf"])]
+    ratio, ratio_best, ratio_paired = med["ours"] / med["hf"], best["ours"] / best["hf"], statistics.median(per_repeat)
     print()
     print("| model | params | tokens/step | ms/step (median) | tokens/s (median) | tokens/s (best) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, label, n in (("ours", "ours (GPTModel)", n_ours), ("hf", "HF LlamaForCausalLM (sdpa)", n_hf)):
-        print(f"| {label} | {n:,} | {tokens_per_step} | {ms[name]:.1f} | {med[name]:,.0f} | {best[name]:,.0f} |")
+    for name, label in (("ours", "ours (GPTModel)"), ("hf", "HF LlamaForCausalLM (sdpa)")):
+        print(f"| {label} | {n_params[name]:,} | {tokens_per_step} | {ms[name]:.1f} | {med[name]:,.0f} | {best[name]:,.0f} |")
     print(f"| **ratio ours/HF** | | | | **{ratio:.3f}x** | {ratio_best:.3f}x |")
     print()
     print(f"# load average at end: {os.getloadavg()[0]:.2f}")
     print(f"ratio ours/HF: {ratio:.3f}x (median tokens/s), {ratio_best:.3f}x (best), {ratio_paired:.3f}x "
           f"(median of per-repeat paired ratios)")
-    print(f"per-repeat ratios: {', '.join(f'{x:.2f}' for x in ratio_per_repeat)}")
-
-    result = dict(
-        config=args.config, batch=batch, seq=seq, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-        clock=args.clock,
-        torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),
-        cpu=cpu_model(), cores=os.cpu_count(), loadavg_start=list(load), loadavg_end=list(os.getloadavg()),
-        params_ours=n_ours, params_hf=n_hf, padded_vocab=ours.vocab_size,
-        sanity_max_abs_logit_diff=max_diff, sanity_loss_ours=loss_ours, sanity_loss_hf=loss_hf,
+    print(f"per-repeat ratios: {', '.join(f'{x:.2f}' for x in per_repeat)}")
+    return dict(
         tokens_per_s_ours=tps["ours"], tokens_per_s_hf=tps["hf"],
         median_tokens_per_s_ours=med["ours"], median_tokens_per_s_hf=med["hf"],
         median_ms_per_step_ours=ms["ours"], median_ms_per_step_hf=ms["hf"],
         best_tokens_per_s_ours=best["ours"], best_tokens_per_s_hf=best["hf"],
         ratio_ours_over_hf=ratio, ratio_best=ratio_best, ratio_paired_median=ratio_paired,
-        ratio_per_repeat=ratio_per_repeat,
+        ratio_per_repeat=per_repeat,
+    )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    p = PRESETS[args.config]
+    torch.manual_seed(args.seed)
+    import transformers
+
+    load = print_header(args, transformers)
+    ours = build_ours(p, args.seq)
+    hf = build_hf(p, ours.vocab_size, args.seq)
+    n_params = {"ours": sum(x.numel() for x in ours.parameters()), "hf": sum(x.numel() for x in hf.parameters())}
+    print(f"# params: ours={n_params['ours']:,} hf={n_params['hf']:,} (padded vocab {ours.vocab_size})")
+    if n_params["ours"] != n_params["hf"]:
+        sys.exit(f"parameter counts differ: ours {n_params['ours']} vs hf {n_params['hf']}")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    tokens = torch.randint(0, p["vocab_size"], (args.batch, args.seq), generator=g)
+    labels = torch.randint(0, p["vocab_size"], (args.batch, args.seq), generator=g)
+    sanity = sanity_check(ours, hf, tokens, labels, p["vocab_size"])
+    runs = {"ours": (step_ours, ours, make_optimizer(ours)), "hf": (step_hf, hf, make_optimizer(hf))}
+    summary = summarize(interleaved_times(runs, tokens, labels, args, clock), args, n_params)
+    result = dict(
+        config=args.config, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+        repeats=args.repeats, clock=args.clock, torch=torch.__version__, transformers=transformers.__version__,
+        threads=torch.get_num_threads(), cpu=cpu_model(), cores=os.cpu_count(), loadavg_start=list(load),
+        loadavg_end=list(os.getloadavg()), params_ours=n_params["ours"], params_hf=n_params["hf"],
+        padded_vocab=ours.vocab_size, **sanity, **summary,
     )
     if args.json:
         with open(args.json, "w") as f:
