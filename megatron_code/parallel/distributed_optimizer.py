@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_code.parallel.grads import BucketTrigger
 from megatron_code.parallel.state import ParallelState
 from megatron_code.training.config import OptimizerConfig
 from megatron_code.training.optimizer import adamw, parameter_groups
@@ -88,7 +89,7 @@ class _Bucket:
         return self.param_buffer[self.lo:self.lo + self.shard_size]
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(BucketTrigger):
     """AdamW over this rank's shard of every bucket; also the gradient reducer of the run (same
     interface as grads.GradientReducer: `armed`, `finish()`), since gradients must be
     reduce-scattered into the layout the optimizer owns.
@@ -171,14 +172,6 @@ class DistributedOptimizer:
             work.wait()
 
     # ---- gradient reduction (GradientReducer's interface) -----------------------------------
-    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
-        if not self.armed:
-            return
-        bucket = self.bucket_of[id(param)]
-        bucket.pending -= 1
-        if bucket.pending == 0:
-            self._launch(bucket)
-
     def _launch(self, bucket: _Bucket) -> None:
         bucket.launched = True
         if self.group_size > 1:

@@ -6,6 +6,8 @@ global batch, so the exact global gradient is the SUM of the data-parallel ranks
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.distributed as dist
 
@@ -20,7 +22,28 @@ class _Bucket:
         self.work = None
 
 
-class GradientReducer:
+class BucketTrigger(abc.ABC):
+    """Launches a bucket's collective (`self._launch(bucket)`) when backward has produced the last
+    gradient of the bucket, while `armed`. Subclasses set `bucket_of` (id(param) -> bucket with a
+    `pending` count) and register `_on_gradient_ready` as each parameter's post-accumulate hook."""
+
+    armed = False
+    bucket_of: dict
+
+    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
+        if not self.armed:
+            return
+        bucket = self.bucket_of[id(param)]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch(bucket)
+
+    @abc.abstractmethod
+    def _launch(self, bucket) -> None:
+        """Start the bucket's collective (asynchronously)."""
+
+
+class GradientReducer(BucketTrigger):
     """Sums gradients over the data-parallel group in buckets of ~bucket_mb MB. A bucket's
     all-reduce is launched (asynchronously) as soon as backward has produced all of its gradients,
     so communication overlaps the rest of backward. Armed only for the last micro-batch of a step,
@@ -46,14 +69,6 @@ class GradientReducer:
 
     def bucket_of_params(self):
         return [p for b in self.buckets for p in b.params]
-
-    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
-        if not self.armed:
-            return
-        bucket = self.bucket_of[id(param)]
-        bucket.pending -= 1
-        if bucket.pending == 0:
-            self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
