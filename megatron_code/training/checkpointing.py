@@ -229,10 +229,10 @@ class _CopyStager(AsyncStager):
         return _copy_to_cpu(state_dict)
 
     def synchronize_staging(self) -> None:
-        pass
+        """Nothing to wait for: stage() copies synchronously."""
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the staged copies belong to the pending save."""
 
 
 def _copy_to_cpu(obj):
