@@ -1,5 +1,20 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, reduced in fp32 whatever the input dtype."""
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, reduced in fp32 whatever the input dtype.
+
+`rms_norm(..., impl=)` picks the implementation (kernels/dispatch.py): the plain-torch reference
+below, the Triton kernels (kernels/triton_rmsnorm.py), or Transformer Engine's / apex's fused
+RMSNorm modules applied to our weight.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
 import torch
+from torch.func import functional_call
+
+from kernels.dispatch import select, triton_module
+
+RMSNORM_IMPLS = ("auto", "triton", "reference", "te", "apex")
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -10,6 +25,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return (normed * weight.float()).to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm entry point used by the model (dispatches to fused kernels when available)."""
-    return rms_norm_reference(x, weight, eps)
+@functools.cache
+def _library_norm(impl: str, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    """A TE / apex RMSNorm module of the right shape; our weight is swapped in at call time, so
+    the module's own parameter is never trained or saved."""
+    if impl == "te":
+        te = importlib.import_module("transformer_engine.pytorch")
+        return te.RMSNorm(hidden_size, eps=eps, params_dtype=dtype, device=device)
+    normalization = importlib.import_module("apex.normalization")
+    return normalization.MixedFusedRMSNorm(hidden_size, eps=eps).to(device=device, dtype=dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim with the implementation `impl` (see RMSNORM_IMPLS)."""
+    chosen = select("rmsnorm", impl, x.device, RMSNORM_IMPLS)
+    if chosen == "reference":
+        return rms_norm_reference(x, weight, eps)
+    if chosen == "triton":
+        return triton_module("triton_rmsnorm").rms_norm_triton(x, weight, eps)
+    module = _library_norm(chosen, weight.shape[0], eps, weight.dtype, weight.device)
+    return functional_call(module, {"weight": weight}, (x,))

@@ -3,8 +3,17 @@
 Dimension j < d/2 of a head is paired with dimension j + d/2; the pair is rotated by angle
 position * inv_freq[j]. (Meta's original checkpoints pair adjacent dims instead; the HF converter
 permutes q/k rows for those, so our layout converts to HF Llama without any permutation.)
+
+`apply_rotary_emb_qk(..., impl=)` rotates q and k together with the implementation chosen by
+kernels/dispatch.py: the plain-torch reference below or one Triton launch (kernels/triton_rotary.py).
 """
+from __future__ import annotations
+
 import torch
+
+from kernels.dispatch import select, triton_module
+
+ROPE_IMPLS = ("auto", "triton", "reference")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -20,5 +29,13 @@ def apply_rotary_emb_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding entry point used by the model (dispatches to fused kernels when available)."""
+    """Rotary embedding of one tensor (plain torch)."""
     return apply_rotary_emb_reference(x, cos, sin)
+
+
+def apply_rotary_emb_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """q [s, b, nq, d], k [s, b, nkv, d], cos/sin [s, b, 1, d] fp32 -> rotated (q, k) in their dtypes."""
+    if select("rope", impl, q.device, ROPE_IMPLS) == "triton":
+        return triton_module("triton_rotary").apply_rotary_emb_qk_triton(q, k, cos, sin)
+    return apply_rotary_emb_reference(q, cos, sin), apply_rotary_emb_reference(k, cos, sin)

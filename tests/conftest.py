@@ -3,10 +3,18 @@ trains in-process from a flat {field: value} mapping."""
 import os
 
 import pytest
+import torch
 
-from data_tools.preprocess_data import preprocess_data
-from megatron_code.training.arguments import run_config_from_values
-from megatron_code.training.trainer import train
+# Triton chooses compiled or interpreted kernels when `triton` is first imported, which the project
+# imports below may already do. On CPU-only machines its interpreter is switched on first, so the
+# Triton kernels' tests (tests/test_kernels.py) can run them on CPU tensors; not where CUDA exists,
+# since it would turn every Triton kernel of the session (tests/test_kernels_cuda.py) interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from data_tools.preprocess_data import preprocess_data  # noqa: E402
+from megatron_code.training.arguments import run_config_from_values  # noqa: E402
+from megatron_code.training.trainer import train  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER = os.path.join(FIXTURES, "code_bpe_2048.model")

@@ -1,8 +1,34 @@
-"""Kernels against their plain-torch references: forward values and gradients."""
+"""Kernels against their plain-torch references: forward values and gradients.
+
+The Triton kernels run here on CPU through Triton's interpreter (TRITON_INTERPRET=1, ~1000x
+slower than torch, so shapes are tiny; its bf16 stores truncate instead of rounding, hence the
+bf16 tolerances of about one bf16 ulp). tests/test_kernels_cuda.py repeats the comparisons on a GPU
+at realistic shapes."""
+import importlib.util
+import socket
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.cross_entropy import cross_entropy
+from kernels.dispatch import KernelSelectionError, select, triton_interpreter_enabled
+from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy, linear_cross_entropy_unfused
+from kernels.rmsnorm import rms_norm
+from kernels.swiglu import swiglu
+from megatron_code.errors import ConfigError
+from megatron_code.model import GPTModel, ModelConfig
+from tests.kernel_checks import forward_and_grads, rope_on_fused_qkv
+
+# tests/conftest.py switches the interpreter on (before anything imports triton) on CPU-only machines.
+INTERPRETER = triton_interpreter_enabled() and importlib.util.find_spec("triton") is not None
+interpreted = pytest.mark.skipif(not INTERPRETER, reason="needs triton and TRITON_INTERPRET=1 (CPU-only machine)")
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def assert_all_close(got, want, dtype):
+    for index, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a.float(), b.float(), **TOLERANCES[dtype], msg=lambda m: f"tensor {index}: {m}")
 
 
 def test_fused_cross_entropy_matches_torch_including_masked_columns():
@@ -19,3 +45,141 @@ def test_fused_cross_entropy_matches_torch_including_masked_columns():
     (ref * weights).sum().backward()
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-12, atol=1e-12)
     assert torch.all(ours_in.grad[:, 280:] == 0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rmsnorm_matches_reference(dtype):
+    """15 rows of 37 (not a power of 2): the backward's 4 programs loop over 4, 4, 4 and 3 rows."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 5, 37, dtype=dtype), 1 + 0.1 * torch.randn(37, dtype=dtype)
+    got = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "triton"), (x, weight))
+    want = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "reference"), (x, weight))
+    assert got[0].dtype == dtype
+    assert_all_close(got, want, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_rope_on_strided_q_k_matches_reference(dtype):
+    """GQA q/k cut out of one fused QKV tensor (as SelfAttention.split_qkv does), head dim 10."""
+    torch.manual_seed(0)
+    s, b, kv, q_per_kv, d = 5, 2, 2, 3, 10
+    qkv = torch.randn(s, b, kv, q_per_kv + 2, d, dtype=dtype)
+    angles = torch.randn(s, b, 1, d // 2).repeat(1, 1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+
+    got = forward_and_grads(rope_on_fused_qkv("triton", q_per_kv, cos, sin), (qkv,))
+    want = forward_and_grads(rope_on_fused_qkv("reference", q_per_kv, cos, sin), (qkv,))
+    assert_all_close(got, want, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_on_gemm_output_halves_matches_reference(dtype):
+    """gate/up as the strided halves of one [.., 2 * ffn] output; ffn 1100 > one 1024-column block."""
+    torch.manual_seed(0)
+    fused = 2 * torch.randn(3, 1, 2 * 1100, dtype=dtype)
+
+    def run(impl):
+        return lambda fused: swiglu(*fused.chunk(2, dim=-1), impl=impl)
+
+    got, want = forward_and_grads(run("triton"), (fused,)), forward_and_grads(run("reference"), (fused,))
+    assert_all_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=interpreted)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_unfused_with_padded_vocab(impl, autocast):
+    """Blocks of 16 tokens x 128 vocabulary rows over 37 tokens x 300 rows (tails on both axes;
+    rows 280+ are padding), per-token loss weights as a masking caller gives them, and bf16
+    autocast GEMMs on request."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 24), 0.3 * torch.randn(300, 24)
+    targets = torch.randint(0, 280, (37,))
+
+    def run(fn):
+        def loss(hidden, weight):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return fn(hidden, weight)
+        return loss
+
+    fused = run(lambda h, w: linear_cross_entropy(h, w, targets, vocab_size=280, impl=impl, chunk_tokens=16,
+                                                  chunk_vocab=128))
+    unfused = run(lambda h, w: linear_cross_entropy_unfused(h, w, targets, vocab_size=280))
+    got, want = forward_and_grads(fused, (hidden, weight)), forward_and_grads(unfused, (hidden, weight))
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    assert_all_close(got, want, torch.bfloat16 if autocast else torch.float32)
+    assert torch.all(got[2][280:] == 0)  # padded rows: zero probability, no gradient
+
+
+def test_linear_cross_entropy_tp2_matches_single_process():
+    """Two gloo ranks each holding half of the vocabulary (rank 1 only padding) reproduce the
+    single-process unfused loss and gradients (torch reference, and Triton under the interpreter);
+    so does a TP2 + SP GPTModel with the fused loss head (tests/linear_ce_tp_worker.py)."""
+    import torch.multiprocessing as mp
+
+    from tests.linear_ce_tp_worker import tp_worker
+
+    impls = ("reference", "triton") if INTERPRETER else ("reference",)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(tp_worker, args=(2, port, impls), nprocs=2, join=True)
+
+
+def tiny_config(**impls):
+    return ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=88, num_attention_heads=4,
+                       group_query_attention=True, num_query_groups=2, vocab_size=100,
+                       make_vocab_size_divisible_by=64, max_position_embeddings=16, **impls)
+
+
+@interpreted
+def test_tiny_gpt_with_all_triton_kernels_equals_reference_model():
+    triton = dict(rmsnorm_impl="triton", rope_impl="triton", swiglu_impl="triton", cross_entropy_impl="triton")
+    reference = dict(rmsnorm_impl="reference", rope_impl="reference", swiglu_impl="reference",
+                     cross_entropy_impl="unfused")
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for impls in (triton, reference):
+        model = GPTModel(tiny_config(**impls), init_seed=3)
+        loss = model(tokens, labels=tokens.roll(-1, dims=1))
+        (loss * torch.linspace(0, 1, 12)).mean().backward()
+        results.append([loss.detach()] + [(name, p.grad) for name, p in model.named_parameters()])
+    (loss_triton, *grads_triton), (loss_ref, *grads_ref) = results
+    torch.testing.assert_close(loss_triton, loss_ref, rtol=1e-5, atol=1e-6)
+    for (name, got), (_, want) in zip(grads_triton, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_selects_reference_on_cpu_and_unfused_loss_head():
+    assert select("rmsnorm", "auto", torch.device("cpu"), ("auto", "triton", "reference")) == "reference"
+    assert fused_loss_impl("auto", torch.device("cpu")) is None
+    assert fused_loss_impl("reference", torch.device("cpu")) == "reference"
+    assert fused_loss_impl("unfused", torch.device("cuda")) is None
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelSelectionError, match="TRITON_INTERPRET=1"):
+        swiglu(torch.ones(2), torch.ones(2), impl="triton")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rmsnorm_impl", "fused", r"--rmsnorm-impl: implementation must be one of \('auto', 'triton', 'reference'"),
+    ("swiglu_impl", "te", "--swiglu-impl: implementation must be one of"),
+    ("cross_entropy_impl", "liger", "--cross-entropy-impl: implementation must be one of"),
+])
+def test_unknown_kernel_choice_is_a_config_error(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("impl,install", [("te", "transformer-engine"), ("apex", "github.com/NVIDIA/apex")])
+def test_missing_library_norm_names_the_install(impl, install):
+    if importlib.util.find_spec({"te": "transformer_engine", "apex": "apex"}[impl]):
+        pytest.skip(f"{impl} is installed here")
+    with pytest.raises(ConfigError, match=install):
+        tiny_config(rmsnorm_impl=impl).validate()
+    with pytest.raises(KernelSelectionError, match=install):
+        rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5, impl=impl)

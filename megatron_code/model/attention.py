@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from kernels import apply_rotary_emb
+from kernels.rotary import apply_rotary_emb_qk
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.core_attention import build_core_attention
 from megatron_code.parallel.context import gather_sequence
@@ -27,9 +28,11 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads // parallel.tp  # local heads
         self.num_kv_heads = config.num_kv_heads // parallel.tp
         self.head_dim = config.head_dim
+        self.rope_impl = config.rope_impl
         qkv_rows = (config.num_attention_heads + 2 * config.num_kv_heads) * self.head_dim
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_rows, parallel)
         self.core_attention = build_core_attention(config)
+        self.recompute_core_attention = config.recompute_granularity == "selective"
         self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, parallel)
 
     def split_qkv(self, mixed: torch.Tensor):
@@ -44,10 +47,16 @@ class SelfAttention(nn.Module):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism; s is
         this rank's s/cp tokens under context parallelism)."""
         q, k, v = self.split_qkv(self.linear_qkv(x))
-        q = apply_rotary_emb(q, rotary_cos, rotary_sin)
-        k = apply_rotary_emb(k, rotary_cos, rotary_sin)
+        q, k = apply_rotary_emb_qk(q, k, rotary_cos, rotary_sin, self.rope_impl)
         if self.parallel.cp > 1:  # every rank's keys/values, in sequence order: [s, b, nkv, d]
             k = gather_sequence(k, self.parallel.cp, self.parallel.cp_group)
             v = gather_sequence(v, self.parallel.cp, self.parallel.cp_group)
-        context = self.core_attention(q, k, v.contiguous(), segment_ids, query_index)  # [s, b, nq * d]
+        context = self._core_attention(q, k, v.contiguous(), segment_ids, query_index)  # [s, b, nq * d]
         return self.linear_proj(context)
+
+    def _core_attention(self, q, k, v, segment_ids, query_index):
+        """Selective recompute (Megatron's core_attn): keep only q, k, v; the kernel's saved state
+        (softmax statistics, the context-parallel mask, any s x s buffers) is rebuilt in backward."""
+        if self.recompute_core_attention and self.training and torch.is_grad_enabled():
+            return checkpoint(self.core_attention, q, k, v, segment_ids, query_index, use_reentrant=False)
+        return self.core_attention(q, k, v, segment_ids, query_index)

@@ -67,10 +67,49 @@ class ModelConfig:
     master weights and uses --bf16 autocast; bfloat16 params are for inference and conversion."""
     attention_backend: str = "sdpa"
     """Core attention kernel: sdpa (torch, any device), flash (flash-attn), te (Transformer Engine)."""
+    recompute_granularity: str | None = None
+    """Activation recompute (Megatron's semantics): full (whole transformer layers, chosen by
+    recompute_method) or selective (core attention only, in every layer). Unset: store everything."""
+    recompute_method: str | None = None
+    """With --recompute-granularity full: uniform (checkpoint groups of recompute_num_layers
+    consecutive layers, storing only each group's input) or block (recompute only the first
+    recompute_num_layers layers of each pipeline stage)."""
+    recompute_num_layers: int | None = None
+    """With full recompute: layers per checkpointed group (uniform) or recomputed layers per
+    pipeline stage (block). Must be unset for selective recompute."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (Llama-style pretraining uses 0)."""
     hidden_dropout: float = 0.0
     """Dropout after the attention and MLP blocks, before the residual add."""
+    fp8_format: str | None = None
+    """FP8 for the transformer layers' linear GEMMs: e4m3, or hybrid (e4m3 forward, e5m2 gradients).
+    Unset = no FP8. Needs a Hopper-class GPU for speed (the torch backend also runs on CPU)."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling: delayed (per-tensor amax history, Transformer Engine's default) or tensorwise
+    (current per-tensor amax)."""
+    fp8_backend: str = "torch"
+    """torch (torch._scaled_mm, no extra packages) or te (Transformer Engine modules)."""
+    fp8_margin: int = 0
+    """FP8 scales are divided by 2^margin for headroom."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: how many past amax values each tensor remembers."""
+    fp8_amax_compute_algo: str = "max"
+    """Delayed scaling: max over the amax history, or most_recent."""
+    num_layers_at_start_in_bf16: int = 0
+    """Keep this many first transformer layers out of FP8."""
+    num_layers_at_end_in_bf16: int = 0
+    """Keep this many last transformer layers out of FP8."""
+    rmsnorm_impl: str = "auto"
+    """RMSNorm kernel: auto (Triton on CUDA when triton imports, else reference), triton, reference
+    (plain torch, any device), te (Transformer Engine's RMSNorm) or apex (apex MixedFusedRMSNorm)."""
+    rope_impl: str = "auto"
+    """RoPE kernel (q and k rotated together): auto, triton (one launch for q and k) or reference."""
+    swiglu_impl: str = "auto"
+    """silu(gate) * up kernel: auto, triton (one pass forward and backward, recomputes silu) or reference."""
+    cross_entropy_impl: str = "auto"
+    """Loss head: unfused (full logits, then vocab-parallel cross-entropy); triton or reference (output
+    GEMM fused with the cross-entropy in token chunks, never holding [tokens, vocab] logits; the
+    backward recomputes each chunk's logits); auto = triton on CUDA when triton imports, else unfused."""
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -120,6 +159,9 @@ class ModelConfig:
         if self.params_dtype not in PARAMS_DTYPES:
             raise ConfigError(f"--params-dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.params_dtype!r}.")
         _check_attention_backend(self.attention_backend)
+        _check_recompute(self)
+        _check_fp8(self)
+        _check_kernels(self)
 
     def num_parameters(self, tensor_parallel_size: int = 1) -> int:
         """Exact parameter count of GPTModel built from this config (tested against the model)."""
@@ -136,6 +178,50 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def _check_recompute(config: ModelConfig) -> None:
+    """Megatron-LM's rules for the three recompute flags."""
+    granularity, method, count = config.recompute_granularity, config.recompute_method, config.recompute_num_layers
+    if granularity is None:
+        if method is not None or count is not None:
+            raise ConfigError("--recompute-method/--recompute-num-layers need --recompute-granularity full.")
+        return
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise ConfigError(f"--recompute-granularity must be one of {RECOMPUTE_GRANULARITIES}, got {granularity!r}.")
+    if granularity == "selective":
+        if method is not None or count is not None:
+            raise ConfigError("--recompute-granularity selective recomputes core attention in every layer: "
+                              "drop --recompute-method and --recompute-num-layers (they apply to full).")
+        return
+    if method not in RECOMPUTE_METHODS:
+        raise ConfigError(f"--recompute-granularity full needs --recompute-method, one of {RECOMPUTE_METHODS}; "
+                          f"got {method!r}.")
+    if count is None or not 1 <= count <= config.num_layers:
+        raise ConfigError(f"--recompute-granularity full needs --recompute-num-layers between 1 and --num-layers "
+                          f"({config.num_layers}); got {count}.")
+
+
+def _check_kernels(config: ModelConfig) -> None:
+    """Each *_impl names a known implementation whose package imports; whether the tensors' device
+    suits it (Triton on CPU needs TRITON_INTERPRET=1) is checked at the kernel's first call."""
+    from kernels.dispatch import KernelSelectionError, check_choice
+    from kernels.linear_cross_entropy import LOSS_HEAD_IMPLS
+    from kernels.rmsnorm import RMSNORM_IMPLS
+    from kernels.rotary import ROPE_IMPLS
+    from kernels.swiglu import SWIGLU_IMPLS
+
+    choices = {"rmsnorm_impl": RMSNORM_IMPLS, "rope_impl": ROPE_IMPLS, "swiglu_impl": SWIGLU_IMPLS,
+               "cross_entropy_impl": LOSS_HEAD_IMPLS}
+    for name, allowed in choices.items():
+        try:
+            check_choice(f"--{_flag(name)}", getattr(config, name), allowed)
+        except KernelSelectionError as err:
+            raise ConfigError(str(err)) from None
+
+
 def _check_attention_backend(backend: str) -> None:
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {backend!r}.")
@@ -146,3 +232,27 @@ def _check_attention_backend(backend: str) -> None:
                 f"--attention-backend {backend} needs the '{module}' package, which is not installed. "
                 f"Install it with: {how}. Or use --attention-backend sdpa (works everywhere)."
             )
+
+
+def _check_fp8(config: ModelConfig) -> None:
+    from kernels.fp8_scaling import AMAX_ALGOS, FORMATS, RECIPES
+
+    if config.fp8_format is None:
+        return
+    choices = {"fp8_format": FORMATS, "fp8_recipe": RECIPES, "fp8_amax_compute_algo": AMAX_ALGOS,
+               "fp8_backend": ("torch", "te")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"--{_flag(name)} must be one of {allowed}, got {getattr(config, name)!r}.")
+    if config.fp8_backend == "te":
+        # TE-backed linear layers (te.pytorch.Linear under fp8_autocast) are not wired in yet.
+        raise ConfigError("--fp8-backend te is not available in this version; use --fp8-backend torch "
+                          "(torch._scaled_mm on Hopper GPUs, any device for testing).")
+    if config.fp8_amax_history_len < 1:
+        raise ConfigError(f"--fp8-amax-history-len must be >= 1, got {config.fp8_amax_history_len}.")
+    bf16_layers = config.num_layers_at_start_in_bf16 + config.num_layers_at_end_in_bf16
+    if min(config.num_layers_at_start_in_bf16, config.num_layers_at_end_in_bf16) < 0 or bf16_layers > config.num_layers:
+        raise ConfigError(
+            f"--num-layers-at-start-in-bf16 ({config.num_layers_at_start_in_bf16}) + --num-layers-at-end-in-bf16 "
+            f"({config.num_layers_at_end_in_bf16}) must be non-negative and at most --num-layers ({config.num_layers})."
+        )

@@ -8,15 +8,19 @@ parallelism split a contiguous leading dimension. Parameter names follow Megatro
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy
 from megatron_code.model.attention import SelfAttention
 from megatron_code.model.config import ModelConfig
+from megatron_code.model.fp8 import enable_fp8
 from megatron_code.model.mlp import SwiGLUMLP
 from megatron_code.model.norm import RMSNorm
 from megatron_code.model.rope import RotaryEmbedding
@@ -31,9 +35,9 @@ class TransformerLayer(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelState = SINGLE):
         super().__init__()
         sp = parallel.sequence_parallel
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, sp, config.rmsnorm_impl)
         self.self_attention = SelfAttention(config, parallel)
-        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, sp)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, sp, config.rmsnorm_impl)
         self.mlp = SwiGLUMLP(config, parallel)
         self.hidden_dropout = config.hidden_dropout
 
@@ -53,12 +57,36 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, parallel) for i in layer_indices})
         self.final_layernorm = None
         if post_process:
-            self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, parallel.sequence_parallel)
+            self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon, parallel.sequence_parallel,
+                                           config.rmsnorm_impl)
+        self.recompute_method = config.recompute_method if config.recompute_granularity == "full" else None
+        self.recompute_num_layers = config.recompute_num_layers
+
+    def layer_groups(self) -> list[tuple[int, int, bool]]:
+        """(start, end, recompute) runs of this block's layers, Megatron's full-recompute rules:
+        uniform checkpoints every group of recompute_num_layers layers (only its input is kept);
+        block recomputes the first recompute_num_layers layers of this stage, one at a time."""
+        n, k = len(self.layers), self.recompute_num_layers
+        if self.recompute_method is None or not (self.training and torch.is_grad_enabled()):
+            return [(0, n, False)]
+        if self.recompute_method == "uniform":
+            return [(start, min(start + k, n), True) for start in range(0, n, k)]
+        return [(i, i + 1, i < k) for i in range(n)]
 
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
-        for layer in self.layers.values():
-            x = layer(x, rotary_cos, rotary_sin, segment_ids, query_index)
+        layers = list(self.layers.values())
+        args = (rotary_cos, rotary_sin, segment_ids, query_index)
+        for start, end, recompute in self.layer_groups():
+            run = functools.partial(_run_layers, layers[start:end])
+            # Non-reentrant checkpoint restores the RNG state (dropout masks) and autocast for the rerun.
+            x = checkpoint(run, x, *args, use_reentrant=False) if recompute else run(x, *args)
         return x if self.final_layernorm is None else self.final_layernorm(x)
+
+
+def _run_layers(layers, x, *args):
+    for layer in layers:
+        x = layer(x, *args)
+    return x
 
 
 class Embedding(nn.Module):
@@ -90,6 +118,7 @@ class GPTModel(nn.Module):
         self.rotary_pos_emb = RotaryEmbedding(config)
         layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
         self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)
+        enable_fp8(self.decoder.layers, config)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights and post_process:
             weight = nn.Parameter(torch.empty(self.vocab_size // parallel.tp, config.hidden_size))
@@ -171,9 +200,22 @@ class GPTModel(nn.Module):
             position_ids = torch.arange(s, device=tokens.device).expand(b, s)
         tokens, position_ids = self.context_parallel_slice(tokens), self.context_parallel_slice(position_ids)
         hidden = self.run_layers(self.embedding(tokens), position_ids, segment_ids)  # [s(/tp), b, h]
-        logits = self.output_logits(hidden)  # [s, b, V / tp]
         if labels is None:
-            return logits.transpose(0, 1)
+            return self.output_logits(hidden).transpose(0, 1)  # [b, s, V / tp]
         labels = self.context_parallel_slice(labels)
+        fused = fused_loss_impl(self.config.cross_entropy_impl, hidden.device)
+        if fused is not None:
+            return self.output_losses(hidden, labels, fused)
+        logits = self.output_logits(hidden)  # [s, b, V / tp]
         losses = vocab_parallel_cross_entropy(logits, labels.t(), self.vocab_start(), self.parallel)  # [s, b]
+        return losses.t()
+
+    def output_losses(self, hidden, labels, impl: str):
+        """Last stage, fused loss head: hidden [s(/tp), b, h], labels [b, s] -> per-token loss
+        [b, s] in fp32 from the output GEMM and cross-entropy fused block by block
+        (kernels/linear_cross_entropy.py); the [s, b, V / tp] logits never exist. Padding ids get
+        zero probability, as in output_logits."""
+        hidden = column_parallel_input(hidden, self.parallel)  # [s, b, h]; backward sums the TP partial grads
+        losses = linear_cross_entropy(hidden, self.output_weight(), labels.t(), vocab_size=self.config.vocab_size,
+                                      vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=impl)
         return losses.t()

@@ -3,8 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.swiglu import swiglu
 from megatron_code.model.config import ModelConfig
-from megatron_code.parallel.layers import SINGLE, RowParallelLinear, column_parallel_input, mark_tensor_parallel
+from megatron_code.parallel.layers import (
+    SINGLE, RowParallelLinear, column_parallel_input, local_linear, mark_tensor_parallel,
+)
 from megatron_code.parallel.state import ParallelState
 
 
@@ -21,10 +24,14 @@ class GateUpLinear(nn.Module):
         self.parallel = parallel
         weight = nn.Parameter(torch.empty(2, ffn_hidden_size // parallel.tp, hidden_size))
         self.weight = mark_tensor_parallel(weight, 1)
+        self.fp8 = None  # Fp8LinearScaling, set by megatron_code.model.fp8.enable_fp8
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel)."""
         x = column_parallel_input(x, self.parallel)
+        if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
+            gate, up = local_linear(x, self.weight.flatten(0, 1), self.fp8).chunk(2, dim=-1)
+            return gate, up
         # Split the weight, not the output: two GEMMs on the contiguous [ffn/tp, h] halves give
         # contiguous gate/up (silu and mul run on contiguous memory) and a backward that stacks
         # the two small weight grads instead of [s, b, 2, ffn/tp] activation grads.
@@ -37,7 +44,8 @@ class SwiGLUMLP(nn.Module):
         super().__init__()
         self.linear_fc1 = GateUpLinear(config.hidden_size, config.ffn_hidden_size, parallel)
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, parallel)
+        self.swiglu_impl = config.swiglu_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x)
-        return self.linear_fc2(F.silu(gate) * up)
+        return self.linear_fc2(swiglu(gate, up, self.swiglu_impl))

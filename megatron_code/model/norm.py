@@ -6,9 +6,10 @@ from kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False, impl: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.impl = impl  # kernels.rmsnorm.RMSNORM_IMPLS
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.weight.tensor_parallel_dim = None
         # Under sequence parallelism each TP rank normalizes its own tokens, so the weight's
@@ -16,4 +17,4 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel_grad = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.impl)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cross_entropy
+from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
 from megatron_code.parallel.mappings import (
     copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
     reduce_scatter_sequence_parallel,
@@ -25,6 +26,11 @@ SINGLE = ParallelState()
 def mark_tensor_parallel(param: nn.Parameter, dim: int | None) -> nn.Parameter:
     param.tensor_parallel_dim = dim
     return param
+
+
+def local_linear(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8LinearScaling | None) -> torch.Tensor:
+    """This rank's GEMM x W^T: in FP8 when the layer was given FP8 scaling (model.fp8), else F.linear."""
+    return F.linear(x, weight) if fp8 is None else fp8_linear(x, weight, fp8)
 
 
 def column_parallel_input(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
@@ -48,9 +54,10 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.parallel = parallel
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // parallel.tp, in_features)), 0)
+        self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(column_parallel_input(x, self.parallel), self.weight)
+        return local_linear(column_parallel_input(x, self.parallel), self.weight, self.fp8)
 
 
 class RowParallelLinear(nn.Module):
@@ -60,9 +67,10 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.parallel = parallel
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // parallel.tp)), 1)
+        self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_parallel_output(F.linear(x, self.weight), self.parallel)
+        return row_parallel_output(local_linear(x, self.weight, self.fp8), self.parallel)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,123 @@
+"""FP8 (torch backend): scaling arithmetic, the FP8 linear against a dequantized fp32 reference, and
+a tiny model training in FP8 next to fp32. `torch._scaled_mm` runs on CPU, so all of it runs in CI;
+tests/test_fp8_cuda.py repeats the model comparison on a GPU in BF16."""
+import pytest
+import torch
+
+from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
+from kernels.fp8_scaling import FP8_MAX, ScalingConfig, TensorScaling, dequantize, quantize, scale_from_amax
+from megatron_code.errors import ConfigError
+from megatron_code.model.config import ModelConfig
+from megatron_code.model.gpt import GPTModel
+
+
+def test_scale_maps_amax_to_format_max_with_margin():
+    assert scale_from_amax(torch.tensor(448.0), "e4m3", 0).item() == 1.0
+    assert scale_from_amax(torch.tensor(448.0), "e4m3", 1).item() == 0.5
+    assert scale_from_amax(torch.tensor(2.0), "e5m2", 0).item() == 57344.0 / 2
+    for degenerate in (0.0, float("inf"), float("nan")):
+        assert scale_from_amax(torch.tensor(degenerate), "e4m3", 0).item() == 1.0
+
+
+def test_quantize_saturates_instead_of_overflowing():
+    big = torch.tensor([1e6, -1e6, 3.0])
+    for element in ("e4m3", "e5m2"):
+        q = dequantize(quantize(big, torch.tensor(1.0), element), torch.tensor(1.0))
+        assert q.tolist() == [FP8_MAX[element], -FP8_MAX[element], 3.0]
+
+
+def test_quantize_round_trip_error_is_within_half_an_ulp():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    scale = scale_from_amax(x.abs().amax(), "e4m3", 0)
+    back = dequantize(quantize(x, scale, "e4m3"), scale)
+    normal = x.abs() * scale > 2.0 ** -6  # e4m3's smallest normal; subnormals have absolute error
+    relative = ((back - x).abs() / x.abs())[normal]
+    assert relative.max() <= 2.0 ** -4 + 1e-6  # 3 mantissa bits
+
+
+def _scales(slot: TensorScaling, amaxes):
+    return [slot.cast(torch.tensor([a, -a / 2]))[1].item() for a in amaxes]
+
+
+def test_delayed_scaling_uses_history_max_and_lags_one_use():
+    slot = TensorScaling(ScalingConfig(recipe="delayed", amax_history_len=2), is_gradient=False)
+    # First use falls back to its own amax; later uses see only earlier amaxes (max of the last 2).
+    assert _scales(slot, [4.0, 8.0, 1.0, 1.0, 1.0]) == [448 / 4, 448 / 4, 448 / 8, 448 / 8, 448 / 1]
+
+
+def test_delayed_most_recent_and_tensorwise():
+    recent = TensorScaling(ScalingConfig(amax_compute_algo="most_recent"), is_gradient=False)
+    assert _scales(recent, [4.0, 8.0, 2.0]) == [448 / 4, 448 / 4, 448 / 8]
+    current = TensorScaling(ScalingConfig(fp8_format="e4m3", recipe="tensorwise"), is_gradient=True)
+    assert current.element == "e4m3"  # e4m3 format: gradients too
+    assert _scales(current, [4.0, 8.0]) == [448 / 4, 448 / 8]
+    assert TensorScaling(ScalingConfig(fp8_format="hybrid"), is_gradient=True).element == "e5m2"
+
+
+@pytest.mark.parametrize("fp8_format", ["hybrid", "e4m3"])
+def test_fp8_linear_equals_dequantized_reference(fp8_format):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 32, generator=gen, requires_grad=True)
+    w = torch.randn(48, 32, generator=gen, requires_grad=True)
+    grad_y = torch.randn(2, 8, 48, generator=gen)
+    scaling = Fp8LinearScaling(ScalingConfig(fp8_format=fp8_format, recipe="tensorwise"))
+    y = fp8_linear(x, w, scaling)
+    y.backward(grad_y)
+
+    def fake_quant(t, element):  # the values FP8 can hold, in fp32
+        scale = scale_from_amax(t.abs().amax(), element, 0)
+        return dequantize(quantize(t, scale, element), scale)
+
+    xq, wq = fake_quant(x.detach(), "e4m3"), fake_quant(w.detach(), "e4m3")
+    gq = fake_quant(grad_y, "e5m2" if fp8_format == "hybrid" else "e4m3")
+    torch.testing.assert_close(y, xq @ wq.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, gq.flatten(0, 1).t() @ xq.flatten(0, 1), rtol=1e-5, atol=1e-4)
+
+
+def _tiny(**fp8):
+    return ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       group_query_attention=True, num_query_groups=2, vocab_size=200, **fp8)
+
+
+def _train(config: ModelConfig, steps: int) -> list[float]:
+    model = GPTModel(config, init_seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokens = torch.randint(0, 200, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fp8_model_trains_like_fp32():
+    reference = _train(_tiny(), 15)
+    for recipe in ("delayed", "tensorwise"):
+        fp8 = _train(_tiny(fp8_format="hybrid", fp8_recipe=recipe), 15)
+        assert fp8[-1] < reference[0] - 2.0  # it learns
+        relative = [abs(a - b) / a for a, b in zip(fp8, reference)]
+        assert max(relative) < 0.03, (recipe, relative)
+
+
+def test_first_and_last_layers_stay_in_bf16_and_state_dict_is_unchanged():
+    config = _tiny(fp8_format="hybrid", num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+    model = GPTModel(config)
+    in_fp8 = {i: model.decoder.layers[str(i)].mlp.linear_fc2.fp8 is not None for i in range(3)}
+    assert in_fp8 == {0: False, 1: True, 2: False}
+    assert model.decoder.layers["1"].self_attention.linear_qkv.fp8 is not None
+    assert model.state_dict().keys() == GPTModel(_tiny()).state_dict().keys()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(fp8_format="e5m2"), "--fp8-format must be one of"),
+    (dict(fp8_format="hybrid", fp8_recipe="mxfp8"), "--fp8-recipe must be one of"),
+    (dict(fp8_format="hybrid", num_layers_at_start_in_bf16=2, num_layers_at_end_in_bf16=2), "at most --num-layers"),
+    (dict(fp8_format="hybrid", fp8_backend="te"), "--fp8-backend te is not available"),
+])
+def test_bad_fp8_settings_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        _tiny(**change).validate()

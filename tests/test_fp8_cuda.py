@@ -1,0 +1,77 @@
+"""FP8 on a GPU: the fused Triton cast against the torch cast, the FP8 linear against its
+dequantized reference, and a tiny model's loss over 50 steps in FP8 against BF16.
+Skipped without CUDA (Hopper or newer for the FP8 GEMM)."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)",
+)
+
+# Tolerance of the 50-step comparison: mean |loss_fp8 - loss_bf16| / max(loss_bf16, 0.5) over the
+# last 10 steps (the floor keeps a near-zero loss from turning noise into a large ratio).
+FP8_VS_BF16_TOLERANCE = 0.02
+
+
+@pytest.mark.parametrize("element", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cast_matches_torch_cast(element, dtype):
+    from kernels import triton_fp8_cast
+    from kernels.fp8_scaling import FP8_DTYPES, FP8_MAX, quantize_reference
+
+    x = (torch.randn(4097, 515, device="cuda") * 30).to(dtype)
+    x[7, 11] = 1e6  # saturates
+    scale = torch.tensor(3.7, device="cuda")
+    out, amax = triton_fp8_cast.scaled_cast(x, scale, FP8_DTYPES[element], FP8_MAX[element], with_amax=True)
+    assert torch.equal(out.float(), quantize_reference(x, scale, element).float())
+    assert amax.item() == x.float().abs().max().item()
+
+
+def test_fp8_linear_matches_dequantized_reference_on_cuda():
+    from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
+    from kernels.fp8_scaling import ScalingConfig, dequantize, quantize_reference, scale_from_amax
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 512, device="cuda", generator=gen, requires_grad=True)
+    w = torch.randn(384, 512, device="cuda", generator=gen, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fp8_linear(x, w, Fp8LinearScaling(ScalingConfig(recipe="tensorwise")))
+    assert y.dtype == torch.bfloat16
+
+    def fake_quant(t):
+        scale = scale_from_amax(t.abs().amax(), "e4m3", 0)
+        return dequantize(quantize_reference(t, scale, "e4m3"), scale)
+
+    torch.testing.assert_close(y.float(), fake_quant(x.detach()) @ fake_quant(w.detach()).t(), rtol=1e-2, atol=1e-1)
+
+
+def _train_tiny(fp8: bool, steps: int = 50) -> list[float]:
+    from megatron_code.model.config import ModelConfig
+    from megatron_code.model.gpt import GPTModel
+
+    config = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=4,
+                         group_query_attention=True, num_query_groups=2, vocab_size=1024,
+                         fp8_format="hybrid" if fp8 else None)
+    model = GPTModel(config, init_seed=7).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    # A learnable stream: each sample is a random walk of +1 steps mod vocab, so loss falls fast.
+    starts = torch.randint(0, 1024, (8, 1), device="cuda", generator=gen)
+    tokens = (starts + torch.arange(257, device="cuda")) % 1024
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fp8_tiny_model_tracks_bf16_over_50_steps():
+    bf16, fp8 = _train_tiny(False), _train_tiny(True)
+    assert fp8[-1] < fp8[0] * 0.5
+    tail = [abs(a - b) / max(b, 0.5) for a, b in zip(fp8[-10:], bf16[-10:])]
+    assert sum(tail) / len(tail) < FP8_VS_BF16_TOLERANCE, (bf16[-10:], fp8[-10:])

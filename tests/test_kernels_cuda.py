@@ -1,0 +1,106 @@
+"""The Triton kernels on a GPU at realistic bf16 shapes (8192 tokens, hidden 4096; skipped without
+CUDA): each against its plain-torch reference, forward values and gradients, plus a small model
+with every kernel on Triton against the reference model. tests/test_kernels.py runs the same
+comparisons on CPU through Triton's interpreter at tiny shapes."""
+import importlib.util
+
+import pytest
+import torch
+
+from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused
+from kernels.rmsnorm import rms_norm
+from kernels.swiglu import swiglu
+from megatron_code.model import GPTModel, ModelConfig
+from tests.kernel_checks import forward_and_grads, rope_on_fused_qkv
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+]
+TOKENS, HIDDEN = 8192, 4096
+
+
+def assert_close_to_scale(got, want, rel):
+    """Elementwise |got - want| <= rel * max|want| for each pair: bf16 results that differ by
+    rounding order, judged against each tensor's own scale."""
+    for index, (a, b) in enumerate(zip(got, want, strict=True)):
+        a, b = a.float(), b.float()
+        assert a.shape == b.shape, index
+        scale = b.abs().max().item()
+        error = (a - b).abs().max().item()
+        assert error <= rel * scale, f"tensor {index}: max error {error:.3g} > {rel} x scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rmsnorm(dtype):
+    x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=dtype)
+    weight = 1 + 0.1 * torch.randn(HIDDEN, device="cuda")
+    got = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "triton"), (x, weight))
+    want = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "reference"), (x, weight))
+    assert_close_to_scale(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_rope_on_fused_qkv_views():
+    s, b, kv, q_per_kv, d = TOKENS // 2, 2, 8, 4, 128
+    qkv = torch.randn(s, b, kv, q_per_kv + 2, d, device="cuda", dtype=torch.bfloat16)
+    angles = torch.arange(s, device="cuda")[:, None, None, None] * torch.rand(d // 2, device="cuda")
+    angles = angles.repeat(1, 1, 1, 2).expand(s, b, 1, d)
+    cos, sin = angles.cos(), angles.sin()
+
+    got = forward_and_grads(rope_on_fused_qkv("triton", q_per_kv, cos, sin), (qkv,))
+    want = forward_and_grads(rope_on_fused_qkv("reference", q_per_kv, cos, sin), (qkv,))
+    assert_close_to_scale(got, want, 1e-2)
+
+
+def test_swiglu_on_gemm_output_halves():
+    fused = torch.randn(TOKENS, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+
+    def run(impl):
+        return lambda fused: swiglu(*fused.chunk(2, dim=-1), impl=impl)
+
+    got, want = forward_and_grads(run("triton"), (fused,)), forward_and_grads(run("reference"), (fused,))
+    assert_close_to_scale(got, want, 1e-2)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_linear_cross_entropy_bf16_autocast(impl):
+    """32K padded vocabulary (100 padding rows), bf16 autocast GEMMs, per-token loss weights."""
+    vocab, padded = 32768 - 100, 32768
+    hidden = torch.randn(TOKENS, HIDDEN, device="cuda")
+    weight = 0.02 * torch.randn(padded, HIDDEN, device="cuda")
+    targets = torch.randint(0, vocab, (TOKENS,), device="cuda")
+
+    def run(fn):
+        def loss(hidden, weight):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return fn(hidden, weight, targets, vocab_size=vocab)
+        return loss
+
+    fused = run(lambda *args, **kw: linear_cross_entropy(*args, **kw, impl=impl))
+    got = forward_and_grads(fused, (hidden, weight))
+    want = forward_and_grads(run(linear_cross_entropy_unfused), (hidden, weight))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_to_scale(got[1:], want[1:], 2e-2)
+    assert torch.all(got[2][vocab:] == 0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_small_model_all_triton_equals_reference(autocast):
+    base = dict(num_layers=2, hidden_size=512, ffn_hidden_size=1376, num_attention_heads=8,
+                group_query_attention=True, num_query_groups=2, vocab_size=1000, max_position_embeddings=256)
+    impls = {
+        "triton": dict(rmsnorm_impl="triton", rope_impl="triton", swiglu_impl="triton", cross_entropy_impl="triton"),
+        "reference": dict(rmsnorm_impl="reference", rope_impl="reference", swiglu_impl="reference",
+                          cross_entropy_impl="unfused"),
+    }
+    tokens = torch.randint(0, 1000, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = {}
+    for name, choice in impls.items():
+        model = GPTModel(ModelConfig(**base, **choice), init_seed=3).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tokens, labels=tokens.roll(-1, dims=1))
+        loss.mean().backward()
+        results[name] = [loss.detach()] + [p.grad for p in model.parameters()]
+    tol = 2e-2 if autocast else 1e-4
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], rtol=tol, atol=tol)
+    assert_close_to_scale(results["triton"][1:], results["reference"][1:], 5e-2 if autocast else 1e-4)
