@@ -1,0 +1,180 @@
+"""Activation bytes of our decoder for one micro-batch on one rank, term by term.
+
+Each term is a tensor autograd keeps for backward in OUR implementation (model/*.py, kernels/*,
+torch SDPA), for either kernel path: the fused one `auto` picks on CUDA (Triton RMSNorm and
+SwiGLU, the chunked linear-cross-entropy loss head) or the plain-torch reference (CPU).
+docs/planner.md derives them in the style of Korthikanti et al. (2022); tests/test_plan.py checks
+the reference sums against the bytes autograd really saves and benchmarks/bench_plan_gpu.py the
+fused ones on a GPU. Notation:
+T local tokens (b s / CP), h hidden, d head dim, nq/nkv local query/KV heads (/ TP), f local FFN
+width (/ TP), a bytes of a compute-dtype element (2 under bf16 autocast, 4 in fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels.linear_cross_entropy import default_blocking
+from megatron_code.model.config import ModelConfig
+
+FP32 = 4
+# The residual stream stays fp32 under bf16 autocast: the embedding output is fp32 (fp32 master
+# weights, no autocast for embedding lookups) and fp32 + bf16 block outputs add up to fp32.
+RESIDUAL_BYTES = FP32
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch as one rank holds it."""
+
+    micro_batch_size: int
+    """Samples per micro-batch (b)."""
+    seq_length: int
+    """Tokens per sample (s), before context parallelism splits them."""
+    tensor_parallel: int = 1
+    """TP size: heads, FFN columns and vocabulary are split this many ways."""
+    context_parallel: int = 1
+    """CP size: each rank holds s / CP tokens of every sample, but the whole sequence's keys/values."""
+    sequence_parallel: bool = False
+    """Norm/residual tensors are split over TP along the sequence."""
+    bf16: bool = True
+    """bf16 autocast (GEMM inputs/outputs 2 bytes) rather than fp32."""
+    fused_kernels: bool = True
+    """Triton RMSNorm/SwiGLU and the fused linear-cross-entropy loss head (`auto` on CUDA), rather
+    than the plain-torch reference kernels (CPU)."""
+    cp_mask_element_bytes: int | None = None
+    """Bytes per element of the [s/CP, s] attention mask SDPA keeps under context parallelism
+    (torch converts our bool mask to the query dtype; None: that dtype)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_length // self.context_parallel
+
+    @property
+    def norm_tokens(self) -> int:
+        """Tokens of the norm/residual region on this rank (split over TP under SP)."""
+        return self.tokens // self.tensor_parallel if self.sequence_parallel else self.tokens
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.bf16 else FP32
+
+
+def _local(config: ModelConfig, mb: MicroBatch) -> tuple[int, int, int, int, int]:
+    tp = mb.tensor_parallel
+    return (config.hidden_size, config.head_dim, config.num_attention_heads // tp,
+            config.num_kv_heads // tp, config.ffn_hidden_size // tp)
+
+
+def norm_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """One RMSNorm: its input (the fp32 residual stream) and rstd; the reference kernel also
+    keeps x * rstd in fp32 (for the weight multiply's backward)."""
+    normalized = 0 if mb.fused_kernels else FP32 * config.hidden_size
+    return mb.norm_tokens * (RESIDUAL_BYTES * config.hidden_size + normalized + FP32)
+
+
+def gemm_input_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """The inputs linear_qkv and the MLP's gate/up GEMMs keep: the full local sequence even under
+    SP (the all-gathered input is what F.linear saves). Autocast casts the MLP input once per
+    GEMM, so gate and up keep a bf16 copy each; in fp32 they share the norm's output."""
+    mlp_copies = 2 if mb.bf16 else 1
+    return mb.tokens * mb.compute_bytes * config.hidden_size * (1 + mlp_copies)
+
+
+def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = False) -> int:
+    """q (after RoPE; RoPE keeps only the shared cos/sin), k and v of the whole sequence (gathered
+    over CP), the context (SDPA's output, kept by linear_proj), and, unless core attention is
+    recomputed (selective), the kernel's softmax statistics (fp32 log-sum-exp per query and
+    head) and under CP the [s/CP, s] mask SDPA keeps."""
+    _, d, nq, nkv, _ = _local(config, mb)
+    a, cp = mb.compute_bytes, mb.context_parallel
+    kept = mb.tokens * a * d * 2 * nq + mb.tokens * cp * a * d * 2 * nkv
+    if recompute_core:
+        return kept
+    return kept + mb.tokens * FP32 * nq + cp_mask_bytes(mb)
+
+
+def cp_mask_bytes(mb: MicroBatch) -> int:
+    """Under CP, SDPA gets an explicit [1, 1, s/CP, s] causal mask (no segment ids) and keeps it,
+    converted to the query dtype, for backward."""
+    if mb.context_parallel == 1:
+        return 0
+    element = mb.cp_mask_element_bytes or mb.compute_bytes
+    return (mb.seq_length // mb.context_parallel) * mb.seq_length * element
+
+
+def mlp_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """SwiGLU: gate, up and their product silu(gate) * up (linear_fc2's input); the reference
+    kernel also keeps silu(gate), the Triton kernel recomputes it."""
+    tensors = 3 if mb.fused_kernels else 4
+    return tensors * mb.tokens * mb.compute_bytes * _local(config, mb)[4]
+
+
+def layer_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = False) -> int:
+    """Everything one transformer layer keeps for backward (no dropout: with p = 0 nothing is kept)."""
+    return (2 * norm_bytes(config, mb) + gemm_input_bytes(config, mb)
+            + attention_bytes(config, mb, recompute_core) + mlp_bytes(config, mb))
+
+
+def layer_input_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """What a fully recomputed group of layers keeps: its input (the residual stream)."""
+    return mb.norm_tokens * RESIDUAL_BYTES * config.hidden_size
+
+
+def rope_table_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """cos and sin, [s/CP, b, 1, d] fp32, computed once per forward and shared by all layers."""
+    return 2 * mb.tokens * FP32 * config.head_dim
+
+
+def output_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) -> int:
+    """Last stage after the loss: the final norm, the loss head's input in the compute dtype, and
+    the loss's state: the fused head keeps only int64 targets and an fp32 log-sum-exp per token
+    (backward recomputes the logits chunk by chunk); the unfused one the fp32 softmax over this
+    rank's vocabulary slice."""
+    head_input = mb.tokens * mb.compute_bytes * config.hidden_size
+    if mb.fused_kernels:
+        return norm_bytes(config, mb) + head_input + mb.tokens * (8 + FP32)
+    return norm_bytes(config, mb) + head_input + mb.tokens * FP32 * (padded_vocab // mb.tensor_parallel)
+
+
+def loss_transient_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) -> int:
+    """Extra bytes at the peak of the loss forward, on top of `output_bytes`. Unfused: the logits
+    in the compute dtype and, under bf16, their fp32 copy. Fused: a bf16 copy of the output weight
+    and one block of logits (and their fp32 statistics pass). Under bf16 both also still reference
+    the final norm's fp32 output (in fp32 it is the loss head's saved input)."""
+    vocab = padded_vocab // mb.tensor_parallel
+    fp32_hidden = mb.norm_tokens * FP32 * config.hidden_size if mb.bf16 else 0
+    if mb.fused_kernels:
+        return vocab * config.hidden_size * mb.compute_bytes + _logits_block(mb, vocab) + fp32_hidden
+    if not mb.bf16:
+        return mb.tokens * vocab * FP32
+    return mb.tokens * vocab * (mb.compute_bytes + FP32) + fp32_hidden
+
+
+def _logits_block(mb: MicroBatch, vocab: int) -> int:
+    """One block of the fused head's logits (kernels.linear_cross_entropy.default_blocking) in the
+    compute dtype plus its fp32 statistics pass."""
+    block = default_blocking(mb.tokens, vocab)
+    return block.tokens * block.vocab * (mb.compute_bytes + FP32)
+
+
+def loss_backward_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) -> int:
+    """The loss head's bytes while its backward runs (every layer's activations are still held),
+    in place of `output_bytes`: the final norm and head input, the logits gradient (one recomputed
+    block fused; unfused, the [T, V] gradient in the compute dtype: the fp32 softmax buffer is
+    released once the cross-entropy node has run), the output weight's new fp32 gradient (before
+    it is added to .grad) with, under bf16, the weight's bf16 copy (fused: recast) or the bf16
+    GEMM gradient (unfused), and the fp32 gradient of the head's input."""
+    vocab = padded_vocab // mb.tensor_parallel
+    head = norm_bytes(config, mb) + mb.tokens * mb.compute_bytes * config.hidden_size
+    weight = vocab * config.hidden_size * (FP32 + (mb.compute_bytes if mb.bf16 else 0))
+    if mb.fused_kernels:
+        logits = _logits_block(mb, vocab)
+    else:
+        logits = mb.tokens * vocab * mb.compute_bytes
+    return head + weight + logits + mb.tokens * FP32 * config.hidden_size
+
+
+def backward_workspace_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """Gradients alive at once inside one layer's backward: the incoming residual-stream gradient
+    and two FFN-wide activation gradients (SwiGLU's backward)."""
+    return mb.norm_tokens * RESIDUAL_BYTES * config.hidden_size + 2 * mb.tokens * mb.compute_bytes * _local(config, mb)[4]

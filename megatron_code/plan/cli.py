@@ -1,0 +1,154 @@
+"""`python -m megatron_code.plan`: rank the parallel layouts of a preset on a GPU cluster.
+
+    python -m megatron_code.plan --preset 7b --gpus 512 --gpu h100-sxm --seq-length 4096 --top 10
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import tempfile
+
+from megatron_code.errors import ConfigError
+from megatron_code.plan.hardware import GPUS, get_gpu
+from megatron_code.plan.search import GIB, Candidate, PlanRequest, PlanResult, plan
+from megatron_code.plan.timing import TimeModelConfig
+from megatron_code.presets import PRESETS, get_preset
+from megatron_code.training.arguments import run_config_from_values
+from megatron_code.training.flops import training_flops_per_token
+
+DEFAULT_VOCAB = 49152  # the 7B design's tokenizer size (docs/model.md); presets carry no vocabulary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcode-plan", description="Rank parallel layouts (TP, PP, VP, CP, DP, "
+                                "micro-batch, recompute, ZeRO-1) by predicted step time; only layouts that "
+                                "the trainer accepts and that fit in GPU memory are listed.")
+    p.add_argument("--preset", required=True, help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
+    p.add_argument("--gpu", default="h100-sxm", help=f"accelerator: {', '.join(GPUS)} (default h100-sxm)")
+    p.add_argument("--seq-length", type=int, help="tokens per sample (default: the preset's)")
+    p.add_argument("--global-batch-size", type=int, help="samples per step (default: the preset's)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help=f"tokenizer size (default {DEFAULT_VOCAB})")
+    p.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="micro-batch sizes to try")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="GEMM precision (default bf16)")
+    p.add_argument("--compute-efficiency", type=float, default=TimeModelConfig.compute_efficiency,
+                   help="fraction of dense peak the layers reach (default %(default)s, measured on H200)")
+    p.add_argument("--link-efficiency", type=float, default=TimeModelConfig.link_efficiency,
+                   help="fraction of link bandwidth collectives reach (default %(default)s)")
+    p.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU in Gb/s (default: the GPU table's)")
+    p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
+    p.add_argument("--json", help="also write every fitting layout with its predictions to this file")
+    return p
+
+
+def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelConfig]:
+    """Checks every input before the search starts; one ConfigError names the first bad one."""
+    values = get_preset(args.preset)
+    values["vocab_size"] = args.vocab_size
+    run = run_config_from_values(values)
+    seq = args.seq_length or run.data.seq_length
+    batch = args.global_batch_size or run.training.global_batch_size
+    for name, value in (("--gpus", args.gpus), ("--seq-length", seq), ("--global-batch-size", batch),
+                        ("--vocab-size", args.vocab_size), ("--top", args.top), *(("--micro-batch-sizes", m)
+                                                                                  for m in args.micro_batch_sizes)):
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}.")
+    if seq > run.model.max_position_embeddings:
+        raise ConfigError(f"--seq-length ({seq}) exceeds the {args.preset} preset's max_position_embeddings "
+                          f"({run.model.max_position_embeddings}).")
+    for name, value in (("--compute-efficiency", args.compute_efficiency), ("--link-efficiency", args.link_efficiency)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{name} must be in (0, 1], got {value}.")
+    run.model.validate()
+    gpu = get_gpu(args.gpu, args.ib_gbps)
+    tm = TimeModelConfig(compute_efficiency=args.compute_efficiency, link_efficiency=args.link_efficiency,
+                         precision=args.precision)
+    gpu.peak_tflops(args.precision)  # FP8 on a GPU without it is refused here, before the search
+    request = PlanRequest(model=run.model, gpus=args.gpus, gpu=gpu, seq_length=seq, global_batch_size=batch,
+                          micro_batch_sizes=tuple(args.micro_batch_sizes))
+    return request, tm
+
+
+def header(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset: str) -> str:
+    m, g = request.model, request.gpu
+    params = m.num_parameters() / 1e9
+    flops = training_flops_per_token(m, request.seq_length, m.padded_vocab_size()) / 1e9
+    tokens = request.global_batch_size * request.seq_length
+    return (f"model {preset}: {params:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
+            f"{m.num_attention_heads}/{m.num_kv_heads} heads, vocab {m.vocab_size}); {flops:.1f} GFLOP/token\n"
+            f"batch: {request.global_batch_size} x {request.seq_length} tokens = {tokens / 1e6:.2f}M tokens/step\n"
+            f"cluster: {request.gpus} x {g.name} ({g.peak_tflops(tm.precision):.0f} dense {tm.precision} TFLOP/s, "
+            f"{g.memory_gb:.0f} GB, {g.gpus_per_node}/node, {g.intra_node_gb_per_s:.0f} GB/s intra-node, "
+            f"{g.inter_node_gb_per_s:.0f} GB/s/GPU inter-node)\n"
+            f"assumed: compute at {100 * tm.compute_efficiency:.0f}% of peak, links at {100 * tm.link_efficiency:.0f}%, "
+            f"{request.memory_budget / GIB:.1f} GiB usable per GPU\n"
+            f"searched {result.parallel_layouts} layouts: {result.valid} valid, {len(result.candidates)} fit")
+
+
+COLUMNS = ("  #  TP PP VP CP   DP mb recompute        zero1 |  wts  grad  optim  activ  total GiB |"
+           " bubble   TP ms  CP ms  PP ms  DP ms |  step s  tok/s/GPU   MFU")
+
+
+def row(rank: int, c: Candidate) -> str:
+    lay, mem, t = c.layout, c.memory, c.time
+    gib = [x / GIB for x in (mem.weights, mem.grads, mem.optimizer, mem.activations, mem.total)]
+    ms = [1000 * x for x in (t.tp_comm, t.cp_comm, t.pp_comm, t.dp_comm)]
+    return (f"{rank:3d} {lay.tp:3d} {lay.pp:2d} {lay.vp:2d} {lay.cp:2d} {lay.dp:4d} {lay.micro_batch_size:2d} "
+            f"{lay.recompute_label:16s} {'yes' if lay.distributed_optimizer else 'no':>5s} | "
+            f"{gib[0]:4.1f} {gib[1]:5.1f} {gib[2]:6.1f} {gib[3]:6.1f} {gib[4]:6.1f}     | "
+            f"{100 * t.bubble_fraction:5.1f}% {ms[0]:7.0f} {ms[1]:6.0f} {ms[2]:6.0f} {ms[3]:6.0f} | "
+            f"{t.step:7.2f} {c.tokens_per_s_per_gpu:10,.0f} {100 * c.mfu:5.1f}%")
+
+
+def candidate_record(c: Candidate, request: PlanRequest) -> dict:
+    return {"layout": dataclasses.asdict(c.layout), "recompute": c.layout.recompute_label,
+            "memory_bytes": {**dataclasses.asdict(c.memory), "total": c.memory.total},
+            "time_s": {**dataclasses.asdict(c.time), "step": c.time.step},
+            "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu, "mfu": c.mfu,
+            "train_flags": c.layout.train_flags(request.global_batch_size)}
+
+
+def write_json(path: str, request: PlanRequest, tm: TimeModelConfig, result: PlanResult) -> None:
+    """Atomically (temp file + rename): an interrupted run never leaves a truncated file."""
+    record = {"request": {"model": dataclasses.asdict(request.model), "gpus": request.gpus,
+                          "gpu": dataclasses.asdict(request.gpu), "seq_length": request.seq_length,
+                          "global_batch_size": request.global_batch_size,
+                          "memory_budget_bytes": request.memory_budget},
+              "assumptions": dataclasses.asdict(tm),
+              "candidates": [candidate_record(c, request) for c in result.candidates]}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as fh:
+        json.dump(record, fh, indent=1)
+    os.replace(fh.name, path)
+
+
+def report(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset: str, top: int) -> str:
+    lines = [header(request, tm, result, preset), ""]
+    if not result.candidates:
+        lines.append("No layout fits: raise --gpus, lower --seq-length or --global-batch-size, or use a larger GPU.")
+        return "\n".join(lines)
+    lines += [COLUMNS] + [row(i + 1, c) for i, c in enumerate(result.candidates[:top])]
+    best = result.candidates[0]
+    flags = shlex.join(best.layout.train_flags(request.global_batch_size))
+    lines += ["", f"recommended (rank 1): torchrun ... -m megatron_code.train --preset {preset} "
+                  f"--seq-length {request.seq_length} {flags}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        request, tm = request_from_args(args)
+    except ConfigError as exc:
+        print(f"mcode-plan: error: {exc}", file=sys.stderr)
+        return 2
+    result = plan(request, tm)
+    print(report(request, tm, result, args.preset, args.top))
+    if args.json:
+        write_json(args.json, request, tm, result)
+    return 0 if result.candidates else 1

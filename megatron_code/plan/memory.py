@@ -1,0 +1,181 @@
+"""Per-GPU memory of a layout, as OUR trainer holds it: fp32 parameters (the master weights; bf16
+is autocast), fp32 gradients, fp32 Adam state (sharded over DP x CP by the distributed optimizer),
+and the activations of the micro-batches a pipeline rank has in flight (activations.py).
+docs/planner.md derives every term; benchmarks/bench_plan_memory.py measures them."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_code.model.config import ModelConfig
+from megatron_code.plan import activations as act
+from megatron_code.plan.layout import Layout
+
+FP32 = 4
+BF16 = 2
+
+
+@dataclass(frozen=True)
+class LayerParameters:
+    """Parameters of one transformer layer on one TP rank."""
+
+    total: int
+    """All of them."""
+    gemm: int
+    """Weights F.linear multiplies by: autocast keeps a bf16 copy of each for backward."""
+    cached: int
+    """Those of `gemm` autocast caches for the whole forward (leaf weights, not views; the MLP's
+    gate/up weights are views of one tensor and are cast per use)."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the step computes, as far as memory goes."""
+
+    bf16: bool = True
+    """bf16 autocast over fp32 master weights (else fp32 throughout)."""
+    fused_kernels: bool = True
+    """The kernels `auto` picks on CUDA (Triton RMSNorm/SwiGLU, fused linear-cross-entropy), else
+    the plain-torch reference kernels (CPU)."""
+
+
+def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
+    h, d, f = config.hidden_size, config.head_dim, config.ffn_hidden_size // tp
+    nq, nkv = config.num_attention_heads // tp, config.num_kv_heads // tp
+    qkv, proj, gate_up, down = (nq + 2 * nkv) * d * h, nq * d * h, 2 * f * h, f * h
+    return LayerParameters(total=qkv + proj + gate_up + down + 2 * h, gemm=qkv + proj + gate_up + down,
+                           cached=qkv + proj + down)
+
+
+def rank_parameters(config: ModelConfig, tp: int, layers: int, first: bool, last: bool, padded_vocab: int) -> int:
+    """Parameters of a rank holding `layers` layers, the embedding if `first`, and the final norm
+    and (untied) output layer if `last`."""
+    embedding = padded_vocab // tp * config.hidden_size
+    total = layers * layer_parameters(config, tp).total + embedding * first
+    if last:
+        total += config.hidden_size + embedding * config.untie_embeddings_and_output_weights
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the fullest GPU of a layout."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    """Peak activation bytes (in-flight micro-batches plus the largest transient), or the gradient
+    reducer's flat copies when those are larger (they peak after the activations are freed)."""
+    pipeline_rank: int
+    """Which pipeline rank this is (ranks differ: embedding, output layer, in-flight micro-batches)."""
+    in_flight: int
+    """Micro-batches (chunk micro-batches under interleaving) whose activations that rank holds."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def in_flight_micro_batches(layout: Layout, micro_batches: int, pp_rank: int) -> int:
+    """Chunk micro-batches a pipeline rank holds at its peak under torch.distributed.pipelining:
+    1F1B runs min(m, PP - r) forwards before its first backward; interleaved 1F1B (torch's
+    _get_warmup_ops) runs (VP - 1) x (micro-batches per round) + 2 (PP - 1 - r) warmup forwards
+    and one more before each backward. For rank 0 that is VP PP (1 + (PP - 1) / (PP VP)), the
+    Korthikanti et al. factor, in units of one chunk's activations."""
+    pp, vp, m = layout.pp, layout.vp, micro_batches
+    if pp == 1:
+        return 1
+    if vp == 1:
+        return min(m, pp - pp_rank)
+    per_round = m // max(1, m // pp)
+    warmup = min((vp - 1) * per_round + 2 * (pp - 1 - pp_rank), m * vp)
+    return min(warmup + 1, m * vp)
+
+
+def recompute_split(layout: Layout, layers: int) -> tuple[int, int, int]:
+    """(layers storing everything, checkpointed groups storing only their input, layers rebuilt at
+    once in backward) for one chunk of `layers` layers (TransformerBlock.layer_groups' rules)."""
+    k = layout.recompute_num_layers or 0
+    if layout.recompute_method == "uniform":
+        return 0, math.ceil(layers / k), min(k, layers)
+    if layout.recompute_method == "block":
+        recomputed = min(k, layers)
+        return layers - recomputed, recomputed, 1 if recomputed else 0
+    return layers, 0, 0
+
+
+def micro_batch(layout: Layout, seq_length: int, execution: Execution) -> act.MicroBatch:
+    return act.MicroBatch(layout.micro_batch_size, seq_length, layout.tp, layout.cp, layout.sequence_parallel,
+                          execution.bf16, execution.fused_kernels)
+
+
+def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatch, micro_batches: int,
+                          pp_rank: int) -> int:
+    """torch.distributed.pipelining allocates, once per stage and micro-batch, a receive buffer for
+    the stage input (hidden [s/(CP TP), b, h] fp32, int64 position and segment ids; not on the
+    first stage) and one for its output's gradient (not on the last stage), and keeps them."""
+    if layout.pp == 1:
+        return 0
+    hidden = act.layer_input_bytes(config, mb)
+    ids = 8 * (mb.tokens + mb.micro_batch_size * mb.seq_length)
+    stages = layout.pp * layout.vp
+    local = [pp_rank + k * layout.pp for k in range(layout.vp)]
+    return micro_batches * sum((stage > 0) * (hidden + ids) + (stage < stages - 1) * hidden for stage in local)
+
+
+def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro_batches: int, pp_rank: int,
+                     padded_vocab: int, execution: Execution) -> tuple[int, int]:
+    """(peak activation bytes, in-flight chunk micro-batches) of one pipeline rank."""
+    mb = micro_batch(layout, seq_length, execution)
+    chunk_layers = config.num_layers // (layout.pp * layout.vp)
+    full, groups, rebuilt = recompute_split(layout, chunk_layers)
+    per_layer = layer_parameters(config, layout.tp)
+    copy = BF16 if execution.bf16 else 0  # autocast's bf16 weight copies (none in fp32)
+    selective = layout.recompute_granularity == "selective"
+    full_layer = act.layer_bytes(config, mb, recompute_core=selective) + copy * per_layer.gemm
+    chunk = full * full_layer + groups * act.layer_input_bytes(config, mb) + act.rope_table_bytes(config, mb)
+    in_flight = in_flight_micro_batches(layout, micro_batches, pp_rank)
+    holds_last = pp_rank == layout.pp - 1
+    stored = in_flight * chunk + pipeline_buffer_bytes(config, layout, mb, micro_batches, pp_rank)
+    if layout.pp > 1:  # the schedule keeps each in-flight chunk's output (sent on) until its backward
+        stored += (in_flight - holds_last) * act.layer_input_bytes(config, mb)
+    # At the end of a forward, autocast's cache still holds the bf16 copies of the recomputed
+    # layers' weights (those of the other layers are already counted: backward keeps them).
+    forward_end = stored + copy * per_layer.cached * (chunk_layers - full)
+    if holds_last:  # the output layer and the loss
+        # The unfused head's F.linear keeps autocast's bf16 copy of the output weight; the fused
+        # head casts it inside the loss and recasts in backward (counted in its transient).
+        output_weight = 0 if execution.fused_kernels else copy * padded_vocab // layout.tp * config.hidden_size
+        loss_forward = act.output_bytes(config, mb, padded_vocab) + act.loss_transient_bytes(config, mb, padded_vocab)
+        forward_end += output_weight + max(loss_forward, act.loss_backward_bytes(config, mb, padded_vocab))
+    # The layers' backward runs after the output layer's, whose tensors are freed by then; when
+    # a chunk's first layers are rebuilt (block method), its stored later layers are freed too.
+    backward = stored + max(0, rebuilt - full) * full_layer + act.backward_workspace_bytes(config, mb)
+    return max(forward_end, backward), in_flight
+
+
+def rank_memory(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int, pp_rank: int,
+                padded_vocab: int, execution: Execution) -> MemoryEstimate:
+    """Memory of one pipeline rank (all its TP/CP/DP peers hold the same)."""
+    layers = config.num_layers // layout.pp
+    params = rank_parameters(config, layout.tp, layers, pp_rank == 0, pp_rank == layout.pp - 1, padded_vocab)
+    shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    grads = FP32 * params + (FP32 * params // shards if shards > 1 else 0)  # + the reduced shard
+    activations, in_flight = rank_activations(config, layout, seq_length, layout.micro_batches(global_batch_size),
+                                              pp_rank, padded_vocab, execution)
+    reducer_copies = 0
+    if not layout.distributed_optimizer and layout.dp * layout.cp > 1:
+        # GradientReducer's flat bucket copies, all alive at the end of the backward (it is armed
+        # for the last micro-batch, or for the whole 1F1B/interleaved schedule).
+        reducer_copies = FP32 * params
+    return MemoryEstimate(weights=FP32 * params, grads=grads, optimizer=2 * FP32 * params // shards,
+                          activations=max(activations, reducer_copies), pipeline_rank=pp_rank, in_flight=in_flight)
+
+
+def estimate_memory(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
+                    padded_vocab: int, execution: Execution = Execution()) -> MemoryEstimate:
+    """The fullest pipeline rank's memory."""
+    ranks = [rank_memory(config, layout, seq_length, global_batch_size, r, padded_vocab, execution)
+             for r in range(layout.pp)]
+    return max(ranks, key=lambda estimate: estimate.total)

@@ -1,0 +1,153 @@
+"""Enumerate the layouts the trainer accepts, keep those that fit in memory, rank them by
+predicted step time. For each parallel shape the cheapest recompute that fits is kept."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from megatron_code.errors import ConfigError
+from megatron_code.model.config import ModelConfig
+from megatron_code.plan.hardware import GpuSpec
+from megatron_code.plan.layout import Layout, check_layout
+from megatron_code.plan.memory import Execution, MemoryEstimate, estimate_memory
+from megatron_code.plan.timing import TimeEstimate, TimeModelConfig, estimate_time, model_flops_per_step
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan for."""
+
+    model: ModelConfig
+    """The model (vocab_size set)."""
+    gpus: int
+    """Number of GPUs of the job."""
+    gpu: GpuSpec
+    """The accelerator and its links."""
+    seq_length: int
+    """Tokens per sample."""
+    global_batch_size: int
+    """Samples per optimizer step."""
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    """Micro-batch sizes to try."""
+    max_virtual_stages: int = 8
+    """Largest interleaving (virtual stages per pipeline rank) to try."""
+    min_tokens_per_cp_rank: int = 1024
+    """Smallest s / CP worth trying (shorter shards leave the GEMMs too small)."""
+    usable_memory_fraction: float = 0.92
+    """Share of HBM the tensors may take (the caching allocator's fragmentation takes the rest)."""
+    reserved_gib: float = 2.5
+    """Memory the tensors never get: CUDA context, NCCL buffers, cuBLAS workspaces."""
+    execution: Execution = field(default_factory=Execution)
+    """bf16 autocast and the fused CUDA kernels (what the trainer runs on GPUs)."""
+
+    @property
+    def memory_budget(self) -> float:
+        return self.gpu.memory_gb * 1e9 * self.usable_memory_fraction - self.reserved_gib * GIB
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layout that fits, with its predictions."""
+
+    layout: Layout
+    memory: MemoryEstimate
+    time: TimeEstimate
+    tokens_per_s_per_gpu: float
+    mfu: float
+    """Model FLOPs (Megatron's count, no recompute) per second over the GPUs' dense peak."""
+
+
+def _powers_of_two(limit: int) -> Iterator[int]:
+    value = 1
+    while value <= limit:
+        yield value
+        value *= 2
+
+
+def parallel_shapes(request: PlanRequest) -> Iterator[tuple[int, int, int, int, int]]:
+    """(TP, PP, VP, CP, DP) whose product is the GPU count; TP within a node, PP dividing the layers."""
+    layers, n = request.model.num_layers, request.gpus
+    for tp in _powers_of_two(min(request.gpu.gpus_per_node, n)):
+        for cp in _powers_of_two(n // tp):
+            if request.seq_length // cp < request.min_tokens_per_cp_rank:
+                break
+            for pp in (p for p in range(1, layers + 1) if layers % p == 0 and n % (tp * cp * p) == 0):
+                virtual = [1] + [v for v in range(2, request.max_virtual_stages + 1) if pp > 1 and layers % (pp * v) == 0]
+                for vp in virtual:
+                    yield tp, pp, vp, cp, n // (tp * cp * pp)
+
+
+def recompute_options(request: PlanRequest, tp: int, pp: int, vp: int) -> Iterator[dict]:
+    """None, selective, then full recompute of the first k layers of each stage (block), k = 1..all
+    (k = all is written as uniform with groups of one layer, the same thing)."""
+    yield {}
+    yield dict(recompute_granularity="selective")
+    chunk_layers = request.model.num_layers // (pp * vp)
+    for k in range(1, chunk_layers):
+        yield dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=k)
+    yield dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+def evaluate(request: PlanRequest, layout: Layout, tm: TimeModelConfig) -> Candidate:
+    model = layout.model_config(request.model)
+    vocab = model.padded_vocab_size(layout.tp)
+    memory = estimate_memory(model, layout, request.seq_length, request.global_batch_size, vocab, request.execution)
+    time = estimate_time(model, layout, request.seq_length, request.global_batch_size, vocab, request.gpu, tm)
+    tokens = request.global_batch_size * request.seq_length
+    flops = model_flops_per_step(request.model, request.seq_length, request.global_batch_size, vocab)
+    peak = request.gpu.peak_tflops(tm.precision) * 1e12
+    return Candidate(layout, memory, time, tokens / time.step / request.gpus, flops / time.step / request.gpus / peak)
+
+
+def best_recompute(request: PlanRequest, base: Layout, tm: TimeModelConfig) -> Candidate | None:
+    """The fastest fitting recompute choice for one valid parallel layout (None: nothing fits).
+    Recomputing more only adds time, so the search stops at no recompute if that fits, and at the
+    first (smallest) block size that fits."""
+    fitting = []
+    for option in recompute_options(request, base.tp, base.pp, base.vp):
+        layout = dataclasses.replace(base, **option)
+        model = layout.model_config(request.model)
+        memory = estimate_memory(model, layout, request.seq_length, request.global_batch_size,
+                                 model.padded_vocab_size(layout.tp), request.execution)
+        if memory.total <= request.memory_budget:
+            fitting.append(evaluate(request, layout, tm))
+            if layout.recompute_granularity in (None, "full"):  # nothing cheaper is left to try
+                break
+    best = min(fitting, key=lambda c: c.time.step, default=None)
+    if best is not None:  # the recompute flags pass the trainer's checks too
+        check_layout(best.layout, request.model, request.seq_length, request.global_batch_size)
+    return best
+
+
+@dataclass
+class PlanResult:
+    """Ranked candidates and how many layouts were looked at."""
+
+    candidates: list[Candidate]
+    parallel_layouts: int = 0
+    """(TP, PP, VP, CP, DP, micro-batch, ZeRO-1) combinations tried."""
+    valid: int = 0
+    """Of those, the ones the trainer accepts."""
+
+
+def plan(request: PlanRequest, tm: TimeModelConfig = TimeModelConfig()) -> PlanResult:
+    """Every valid layout that fits, fastest first."""
+    result = PlanResult(candidates=[])
+    for tp, pp, vp, cp, dp in parallel_shapes(request):
+        for micro_batch in request.micro_batch_sizes:
+            for zero1 in (True, False):
+                base = Layout(tp, pp, vp, cp, dp, micro_batch, zero1)
+                result.parallel_layouts += 1
+                try:
+                    check_layout(base, request.model, request.seq_length, request.global_batch_size)
+                except ConfigError:
+                    continue
+                result.valid += 1
+                best = best_recompute(request, base, tm)
+                if best is not None:
+                    result.candidates.append(best)
+    result.candidates.sort(key=lambda c: (c.time.step, c.memory.total))
+    return result

@@ -1,0 +1,198 @@
+"""Predicted step time of a layout: compute at a stated fraction of peak, plus the communication
+our implementation leaves exposed, plus the pipeline bubble. docs/planner.md states each
+assumption; benchmarks/bench_plan_gpu.py measures the compute efficiency of our layers.
+
+What is exposed, and why (our code, not Megatron-LM's):
+- TP and CP collectives (parallel/mappings.py, parallel/context.py) are synchronous: 100% exposed.
+- Pipeline p2p (torch.distributed.pipelining) waits before each chunk's compute: exposed.
+- DP gradient all-reduce / reduce-scatter starts from backward hooks as buckets complete in the
+  last micro-batch's backward (with PP: of the 1F1B/interleaved schedule) and overlaps it, except
+  the last bucket. The distributed optimizer's parameter all-gather after the step is not overlapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_code.model.config import ModelConfig
+from megatron_code.plan.hardware import GpuSpec
+from megatron_code.plan.layout import Layout
+from megatron_code.plan.memory import rank_parameters, recompute_split
+from megatron_code.training.flops import training_flops_per_token
+
+FP32 = 4
+BF16 = 2
+INT64 = 8
+# GradientReducer and DistributedOptimizer reduce gradients in ~25 MB buckets (their bucket_mb).
+BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass(frozen=True)
+class TimeModelConfig:
+    """Assumptions of the step-time model."""
+
+    compute_efficiency: float = 0.55
+    """Fraction of the dense peak that our layers' GEMMs and attention reach (measured for the 7B
+    layer on one H200 by benchmarks/bench_plan_gpu.py; see docs/planner.md)."""
+    link_efficiency: float = 0.75
+    """Fraction of a link's bandwidth NCCL collectives and p2p reach (bus bandwidth / link)."""
+    hbm_efficiency: float = 0.8
+    """Fraction of HBM bandwidth the fused AdamW step and gradient clipping reach."""
+    precision: str = "bf16"
+    """bf16, or fp8 (the transformer layers' projection and MLP GEMMs run at the FP8 peak)."""
+    fused_loss_head: bool = True
+    """The fused linear-cross-entropy head (default on CUDA) recomputes the logits in backward:
+    8 N V h FLOPs instead of 6 N V h."""
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Seconds of one optimizer step, by where they go."""
+
+    compute: float
+    """All micro-batches' forward/backward (and recompute) GEMMs and attention, slowest stage."""
+    tp_comm: float
+    """Exposed tensor-parallel all-gathers/reduce-scatters (NVLink within a node)."""
+    cp_comm: float
+    """Exposed context-parallel K/V all-gathers (and their backward reduce-scatters)."""
+    pp_comm: float
+    """Exposed pipeline send/receive of activations and their gradients."""
+    bubble: float
+    """Pipeline fill and drain: (PP - 1) / VP micro-batch times."""
+    dp_comm: float
+    """Exposed gradient reduction over DP x CP (and the ZeRO-1 parameter all-gather)."""
+    optimizer: float
+    """Gradient norm, clipping and the AdamW update (HBM-bound)."""
+    bubble_fraction: float
+    """(PP - 1) / (VP x micro-batches), the bubble relative to the ideal compute time."""
+
+    @property
+    def step(self) -> float:
+        return self.compute + self.tp_comm + self.cp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+
+
+def _link(gpu: GpuSpec, span: int) -> float:
+    """Bytes/s of a group whose ranks span `span` consecutive ranks: NVLink inside a node, else the NIC."""
+    return 1e9 * (gpu.intra_node_gb_per_s if span <= gpu.gpus_per_node else gpu.inter_node_gb_per_s)
+
+
+def _ring(size: int) -> float:
+    """Share of a tensor each rank sends in a ring all-gather or reduce-scatter over `size` ranks."""
+    return (size - 1) / size
+
+
+@dataclass(frozen=True)
+class _Rank:
+    """One pipeline rank's work per micro-batch."""
+
+    gemm_flops: float
+    attention_flops: float
+    fp8_flops: float
+    tp_bytes: float
+    cp_bytes: float
+
+
+def _layer_flops(config: ModelConfig, seq_length: int) -> tuple[float, float]:
+    """(projection + MLP, attention core) training FLOPs per token of one layer (flops.py's count)."""
+    one_layer = config.replace(num_layers=1)
+    total = training_flops_per_token(one_layer, seq_length, 0)
+    gemm = training_flops_per_token(one_layer, 0, 0)
+    return gemm, total - gemm
+
+
+def _rank_work(config: ModelConfig, layout: Layout, seq_length: int, padded_vocab: int, tm: TimeModelConfig,
+               first: bool, last: bool) -> _Rank:
+    tokens = layout.micro_batch_size * seq_length / layout.cp  # this rank's tokens
+    chunk_layers = config.num_layers // (layout.pp * layout.vp)
+    full = recompute_split(layout, chunk_layers)[0]
+    recomputed = layout.vp * (chunk_layers - full)  # layers whose forward runs twice
+    layers = config.num_layers // layout.pp
+    gemm, attention = _layer_flops(config, seq_length)
+    selective = layout.recompute_granularity == "selective"
+    gemm_total = tokens / layout.tp * gemm * (layers + recomputed / 3)
+    attention_total = tokens / layout.tp * attention * (layers + recomputed / 3 + (layers / 3 if selective else 0))
+    logits = training_flops_per_token(config.replace(num_layers=0), seq_length, padded_vocab)
+    logits_total = tokens / layout.tp * logits * (4 / 3 if tm.fused_loss_head else 1) if last else 0.0
+    h, a = config.hidden_size, BF16
+    # SP per layer: 2 all-gathers of the fp32 norm output and 2 reduce-scatters of bf16 GEMM
+    # outputs forward, their adjoints backward; a recomputed layer repeats its forward ones.
+    tp_layer = 2 * (FP32 + a) * tokens * h * _ring(layout.tp)
+    tp_bytes = tp_layer * (2 * layers + recomputed) + (first + last) * 2 * FP32 * tokens * h * _ring(layout.tp)
+    kv = 2 * a * layout.micro_batch_size * seq_length * (config.num_kv_heads // layout.tp) * config.head_dim
+    cp_bytes = kv * _ring(layout.cp) * (2 * layers + recomputed)
+    return _Rank(gemm_flops=gemm_total + logits_total, attention_flops=attention_total,
+                 fp8_flops=gemm_total if tm.precision == "fp8" else 0.0, tp_bytes=tp_bytes, cp_bytes=cp_bytes)
+
+
+def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
+                  padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig = TimeModelConfig()) -> TimeEstimate:
+    m = layout.micro_batches(global_batch_size)
+    bf16_peak, gemm_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency, 1e12 * gpu.peak_tflops(tm.precision)
+    gemm_peak *= tm.compute_efficiency
+    ranks = [_rank_work(config, layout, seq_length, padded_vocab, tm, r == 0, r == layout.pp - 1)
+             for r in range(layout.pp)]
+    tp_bw = _link(gpu, layout.tp) * tm.link_efficiency
+    cp_bw = _link(gpu, layout.tp * layout.cp) * tm.link_efficiency
+
+    def seconds(r: _Rank) -> tuple[float, float, float]:
+        compute = (r.fp8_flops / gemm_peak + (r.gemm_flops - r.fp8_flops) / bf16_peak
+                   + r.attention_flops / bf16_peak)
+        return compute, r.tp_bytes / tp_bw, r.cp_bytes / cp_bw
+
+    slowest = max((seconds(r) for r in ranks), key=sum)
+    per_micro_batch = sum(slowest)
+    bubble_fraction = (layout.pp - 1) / (layout.vp * m)
+    return TimeEstimate(
+        compute=m * slowest[0], tp_comm=m * slowest[1], cp_comm=m * slowest[2],
+        pp_comm=_pipeline_p2p(config, layout, seq_length, m, gpu, tm), bubble=bubble_fraction * m * per_micro_batch,
+        dp_comm=_data_parallel(config, layout, padded_vocab, gpu, tm, backward=2 / 3 * slowest[0]),
+        optimizer=_optimizer(config, layout, padded_vocab, gpu, tm), bubble_fraction=bubble_fraction)
+
+
+def _pipeline_p2p(config: ModelConfig, layout: Layout, seq_length: int, m: int, gpu: GpuSpec,
+                  tm: TimeModelConfig) -> float:
+    """Each chunk micro-batch receives its input forward and its output's gradient backward:
+    hidden [s/(CP TP), b, h] fp32 (+ int64 position and segment ids forward), on the critical
+    path (m VP + PP - 1) times."""
+    if layout.pp == 1:
+        return 0.0
+    tokens = layout.micro_batch_size * seq_length // layout.cp
+    hidden = FP32 * tokens // layout.tp * config.hidden_size
+    ids = INT64 * (tokens + layout.micro_batch_size * seq_length)
+    bandwidth = _link(gpu, layout.tp * layout.cp * layout.dp + 1) * tm.link_efficiency
+    return (m * layout.vp + layout.pp - 1) * (2 * hidden + ids) / bandwidth
+
+
+def _largest_rank_parameters(config: ModelConfig, layout: Layout, padded_vocab: int) -> int:
+    layers = config.num_layers // layout.pp
+    return max(rank_parameters(config, layout.tp, layers, r == 0, r == layout.pp - 1, padded_vocab)
+               for r in range(layout.pp))
+
+
+def _data_parallel(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig,
+                   backward: float) -> float:
+    """fp32 gradients summed over the DP x CP group G: a ring all-reduce (2 (G-1)/G of the bytes),
+    or with ZeRO-1 a reduce-scatter plus the updated parameters' all-gather ((G-1)/G each)."""
+    group = layout.dp * layout.cp
+    if group == 1:
+        return 0.0
+    grads = FP32 * _largest_rank_parameters(config, layout, padded_vocab)
+    bandwidth = _link(gpu, layout.tp * layout.cp * layout.dp) * tm.link_efficiency
+    reduce = (1 if layout.distributed_optimizer else 2) * _ring(group) * grads / bandwidth
+    # overlapped with the last micro-batch's backward, except the last bucket
+    reduce = max(reduce - backward, _ring(group) * min(grads, BUCKET_BYTES) / bandwidth)
+    gather = _ring(group) * grads / bandwidth if layout.distributed_optimizer else 0.0
+    return reduce + gather
+
+
+def _optimizer(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig) -> float:
+    """Fused AdamW reads parameter, gradient and both moments and writes three of them (28 bytes
+    per element); the gradient norm and clipping add 12: 40 bytes per element of the local shard."""
+    shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    elements = _largest_rank_parameters(config, layout, padded_vocab) / shards
+    return 40 * elements / (1e12 * gpu.hbm_tb_per_s * tm.hbm_efficiency)
+
+
+def model_flops_per_step(config: ModelConfig, seq_length: int, global_batch_size: int, padded_vocab: int) -> float:
+    """Megatron's model FLOPs of one step (no recompute, unfused logits): what MFU counts."""
+    return training_flops_per_token(config, seq_length, padded_vocab) * seq_length * global_batch_size
+

@@ -1,0 +1,175 @@
+"""The parallelism planner: its CLI ranks valid, fitting layouts; its memory model matches hand
+computation, the models it describes, the bytes autograd saves and a real training step."""
+import json
+
+import pytest
+import torch
+
+from megatron_code.model import GPTModel
+from megatron_code.model.config import ModelConfig
+from megatron_code.model.gpt import TransformerLayer
+from megatron_code.model.rope import RotaryEmbedding
+from megatron_code.parallel.state import ParallelState
+from megatron_code.plan import activations as act
+from megatron_code.plan.cli import main
+from megatron_code.plan.layout import Layout, check_layout
+from megatron_code.plan.measure import StepMemoryProbe
+from megatron_code.plan.memory import Execution, in_flight_micro_batches, rank_memory, rank_parameters
+from megatron_code.plan.timing import TimeModelConfig, estimate_time
+from megatron_code.plan.hardware import GPUS
+from megatron_code.presets import get_preset
+from megatron_code.training.arguments import run_config_from_values
+from megatron_code.training.flops import training_flops_per_token
+from megatron_code.tokenizer import SentencePieceTokenizer
+from megatron_code.training.trainer import train
+from tests.conftest import TOKENIZER, tiny_run
+
+SEVEN_B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                      group_query_attention=True, num_query_groups=8, vocab_size=49152,
+                      untie_embeddings_and_output_weights=True, max_position_embeddings=131072)
+
+
+def test_cli_ranks_valid_fitting_7b_layouts_for_512_h100s(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = main(["--preset", "7b", "--gpus", "512", "--gpu", "h100-sxm", "--seq-length", "4096", "--top", "5",
+                 "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "TP PP VP CP" in printed and "recommended (rank 1):" in printed
+    assert len([line for line in printed.splitlines() if line[:3].strip().isdigit()]) == 5
+    record = json.loads(out.read_text())
+    candidates = record["candidates"]
+    steps = [c["time_s"]["step"] for c in candidates]
+    assert len(candidates) > 100 and steps == sorted(steps)
+    model = run_config_from_values({**get_preset("7b"), "vocab_size": 49152}).model
+    for c in candidates:
+        layout = Layout(**c["layout"])
+        assert layout.gpus == 512
+        check_layout(layout, model, 4096, 1024)  # raises if the trainer would refuse it
+        assert c["memory_bytes"]["total"] <= record["request"]["memory_budget_bytes"]
+    assert " ".join(candidates[0]["train_flags"]) in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "13b", "--gpus", "8"], "unknown preset"),
+    (["--preset", "7b", "--gpus", "0"], "--gpus must be positive"),
+    (["--preset", "7b", "--gpus", "8", "--seq-length", "262144"], "exceeds the 7b preset's max_position_embeddings"),
+    (["--preset", "7b", "--gpus", "8", "--gpu", "a100", "--precision", "fp8"], "no FP8 tensor cores"),
+    (["--preset", "7b", "--gpus", "8", "--gpu", "b300"], "unknown GPU"),
+])
+def test_cli_rejects_bad_input_before_searching(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_says_when_nothing_fits(capsys):
+    assert main(["--preset", "7b", "--gpus", "1", "--seq-length", "4096", "--global-batch-size", "1"]) == 1
+    assert "No layout fits" in capsys.readouterr().out
+
+
+def test_7b_tp8_state_bytes_match_hand_computation():
+    # Per TP8 rank: a layer's QKV (4096 x 128 x (32 + 16)) + proj (4096 x 4096) + MLP (3 x 4096 x 14336)
+    # = 218,103,808 / 8 = 27,262,976, plus two replicated norms (8,192): 27,271,168; x 32 layers =
+    # 872,677,376; embedding and output layer 49,152 x 4096 / 8 = 25,165,824 each; final norm 4,096.
+    params = 872_677_376 + 2 * 25_165_824 + 4_096
+    assert params == 923_013_120
+    assert rank_parameters(SEVEN_B, 8, 32, True, True, SEVEN_B.padded_vocab_size(8)) == params
+    plain = rank_memory(SEVEN_B, Layout(8, 1, 1, 1, 64, 1, False), 4096, 64, 0, 49152, Execution())
+    assert (plain.weights, plain.grads, plain.optimizer) == (4 * params, 4 * params, 8 * params)
+    zero1 = rank_memory(SEVEN_B, Layout(8, 1, 1, 1, 64, 1, True), 4096, 64, 0, 49152, Execution())
+    # ZeRO-1 over 64 ranks: fp32 weights and gradient buffer stay whole, plus the reduced 1/64 shard;
+    # Adam's two fp32 moments are sharded.
+    assert (zero1.weights, zero1.grads, zero1.optimizer) == (3_692_052_480, 3_692_052_480 + 57_688_320, 115_376_640)
+
+
+@pytest.mark.parametrize("tp, pp, stage", [(1, 1, 0), (2, 1, 0), (2, 2, 0), (2, 2, 1), (4, 4, 2)])
+def test_rank_parameters_count_what_the_model_builds(tp, pp, stage):
+    config = ModelConfig(num_layers=8, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
+                         group_query_attention=True, num_query_groups=4, vocab_size=300,
+                         untie_embeddings_and_output_weights=True)
+    per_stage = config.num_layers // pp
+    model = GPTModel(config, ParallelState(tp=tp), layer_indices=range(stage * per_stage, (stage + 1) * per_stage),
+                     pre_process=stage == 0, post_process=stage == pp - 1)
+    built = sum(p.numel() for p in model.parameters())
+    assert rank_parameters(config, tp, per_stage, stage == 0, stage == pp - 1, config.padded_vocab_size(tp)) == built
+
+
+def saved_activation_bytes(config: ModelConfig, tp: int, bf16: bool, seq: int = 64, batch: int = 2) -> int:
+    """Bytes of the distinct storages one layer saves for backward (parameters, their autocast
+    copies and the shared RoPE tables excluded), as one TP rank of a single-process layer."""
+    layer = TransformerLayer(config, ParallelState(tp=tp))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(seq, batch, config.hidden_size, requires_grad=True)
+    cos, sin = RotaryEmbedding(config)(torch.arange(seq).expand(batch, seq))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=bf16):
+        layer(x, cos, sin)
+    skip = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), cos, sin)}
+    gemm_copies = 2 * sum(p.numel() for p in layer.parameters() if p.dim() > 1) if bf16 else 0
+    return sum(n for ptr, (n, _) in saved.items() if ptr not in skip) - gemm_copies
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("recompute", [None, "selective"])
+def test_layer_formula_equals_bytes_autograd_saves(bf16, tp, recompute):
+    config = ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
+                         group_query_attention=True, num_query_groups=2, vocab_size=256,
+                         recompute_granularity=recompute, rmsnorm_impl="reference", rope_impl="reference",
+                         swiglu_impl="reference")
+    mb = act.MicroBatch(2, 64, tensor_parallel=tp, bf16=bf16, fused_kernels=False)
+    assert saved_activation_bytes(config, tp, bf16) == act.layer_bytes(config, mb, recompute_core=recompute is not None)
+
+
+def test_in_flight_micro_batches_give_korthikanti_interleaving_factor():
+    for pp, vp in [(2, 2), (4, 2), (4, 4), (8, 3)]:
+        m = 4 * pp
+        layout = Layout(1, pp, vp, 1, 1, 1, False)
+        chunk_layers = 1  # in units of one chunk's activations: L / (PP VP) layers
+        first_rank = in_flight_micro_batches(layout, m, 0) * chunk_layers
+        # (L / p) layers x p micro-batches x (1 + (p - 1) / (p v)), with L = p v chunk layers
+        assert first_rank == pytest.approx(vp * pp * (1 + (pp - 1) / (pp * vp)))
+    plain = Layout(1, 4, 1, 1, 1, 1, False)
+    assert [in_flight_micro_batches(plain, 8, r) for r in range(4)] == [4, 3, 2, 1]
+    assert in_flight_micro_batches(plain, 2, 0) == 2  # never more than the micro-batches
+
+
+def test_time_model_bubble_and_mfu_are_consistent():
+    layout = Layout(4, 4, 2, 1, 32, 1, True)
+    time = estimate_time(SEVEN_B, layout, 4096, 256, 49152, GPUS["h100-sxm"], TimeModelConfig())
+    m = 256 // 32
+    assert time.bubble_fraction == pytest.approx(3 / (2 * m))
+    assert time.cp_comm == 0 and time.tp_comm > 0 and time.pp_comm > 0
+    single = estimate_time(SEVEN_B, Layout(1, 1, 1, 1, 1, 1, False), 4096, 1, 49152, GPUS["h100-sxm"],
+                           TimeModelConfig(compute_efficiency=1.0, fused_loss_head=False))
+    # one GPU, no communication: compute time = Megatron's FLOPs / peak
+    flops = training_flops_per_token(SEVEN_B, 4096, 49152) * 4096
+    assert single.compute == pytest.approx(flops / 989e12)
+    assert single.tp_comm == single.dp_comm == single.pp_comm == single.bubble == 0
+
+
+@pytest.mark.parametrize("recompute", [{}, dict(recompute_granularity="full", recompute_method="uniform",
+                                                recompute_num_layers=1)])
+def test_predicted_peak_matches_a_real_cpu_training_step(fixture_data, recompute):
+    """One process, fp32, plain-torch kernels: predicted peak tensor bytes within 5% of the live
+    tensor bytes measured over the second training step (docs/planner.md has the other layouts)."""
+    values = tiny_run(fixture_data, seq_length=128, micro_batch_size=2, global_batch_size=4, train_iters=2,
+                      **recompute)
+    probe = StepMemoryProbe()
+    train(run_config_from_values(values), prepare=probe)
+    cfg = run_config_from_values(values)
+    cfg.model.vocab_size = SentencePieceTokenizer(TOKENIZER).vocab_size
+    layout = Layout(1, 1, 1, 1, 1, 2, False, **recompute)
+    predicted = rank_memory(layout.model_config(cfg.model), layout, 128, 4, 0, cfg.model.padded_vocab_size(),
+                            Execution(bf16=False, fused_kernels=False))
+    measured = probe.result
+    assert (measured["weights"], measured["optimizer"]) == (predicted.weights, predicted.optimizer)
+    assert measured["grads"] == pytest.approx(predicted.grads, rel=1e-3)
+    assert predicted.total == pytest.approx(measured["peak_before_step"], rel=0.05)
+
