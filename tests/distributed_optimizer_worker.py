@@ -34,7 +34,7 @@ def zero1_worker(rank: int, world: int, port: int) -> None:
         x = torch.randn(8, 7, generator=data)
         lr = 0.05 * (step + 1)
         opt.zero_grad()
-        opt.armed = True
+        opt.arm(1)
         model(x[rank::world]).pow(2).sum().backward()  # the group's gradients are summed
         opt.finish()
         norm = opt.clip_grad_norm(0.5)

@@ -69,6 +69,8 @@ LAYOUTS = {
     "pp2_zbv": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="zbv")),
     "pp2_dualpipev": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="dualpipev")),
     "tp2_pp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, pipeline_model_parallel_size=2)),
+    "pp2_dp2_interleaved": (4, dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved-1f1b",
+                                    virtual_pipeline_model_parallel_size=2)),
 }
 
 
@@ -112,6 +114,17 @@ def test_checkpoint_resumes_under_another_layout(case, fixture_data, reference, 
     else:
         records = torchrun(n_load, second, str(tmp_path / "b.jsonl"))
     assert_same_numbers(records, reference[2:])
+
+
+def test_pipeline_runs_bf16_autocast_like_one_process(fixture_data, reference, tmp_path):
+    """--bf16 must reach the pipeline stages (the schedule runs them outside the trainer's own
+    autocast region): PP2 in bf16 matches one process in bf16, not the fp32 run."""
+    bf16_reference = run_training(tiny_run(fixture_data, **COMMON, bf16=True))
+    records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, pipeline_model_parallel_size=2),
+                       str(tmp_path / "m.jsonl"))
+    assert any(abs(w["loss"] - f["loss"]) > 1e-4 for w, f in zip(bf16_reference, reference))  # bf16 shows
+    for got, want in zip(records, bf16_reference):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)
 
 
 def test_tp_larger_than_kv_groups_is_refused(fixture_data, tmp_path):

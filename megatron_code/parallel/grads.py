@@ -23,17 +23,28 @@ class _Bucket:
 
 
 class BucketTrigger(abc.ABC):
-    """Launches a bucket's collective (`self._launch(bucket)`) when backward has produced the last
-    gradient of the bucket, while `armed`. Subclasses set `bucket_of` (id(param) -> bucket with a
-    `pending` count) and register `_on_gradient_ready` as each parameter's post-accumulate hook."""
+    """Launches a bucket's collective (`self._launch(bucket)`) as soon as backward has produced the
+    last gradient of every parameter in the bucket, once `arm(n)` was called: a parameter counts as
+    done after n more gradient accumulations (n = 1 for the last micro-batch of a step; n = the
+    number of micro-batches when a pipeline schedule runs them all in one call). Subclasses set
+    `bucket_of` (id(param) -> bucket with a `pending` count) and register `_on_gradient_ready` as
+    each parameter's post-accumulate hook; `finish()` launches whatever did not launch and disarms."""
 
     armed = False
     bucket_of: dict
 
+    def arm(self, accumulations: int = 1) -> None:
+        self._accumulations_left = dict.fromkeys(self.bucket_of, accumulations)
+        self.armed = True
+
     def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
         if not self.armed:
             return
-        bucket = self.bucket_of[id(param)]
+        key = id(param)
+        self._accumulations_left[key] -= 1
+        if self._accumulations_left[key]:
+            return
+        bucket = self.bucket_of[key]
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch(bucket)
@@ -46,8 +57,8 @@ class BucketTrigger(abc.ABC):
 class GradientReducer(BucketTrigger):
     """Sums gradients over the data-parallel group in buckets of ~bucket_mb MB. A bucket's
     all-reduce is launched (asynchronously) as soon as backward has produced all of its gradients,
-    so communication overlaps the rest of backward. Armed only for the last micro-batch of a step,
-    so gradient accumulation communicates once per step."""
+    so communication overlaps the rest of backward. Armed for the last micro-batch of a step (or for
+    all micro-batches of a pipeline schedule), so gradient accumulation communicates once per step."""
 
     def __init__(self, params: list[torch.nn.Parameter], group, bucket_mb: float = 25.0):
         self.group = group

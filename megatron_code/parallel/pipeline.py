@@ -101,11 +101,16 @@ class ModelChunks(nn.Module):
 class _StageModule(nn.Module):
     """Adapts a GPTModel chunk to the pipelining protocol (tensors in, tensors out)."""
 
-    def __init__(self, model: GPTModel, use_segments: bool):
+    def __init__(self, model: GPTModel, use_segments: bool, bf16: bool):
         super().__init__()
-        self.model, self.use_segments = model, use_segments
+        self.model, self.use_segments, self.bf16 = model, use_segments, bf16
 
     def forward(self, first, position_ids, segment_ids):
+        # The schedule calls this outside the trainer's autocast region, so --bf16 applies here.
+        with torch.autocast(first.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._forward(first, position_ids, segment_ids)
+
+    def _forward(self, first, position_ids, segment_ids):
         m = self.model
         if m.pre_process:  # first: tokens [b, s] of whole samples
             position_ids = m.context_parallel_slice(position_ids)
@@ -120,11 +125,11 @@ class PipelineRunner:
     """Runs one step (forward + backward of all micro-batches) through the schedule."""
 
     def __init__(self, chunks: list[GPTModel], parallel: ParallelState, schedule: str, vp: int,
-                 micro_batches: int, device: torch.device, use_segments: bool):
+                 micro_batches: int, device: torch.device, use_segments: bool, bf16: bool = False):
         num_stages = parallel.pp * vp
         stage_ids = local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp"))
         self.stages = [
-            PipelineStage(_StageModule(chunk, use_segments), sid, num_stages, device, group=parallel.group("pp"))
+            PipelineStage(_StageModule(chunk, use_segments, bf16), sid, num_stages, device, group=parallel.group("pp"))
             for chunk, sid in zip(chunks, stage_ids)
         ]
         self.last = next((c for c in chunks if c.post_process), None)
@@ -133,6 +138,12 @@ class PipelineRunner:
         cls = SCHEDULES[schedule]
         stages = self.stages[0] if cls is Schedule1F1B else self.stages
         self.schedule = cls(stages, micro_batches, loss_fn=self._loss, scale_grads=False)
+        # 1F1B schedules run plain autograd backward, whose gradient accumulation fires the
+        # parameters' post-accumulate hooks, so data-parallel buckets can launch during the
+        # schedule. Zero-bubble schedules compute weight gradients separately and add them to
+        # .grad by hand (torch.distributed.pipelining's stage_backward_weight): no hooks fire and
+        # the reduction starts after the schedule.
+        self.backward_fires_grad_hooks = cls in (Schedule1F1B, ScheduleInterleaved1F1B)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed token loss of one micro-batch over the step's global loss-token count."""
@@ -148,7 +159,9 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         target = labels if self.last is not None else None
         run = self.schedule.step if train else self.schedule.eval
-        run(*args, target=target, losses=losses if self.last is not None else None)
+        # return_outputs=False: otherwise the last stage keeps every micro-batch's logits until the
+        # step ends, to merge outputs we never use (m x [s, b, V / tp] fp32).
+        run(*args, target=target, losses=losses if self.last is not None else None, return_outputs=False)
         if not losses:
             return torch.zeros((), device=tokens.device)
         return torch.stack([loss.detach().float() for loss in losses]).sum()

@@ -167,12 +167,22 @@ def _check_context_parallel(cp: int, tp: int, sequence_parallel: bool, seq_lengt
         )
 
 
+MESH_DIM_NAMES = ("pp", "dp", "cp", "tp")
+"""The device mesh's dimensions, outermost first: consecutive ranks differ in tp."""
+
+
+def rank_grid(config: ParallelConfig, world_size: int) -> torch.Tensor:
+    """Global ranks indexed by mesh coordinates [pp, dp, cp, tp]: the mesh build_parallel_state
+    creates (init_device_mesh numbers ranks row-major over this shape). The dry run reads
+    coordinates and groups from it without starting any process group."""
+    tp, cp, pp = config.tensor_model_parallel_size, config.context_parallel_size, config.pipeline_model_parallel_size
+    return torch.arange(world_size).reshape(pp, world_size // (tp * pp * cp), cp, tp)
+
+
 def build_parallel_state(config: ParallelConfig, device: torch.device) -> ParallelState:
     """Create the device mesh over all ranks (collective: every rank calls it)."""
-    world_size = dist.get_world_size()
-    tp, cp, pp = config.tensor_model_parallel_size, config.context_parallel_size, config.pipeline_model_parallel_size
-    dp = world_size // (tp * pp * cp)
-    mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+    pp, dp, cp, tp = rank_grid(config, dist.get_world_size()).shape
+    mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIM_NAMES)
     if cp > 1:
         mesh["dp", "cp"]._flatten("dp_cp")  # registers the combined group on the root mesh
     return ParallelState(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=config.sequence_parallel, mesh=mesh)

@@ -30,6 +30,9 @@ class DataConfig:
     """Where megatron-core caches sample indices (default: next to the data)."""
     num_workers: int = 2
     """DataLoader worker processes."""
+    mock_data: bool = False
+    """Train on megatron-core's synthetic token sequences instead of --data-path (profiling and smoke
+    tests; no tokenizer needed when --vocab-size is given)."""
 
 
 @dataclass
@@ -88,6 +91,11 @@ class TrainingConfig:
     """Global batches per validation run."""
     exit_interval: int | None = None
     """Stop (after saving, if --save is set) once this iteration is reached."""
+    exit_signal: str = "SIGUSR1"
+    """Signal that makes the run finish the current step, save a checkpoint (if --save is set) and
+    exit 0; SIGTERM does the same. All ranks stop at the same iteration (the flag is all-reduced
+    every step). Slurm's `--signal=B:USR1@300` plus launch/slurm/common.sh deliver it before the
+    time limit."""
 
 
 @dataclass
@@ -134,6 +142,21 @@ class LoggingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How many processes the job has, and planning a layout without starting them (--dry-run)."""
+
+    dry_run: bool = False
+    """Validate the whole config as a real run would (data files may be missing), print it resolved
+    and the rank layout, and exit 0 without starting torch.distributed or touching a GPU."""
+    world_size: int | None = None
+    """Processes in the job (default: $WORLD_SIZE from torchrun; in a dry run also $SLURM_NNODES x
+    processes per node). A real run refuses a value other than torchrun's."""
+    nproc_per_node: int | None = None
+    """Processes per node (default: $LOCAL_WORLD_SIZE from torchrun; in a dry run also
+    $SLURM_GPUS_ON_NODE, else the whole world on one node)."""
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -153,3 +176,5 @@ class RunConfig:
     """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging sinks."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Process count and dry-run planning."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_code.errors import ConfigError
 from megatron_code.training.config import DataConfig
@@ -94,6 +94,19 @@ def usable_split(prefixes: list[str], split: str, need_valid: bool) -> str:
 
 
 @dataclass
+class SyntheticVocabulary:
+    """What --mock-data needs of a tokenizer when none is given: the vocabulary size and the EOD id
+    (2, as in tokenizers made by mcode-train-tokenizer)."""
+
+    vocab_size: int
+    eod: int = 2
+
+    @property
+    def unique_identifiers(self) -> dict:  # megatron-core hashes these into its cache keys
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+@dataclass
 class Datasets:
     train: GPTDataset
     valid: GPTDataset | None
@@ -102,12 +115,16 @@ class Datasets:
 
 def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int], need_valid: bool) -> Datasets:
     """Build train/valid/test through megatron-core. Needs torch.distributed initialized."""
-    prefixes, weights = parse_blend(data.data_path)
-    split = usable_split(prefixes, data.split, need_valid=need_valid)
+    if data.mock_data:  # megatron-core makes mock data when no blend is given
+        blend, split, dataset_class = None, None, MockGPTDataset
+    else:
+        prefixes, weights = parse_blend(data.data_path)
+        blend, dataset_class = (prefixes, weights), GPTDataset
+        split = usable_split(prefixes, data.split, need_valid=need_valid)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=data.seq_length,
-        blend=(prefixes, weights),
+        blend=blend,
         split=split,
         path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
@@ -120,7 +137,7 @@ def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int
     )
     # Sizes are given for every split: megatron-core skips zero-weight splits itself, and with
     # blend weights it asserts that no size is None.
-    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+    train, valid, test = BlendedMegatronDatasetBuilder(dataset_class, num_samples, lambda: True, config).build()
     if train is None:
         raise ConfigError(f"--split {data.split}: the train split is empty.")
     return Datasets(train, valid, test)

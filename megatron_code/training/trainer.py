@@ -20,19 +20,22 @@ from megatron_code.parallel.grads import (
     GradientReducer, clip_grads_by_norm, global_grad_norm, reduce_sequence_parallel_grads,
 )
 from megatron_code.parallel.pipeline import (
-    IGNORE_LABEL, ModelChunks, PipelineRunner, build_stage_models, check_pipeline,
+    IGNORE_LABEL, ModelChunks, PipelineRunner, build_stage_models,
 )
-from megatron_code.parallel.state import ParallelState, build_parallel_state, validate_layout, virtual_stages
+from megatron_code.parallel.state import ParallelState, build_parallel_state, virtual_stages
 from megatron_code.training import checkpointing
 from megatron_code.training.config import RunConfig
 from megatron_code.training.data import (
     ResumableBatchSampler, build_datasets, micro_batch_loader, segment_ids_from_eod,
 )
-from megatron_code.training.flops import peak_tflops, training_flops_per_token
+from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
 from megatron_code.training.metrics import MetricsLogger, StepTimer, peak_memory_gib, print_rank0
 from megatron_code.training.optimizer import build_optimizer, set_learning_rate
-from megatron_code.training.validate import validate_run
+from megatron_code.training.timers import PhaseTimers
+from megatron_code.training.exit_signal import ExitSignal
+from megatron_code.training.validate import validate_job
+from megatron_code.training.world import launched_world_size
 
 
 def seed_everything(seed: int) -> None:
@@ -44,8 +47,10 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Holds the pieces of one run; `run()` trains to train_iters (or exit_interval)."""
 
-    def __init__(self, cfg: RunConfig, env: DistributedEnv, tokenizer, parallel: ParallelState):
+    def __init__(self, cfg: RunConfig, env: DistributedEnv, tokenizer, parallel: ParallelState,
+                 exit_signal: ExitSignal | None = None):
         self.cfg, self.env, self.tokenizer, self.parallel = cfg, env, tokenizer, parallel
+        self.exit_signal = exit_signal  # None: signals keep their default actions
         seed_everything(cfg.training.seed)
         self.model, self.pipeline = build_model(cfg, parallel, env.device)
         self.params = list(self.model.parameters())
@@ -64,9 +69,12 @@ class Trainer:
                                        need_valid=cfg.training.eval_interval > 0)
         self.flops_per_token = training_flops_per_token(
             cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(parallel.tp))
-        self.peak_tflops = peak_tflops(env.device, cfg.training.bf16, cfg.logging.peak_tflops)
+        self.precision = compute_precision(cfg.model, cfg.training.bf16)
+        self.peak_tflops = peak_tflops(env.device, self.precision, cfg.logging.peak_tflops)
         self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save)
         self.history: list[dict] = []
+        self.timers = PhaseTimers(env.device)  # megatron_code.profile turns timing/NVTX on
+        self.after_step: list = []  # callables(record) run after each step's record is logged
 
     # ---- setup ----------------------------------------------------------------------------
     def _split_sizes(self) -> list[int]:
@@ -115,7 +123,7 @@ class Trainer:
             segment_ids = segment_ids_from_eod(tokens, self.tokenizer.eod)
         autocast = (torch.autocast(self.env.device.type, dtype=torch.bfloat16)
                     if self.cfg.training.bf16 else nullcontext())
-        with autocast:
+        with autocast, self.timers.phase("forward"):
             losses = self.model(
                 tokens, batch["position_ids"].to(self.env.device), segment_ids,
                 labels=batch["labels"].to(self.env.device),
@@ -147,28 +155,35 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         local_tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in micro_batches)
         total_tokens = float(self._sum_over_dp(torch.tensor(local_tokens, dtype=torch.float64)))
-        if self.pipeline is not None:  # the schedule runs all micro-batches; reduce afterwards
-            total_loss = self.pipeline.run(*self._pipeline_inputs(micro_batches), total_tokens, train=True)
+        if self.pipeline is not None:  # the schedule runs all micro-batches in one call
+            if self.grad_reducer is not None and self.pipeline.backward_fires_grad_hooks:
+                self.grad_reducer.arm(len(micro_batches))  # each chunk's grads accumulate once per micro-batch
+            with self.timers.phase("forward-backward"):
+                total_loss = self.pipeline.run(*self._pipeline_inputs(micro_batches), total_tokens, train=True)
         else:
             total_loss = self._accumulate_gradients(micro_batches, total_tokens)
         if self.grad_reducer is not None:
-            self.grad_reducer.finish()
+            with self.timers.phase("grad-sync"):  # DP reduction not hidden behind backward
+                self.grad_reducer.finish()
         loss = float(self._sum_over_dp(self._sum_over_pp(total_loss)))
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
-        grad_norm = self._clip_gradients()
+        with self.timers.phase("grad-clip"):
+            grad_norm = self._clip_gradients()
         lr = self.schedule(self.iteration + 1)
         set_learning_rate(self.optimizer, lr)
-        self.optimizer.step()
+        with self.timers.phase("optimizer"):
+            self.optimizer.step()
         return loss, float(grad_norm), lr
 
     def _accumulate_gradients(self, micro_batches: list[dict], total_tokens: float) -> torch.Tensor:
         total_loss = torch.zeros((), device=self.env.device)
         for i, batch in enumerate(micro_batches):
-            if self.grad_reducer is not None:
-                self.grad_reducer.armed = i == len(micro_batches) - 1
+            if self.grad_reducer is not None and i == len(micro_batches) - 1:
+                self.grad_reducer.arm(1)
             loss_sum, _ = self._forward_losses(batch)
-            (loss_sum / total_tokens).backward()
+            with self.timers.phase("backward"):
+                (loss_sum / total_tokens).backward()
             total_loss += loss_sum.detach() / total_tokens
         return total_loss
 
@@ -225,13 +240,16 @@ class Trainer:
         last_saved = self.iteration if ck.load else None
         while self.iteration < t.train_iters:
             with StepTimer(self.env.device) as timer:
-                loss, grad_norm, lr = self.train_step(list(islice(loader, micro_per_step)))
+                with self.timers.phase("data-wait"):
+                    micro_batches = list(islice(loader, micro_per_step))
+                loss, grad_norm, lr = self.train_step(micro_batches)
             self.iteration += 1
             self._log(loss, grad_norm, lr, timer.seconds, tokens_per_step)
             self._publish_async_save(wait=False)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
                 self.metrics.log_validation(self.iteration, self.evaluate())
-            exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+            signalled = self.exit_signal is not None and self.exit_signal.agreed(self.env.device)  # collective
+            exiting = signalled or (bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
             due = bool(ck.save_interval) and self.iteration % ck.save_interval == 0
             if ck.save and (due or exiting):
                 self.save()
@@ -241,7 +259,11 @@ class Trainer:
         if ck.save and last_saved != self.iteration:
             self.save()
         self._publish_async_save(wait=True)
-        self.metrics.log_memory(self._memory_per_rank())
+        if self.exit_signal is not None and self.exit_signal.stopped_by:
+            saved = checkpointing.checkpoint_dir(ck.save, self.iteration) if ck.save else None
+            print_rank0(self.exit_signal.stop_message(self.iteration, t.train_iters, saved), enabled=self.env.is_main)
+        self.memory_per_rank = self._memory_per_rank()
+        self.metrics.log_memory(self.memory_per_rank)
         self.metrics.close()
         return self.history
 
@@ -289,8 +311,13 @@ class Trainer:
             "peak_mem_gib": peak_memory_gib(self.env.device),
             "consumed_samples": self.iteration * self.cfg.training.global_batch_size,
         }
+        phases = self.timers.pop()
+        if phases:
+            record["phase_ms"] = {name: 1000 * sec for name, sec in phases.items()}
         self.history.append(record)
         self.metrics.log_step(record)
+        for callback in self.after_step:
+            callback(record)
 
 
 def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
@@ -302,7 +329,8 @@ def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
     chunks = [c.to(device) for c in build_stage_models(cfg.model, parallel, cfg.training.seed, schedule, vp)]
     t = cfg.training
     micro_batches = t.global_batch_size // (t.micro_batch_size * parallel.dp)
-    runner = PipelineRunner(chunks, parallel, schedule, vp, micro_batches, device, cfg.data.reset_attention_mask)
+    runner = PipelineRunner(chunks, parallel, schedule, vp, micro_batches, device, cfg.data.reset_attention_mask,
+                            bf16=cfg.training.bf16)
     return ModelChunks(chunks), runner
 
 
@@ -330,22 +358,20 @@ def _check_same_model(state: dict, cfg: RunConfig) -> None:
         )
 
 
-def train(cfg: RunConfig) -> list[dict]:
-    """Validate, set up, train. Returns the per-step metric records."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    dp = validate_layout(cfg.parallel, world_size, cfg.model, cfg.data.seq_length)
-    tokenizer = validate_run(cfg, data_parallel_size=dp)
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        t = cfg.training
-        check_pipeline(cfg.parallel.pipeline_schedule, cfg.parallel.pipeline_model_parallel_size,
-                       virtual_stages(cfg.parallel, cfg.model.num_layers), cfg.model,
-                       t.global_batch_size // (t.micro_batch_size * dp))
+def train(cfg: RunConfig, prepare=None) -> list[dict]:
+    """Validate, set up, train. Returns the per-step metric records. `prepare(trainer)`, if given,
+    runs once the trainer is built, before the first step (profiling hooks in)."""
+    tokenizer = validate_job(cfg, launched_world_size(cfg.launch, os.environ))
     env = init_distributed()
+    exit_signal = ExitSignal(cfg.training.exit_signal)  # from here on: save and exit on the signal
     try:
-        trainer = Trainer(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device))
+        trainer = Trainer(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device), exit_signal)
         _print_summary(trainer)
+        if prepare is not None:
+            prepare(trainer)
         return trainer.run()
     finally:
+        exit_signal.restore()
         destroy_distributed()
 
 

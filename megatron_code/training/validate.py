@@ -2,20 +2,33 @@
 raises ConfigError naming the flag or file, what was expected and what was found."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_code.errors import ConfigError
+from megatron_code.parallel.pipeline import check_pipeline
+from megatron_code.parallel.state import validate_layout, virtual_stages
 from megatron_code.tokenizer import SentencePieceTokenizer
+from megatron_code.training.checkpointing import latest_iteration
 from megatron_code.training.config import RunConfig
-from megatron_code.training.data import check_data_files, parse_blend, split_weights
+from megatron_code.training.data import SyntheticVocabulary, check_data_files, parse_blend, split_weights
+from megatron_code.training.exit_signal import parse_exit_signal
 from megatron_code.training.lr_schedule import LearningRateSchedule
 
 # Enough tokens to catch data tokenized with another tokenizer, cheap on an mmap.
 _TOKENS_TO_SCAN = 1_000_000
 
 
-def load_tokenizer(cfg: RunConfig) -> SentencePieceTokenizer:
+def load_tokenizer(cfg: RunConfig) -> SentencePieceTokenizer | SyntheticVocabulary:
+    if cfg.data.mock_data and not cfg.data.tokenizer_model:
+        if cfg.model.vocab_size is None:
+            raise ConfigError("--mock-data without --tokenizer-model needs --vocab-size (e.g. 49152).")
+        if cfg.data.reset_attention_mask or cfg.data.reset_position_ids:
+            raise ConfigError("--reset-attention-mask/--reset-position-ids need the tokenizer's EOD id: "
+                              "give --tokenizer-model with --mock-data.")
+        return SyntheticVocabulary(cfg.model.vocab_size)
     if not cfg.data.tokenizer_model:
         raise ConfigError("--tokenizer-model is required: the sentencepiece .model the data was built with.")
     try:
@@ -64,9 +77,52 @@ def check_data_matches_tokenizer(prefixes: list[str], padded_vocab: int) -> None
             )
 
 
-def validate_run(cfg: RunConfig, data_parallel_size: int = 1) -> SentencePieceTokenizer:
-    """Validate everything; fill derived defaults (vocab size, global batch). Returns the tokenizer."""
-    tokenizer = load_tokenizer(cfg)
+def validate_job(cfg: RunConfig, world_size: int, require_files: bool = True):
+    """Every check of a run on world_size processes: the layout, then validate_run, then the
+    pipeline schedule. train() and the dry run both call this, so a dry run resolves the config
+    exactly as the real run will. Returns the tokenizer (see validate_run)."""
+    dp = validate_layout(cfg.parallel, world_size, cfg.model, cfg.data.seq_length)
+    tokenizer = validate_run(cfg, data_parallel_size=dp, require_files=require_files)
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        t = cfg.training
+        check_pipeline(cfg.parallel.pipeline_schedule, cfg.parallel.pipeline_model_parallel_size,
+                       virtual_stages(cfg.parallel, cfg.model.num_layers), cfg.model,
+                       t.global_batch_size // (t.micro_batch_size * dp))
+    return tokenizer
+
+
+def data_files_exist(prefix: str) -> bool:
+    """Both PREFIX.bin and PREFIX.idx exist."""
+    return all(os.path.isfile(prefix + ext) for ext in (".bin", ".idx"))
+
+
+def _tokenizer_for_plan(cfg: RunConfig):
+    """A dry run may plan without the tokenizer file when --vocab-size says how big it is."""
+    path = cfg.data.tokenizer_model
+    if path and not os.path.isfile(path):
+        if cfg.model.vocab_size is None:
+            raise ConfigError(f"--tokenizer-model {path} does not exist; a dry run without it needs "
+                              "--vocab-size (the tokenizer's vocabulary size).")
+        return None
+    return load_tokenizer(cfg)
+
+
+def _check_load(cfg: RunConfig, require_files: bool) -> None:
+    ck = cfg.checkpoint
+    if ck.finetune and not ck.load:
+        raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from).")
+    if ck.finetune and require_files and latest_iteration(ck.load) is None:
+        # Without this the run would silently start from random weights.
+        raise ConfigError(f"--finetune --load {ck.load}: no checkpoint there (no "
+                          "latest_checkpointed_iteration.txt); point --load at a finished checkpoint directory.")
+
+
+def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
+                 require_files: bool = True) -> SentencePieceTokenizer | SyntheticVocabulary | None:
+    """Validate everything; fill derived defaults (vocab size, global batch). Returns the tokenizer.
+    require_files=False (dry run): the tokenizer, the .bin/.idx files and a --finetune checkpoint
+    may be missing; those present are checked (None is returned for a missing tokenizer)."""
+    tokenizer = load_tokenizer(cfg) if require_files else _tokenizer_for_plan(cfg)
     cfg.model.validate()
     check_batch_sizes(cfg, data_parallel_size)
     if cfg.data.seq_length > cfg.model.max_position_embeddings:
@@ -74,9 +130,13 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1) -> SentencePieceTo
             f"--seq-length ({cfg.data.seq_length}) exceeds --max-position-embeddings "
             f"({cfg.model.max_position_embeddings}); raise the latter or shorten the sequences."
         )
-    prefixes, _ = parse_blend(cfg.data.data_path)
+    if cfg.data.mock_data and cfg.data.data_path:
+        raise ConfigError("--mock-data and --data-path exclude each other: drop one.")
+    prefixes = [] if cfg.data.mock_data else parse_blend(cfg.data.data_path)[0]
+    if not require_files:
+        prefixes = [p for p in prefixes if data_files_exist(p)]
     check_data_files(prefixes)
-    weights = split_weights(cfg.data.split)
+    weights = split_weights("1,1,1" if cfg.data.mock_data else cfg.data.split)
     if cfg.training.eval_interval and weights[1] == 0:
         raise ConfigError(
             f"--eval-interval {cfg.training.eval_interval} needs a validation split, but --split "
@@ -91,6 +151,8 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1) -> SentencePieceTo
         raise ConfigError("--save-interval is set but --save (the checkpoint directory) is not.")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"--keep-last must be >= 1 (checkpoints to keep), got {cfg.checkpoint.keep_last}.")
+    _check_load(cfg, require_files)
+    parse_exit_signal(cfg.training.exit_signal)
     LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
     check_data_matches_tokenizer(prefixes, cfg.model.padded_vocab_size())
     return tokenizer

@@ -1,0 +1,256 @@
+"""Every GPU-only check in one run, for a machine with one NVIDIA GPU:
+
+  1. the GPU-only tests (tests/test_gpu.py, tests/test_fp8_cuda.py, tests/test_kernels_cuda.py);
+  2. training throughput of our 7B preset cut to as many layers as fit the card, at seq 4096 and
+     8192, BF16 and FP8 (torch backend), next to transformers' LlamaForCausalLM of the same shape
+     (BF16) in the same process: tokens/s, TFLOP/s (Megatron's causal count), MFU, peak memory;
+  3. the profiling command (`python -m megatron_code.profile`) on the same shape: the product's
+     own table with the step-time breakdown, a JSON report and a torch.profiler trace;
+  4. the kernel benchmark (benchmarks/bench_kernels.py --device cuda) when present.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out results/   # writes gpu_check.json + logs
+
+Both models take the same training step: --accumulation micro-batches of one sequence, each a
+bf16-autocast forward over fp32 master weights with next-token cross-entropy and a backward, then
+one fused AdamW step. Record the printed tables in
+docs/benchmarks.md with the card, the date and this command.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_code.model.config import ModelConfig  # noqa: E402
+from megatron_code.model.fp8 import enable_fp8  # noqa: E402
+from megatron_code.model.gpt import GPTModel  # noqa: E402
+from megatron_code.presets import get_preset  # noqa: E402
+from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
+
+VOCAB = 49152
+GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_kernels_cuda.py")
+
+
+def seven_b_config(num_layers: int, seq: int) -> ModelConfig:
+    preset = get_preset("7b")
+    fields = {k: v for k, v in preset.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{**fields, "num_layers": num_layers, "vocab_size": VOCAB, "max_position_embeddings": seq})
+
+
+def layers_that_fit(max_layers: int) -> int:
+    """Per layer: 18 bytes/param (fp32 weight, grad, 2 Adam moments, bf16 autocast copy) plus
+    ~2.5 GB of seq-8192 activations; fixed: embedding + output layer + logits, ~14 GB."""
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    layer_params = seven_b_config(2, 8192).num_parameters() - seven_b_config(1, 8192).num_parameters()
+    per_layer_gb = 18 * layer_params / 1e9 + 2.5
+    return max(1, min(max_layers, int((0.85 * total_gb - 14) / per_layer_gb)))
+
+
+def run_gpu_tests(out_dir: str) -> dict:
+    present = [t for t in GPU_TESTS if os.path.exists(t)]
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *present],
+                          capture_output=True, text=True)
+    with open(os.path.join(out_dir, "gpu_tests.log"), "w") as fh:
+        fh.write(proc.stdout + proc.stderr)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"GPU tests ({', '.join(present)}): {summary}  [{time.time() - start:.0f} s]", flush=True)
+    return {"files": present, "returncode": proc.returncode, "summary": summary}
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    """Median seconds per training step."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ours_step(model, optimizer, tokens, accumulation: int):
+    def step():
+        for _ in range(accumulation):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def hf_step(model, optimizer, tokens, accumulation: int):
+    def step():
+        for _ in range(accumulation):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool) -> None:
+    for layer in model.decoder.layers.values():
+        for linear in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+                       layer.mlp.linear_fc1, layer.mlp.linear_fc2):
+            linear.fp8 = None
+    if fp8:
+        enable_fp8(model.decoder.layers, config.replace(fp8_format="hybrid"))
+
+
+def measure(name, precision, step, config, seq, args) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    seconds = time_steps(step, args.warmup, args.steps)
+    tokens_per_sec = seq * args.accumulation / seconds
+    tflops = training_flops_per_token(config, seq, config.padded_vocab_size()) * tokens_per_sec / 1e12
+    peak = peak_tflops(torch.device("cuda"), precision)
+    row = {"model": name, "precision": precision, "seq": seq, "step_ms": 1000 * seconds,
+           "tokens_per_sec": tokens_per_sec, "tflops": tflops, "mfu": tflops / peak if peak else None,
+           "mfu_vs_bf16_peak": tflops / peak_tflops(torch.device("cuda"), "bf16") if peak else None,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(f"  {name:<14} {precision:<5} seq {seq:>5}: {row['step_ms']:8.1f} ms  {tokens_per_sec:9,.0f} tok/s  "
+          f"{tflops:6.1f} TFLOP/s  MFU {row['mfu'] or 0:6.1%}  mem {row['peak_mem_gib']:5.1f} GiB", flush=True)
+    return row
+
+
+def throughput_ours(num_layers: int, args) -> list[dict]:
+    config = seven_b_config(num_layers, max(args.seqs))
+    model = GPTModel(config, init_seed=1).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    rows = []
+    for seq in args.seqs:
+        tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
+        for fp8 in (False, True):
+            set_fp8(model, config, fp8)
+            rows.append(measure("ours", "fp8" if fp8 else "bf16", ours_step(model, optimizer, tokens, args.accumulation),
+                                config, seq, args))
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return rows
+
+
+def throughput_hf(num_layers: int, args) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = seven_b_config(num_layers, max(args.seqs))
+    hf_config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=ours.hidden_size, intermediate_size=ours.ffn_hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=ours.num_attention_heads,
+        num_key_value_heads=ours.num_kv_heads, max_position_embeddings=max(args.seqs),
+        rope_theta=ours.rotary_base, rms_norm_eps=ours.norm_epsilon, tie_word_embeddings=False,
+        attn_implementation="sdpa", use_cache=False)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    rows = []
+    for seq in args.seqs:
+        tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
+        rows.append(measure("transformers", "bf16", hf_step(model, optimizer, tokens, args.accumulation), ours, seq, args))
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run_profile_command(num_layers: int, out_dir: str) -> dict | None:
+    report, trace_dir = os.path.join(out_dir, "profile_7b_bf16.json"), os.path.join(out_dir, "trace")
+    cmd = [sys.executable, "-m", "megatron_code.profile", "--preset", "7b", "--num-layers", str(num_layers),
+           "--seq-length", "4096", "--vocab-size", str(VOCAB), "--bf16", "--micro-batch-size", "1",
+           "--global-batch-size", "4", "--num-workers", "0", "--profile-steps", "5", "--profile-warmup", "3",
+           "--trace-dir", trace_dir, "--trace-steps", "1", "--report", report]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(os.path.join(out_dir, "profile_7b_bf16.log"), "w") as fh:
+        fh.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")) or proc.stderr[-3000:])
+    trace = os.path.join(trace_dir, "trace_rank0.json")
+    if os.path.exists(trace):  # gzip: Perfetto opens .json.gz directly
+        with open(trace, "rb") as src, gzip.open(os.path.join(out_dir, "trace_rank0.json.gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        shutil.rmtree(trace_dir)
+    return json.load(open(report)) if os.path.exists(report) else None
+
+
+def run_kernel_bench(out_dir: str) -> str | None:
+    if not os.path.exists("benchmarks/bench_kernels.py"):
+        return None
+    proc = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--device", "cuda"],
+                          capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    with open(os.path.join(out_dir, "bench_kernels_cuda.log"), "w") as fh:
+        fh.write(text)
+    print(proc.stdout[-6000:] or proc.stderr[-3000:])
+    return text
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu_check_results")
+    parser.add_argument("--max-layers", type=int, default=16)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--accumulation", type=int, default=4,
+                        help="Micro-batches (of one sequence) per optimizer step, as in real pretraining.")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "ours", "transformers", "profile", "kernels"])
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    layers = layers_that_fit(args.max_layers)
+    result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "layers": layers, "command": " ".join(sys.argv)}
+    print(f"{result['device']} | torch {torch.__version__} | 7B shape cut to {layers} layers", flush=True)
+    sections = {"tests": lambda: run_gpu_tests(args.out),
+                "ours": lambda: throughput_ours(layers, args),
+                "transformers": lambda: throughput_hf(layers, args),
+                "profile": lambda: run_profile_command(layers, args.out),
+                "kernels": lambda: run_kernel_bench(args.out) is not None}
+    for name, section in sections.items():
+        if name in args.skip:
+            continue
+        try:
+            result[name] = section()
+        except Exception as exc:  # one broken section must not lose the others' numbers
+            result[name] = {"error": repr(exc)}
+            print(f"section {name} failed: {exc!r}", flush=True)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as fh:  # after each section
+            json.dump(result, fh, indent=2)
+    print_comparison(result)
+    return result
+
+
+def print_comparison(result: dict) -> None:
+    """Markdown table: each of our rows next to transformers' BF16 row of the same sequence length."""
+    ours, theirs = result.get("ours"), result.get("transformers")
+    if not isinstance(ours, list) or not isinstance(theirs, list):
+        return
+    hf = {row["seq"]: row for row in theirs}
+    print(f"\n{result['device']}, 7B shape x {result['layers']} layers, {result['date']}")
+    print("| seq | model | precision | tokens/s | TFLOP/s | MFU | peak GiB | vs transformers | fp8 / bf16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    bf16 = {row["seq"]: row for row in ours if row["precision"] == "bf16"}
+    for row in sorted(ours + theirs, key=lambda r: (r["seq"], r["model"] != "ours", r["precision"])):
+        base = hf.get(row["seq"])
+        speedup = f"{row['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "n/a"
+        fp8_gain = (f"{row['tokens_per_sec'] / bf16[row['seq']]['tokens_per_sec']:.2f}x"
+                    if row["precision"] == "fp8" and row["seq"] in bf16 else "")
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+        print(f"| {row['seq']} | {row['model']} | {row['precision']} | {row['tokens_per_sec']:,.0f} | "
+              f"{row['tflops']:.0f} | {mfu} | {row['peak_mem_gib']:.1f} | {speedup} | {fp8_gain} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Profiling run: `python -m megatron_code.profile [training flags] [profiling flags]` (also under
+torchrun) trains K steps of any preset and layout and prints where the time goes:
+
+    tokens/s/GPU, TFLOP/s/GPU (Megatron's causal count and the full count), MFU against the
+    device's dense peak at the run's precision, the step split into data wait, forward, backward,
+    gradient sync (DP reduction left exposed after backward), clipping and optimizer, and peak memory.
+
+It also writes a JSON report (--report), a torch.profiler trace per rank for a few steps
+(--trace-dir; open in Perfetto or chrome://tracing) and NVTX ranges per phase for Nsight Systems
+(--nvtx; run under `nsys profile -t cuda,nvtx`). Without --data-path it uses --mock-data.
+Phase timing synchronizes the GPU at phase edges, which hides any overlap between phases; the
+step time and tokens/s are measured around whole steps and include that cost only in so far as
+overlap is lost (compare with a plain training run's log line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from megatron_code.errors import ConfigError
+from megatron_code.training.arguments import parse_args
+from megatron_code.training.config import RunConfig
+from megatron_code.training.flops import training_flops_per_token
+from megatron_code.training.profile_report import build_report, format_report
+from megatron_code.training.trainer import Trainer, train
+
+PROG = "mcode-profile"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, add_help=False, description=__doc__.split("\n\n")[0])
+    group = parser.add_argument_group("profiling (all other flags are the training flags)")
+    group.add_argument("--profile-steps", type=int, default=10, help="Measured steps (after warmup).")
+    group.add_argument("--profile-warmup", type=int, default=3, help="Unmeasured steps first (allocator, autotuning).")
+    group.add_argument("--trace-dir", default=None, help="Write a torch.profiler trace per rank here.")
+    group.add_argument("--trace-steps", type=int, default=2, help="How many measured steps the trace covers.")
+    group.add_argument("--report", default=None, help="Write the report as JSON to this file.")
+    group.add_argument("--nvtx", action="store_true", help="Mark phases as NVTX ranges (for nsys).")
+    group.add_argument("--no-phase-timing", action="store_true",
+                       help="Do not time phases (no synchronization inside steps); totals only.")
+    return parser
+
+
+def prepare_config(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """A profiling run trains warmup + steps iterations, never evaluates or saves."""
+    if args.profile_steps < 1 or args.profile_warmup < 0 or args.trace_steps < 0:
+        raise ConfigError("--profile-steps must be >= 1; --profile-warmup and --trace-steps >= 0.")
+    if not cfg.data.data_path:
+        cfg.data.mock_data = True
+    t = cfg.training
+    t.train_iters = args.profile_warmup + args.profile_steps
+    t.eval_interval, t.exit_interval = 0, None
+    cfg.checkpoint.save = cfg.checkpoint.save_interval = None
+    cfg.scheduler.lr_warmup_iters, cfg.scheduler.lr_decay_iters = 0, None
+    cfg.logging.log_interval = max(cfg.logging.log_interval, 1)
+
+
+class ProfilerHooks:
+    """Turns on phase timing, NVTX and the torch.profiler schedule inside the trainer."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.trainer: Trainer | None = None
+        self.profiler = None
+
+    def __call__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        trainer.timers.timed = not self.args.no_phase_timing
+        trainer.timers.nvtx = self.args.nvtx and trainer.env.device.type == "cuda"
+        if self.args.trace_dir and self.args.trace_steps:
+            self.profiler = self._start_profiler(trainer)
+            trainer.after_step.append(lambda record: self.profiler.step())
+
+    def _start_profiler(self, trainer: Trainer):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if trainer.env.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        os.makedirs(self.args.trace_dir, exist_ok=True)
+        path = os.path.join(self.args.trace_dir, f"trace_rank{trainer.env.rank}.json")
+        schedule = torch.profiler.schedule(wait=max(self.args.profile_warmup - 1, 0),
+                                           warmup=min(self.args.profile_warmup, 1),
+                                           active=self.args.trace_steps, repeat=1)
+        profiler = torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=False,
+                                          on_trace_ready=lambda prof: prof.export_chrome_trace(path))
+        profiler.start()
+        return profiler
+
+    def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+
+
+def profile(cfg: RunConfig, args: argparse.Namespace) -> dict | None:
+    """Run the profiling steps; rank 0 returns the report (other ranks None)."""
+    prepare_config(cfg, args)
+    hooks = ProfilerHooks(args)
+    history = train(cfg, prepare=hooks)
+    hooks.stop()
+    trainer = hooks.trainer
+    if not trainer.env.is_main:
+        return None
+    full_count = training_flops_per_token(cfg.model, cfg.data.seq_length,
+                                          cfg.model.padded_vocab_size(trainer.parallel.tp), causal=False)
+    return build_report(cfg, trainer, history[args.profile_warmup:], full_count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print("\nTraining flags: see `python -m megatron_code.train --help`.")
+        return 0
+    args, rest = parser.parse_known_args(argv)
+    try:
+        report = profile(parse_args(rest), args)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if report is not None:
+        print(format_report(report), flush=True)
+        if args.report:
+            with open(args.report, "w") as fh:
+                json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Save-and-exit on a signal. A scheduler about to stop the job (Slurm's `--signal=B:USR1@300`,
+forwarded by launch/slurm/common.sh; SIGTERM at the time limit or from torchrun) makes each
+process record the signal; the trainer all-reduces the record after every step, so all ranks stop
+after the same iteration, save (collectively) and exit 0. The handler only records: saving from
+inside a signal handler could interrupt a collective half-way."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+from megatron_code.errors import ConfigError
+
+_UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+
+
+def parse_exit_signal(name: str) -> signal.Signals:
+    """`SIGUSR1`, `USR1` or `usr1` -> signal.SIGUSR1; a clear error for anything else."""
+    key = name.strip().upper()
+    key = key if key.startswith("SIG") else "SIG" + key
+    try:
+        sig = signal.Signals[key]
+    except KeyError:
+        raise ConfigError(f"--exit-signal {name!r} is not a signal name; use e.g. SIGUSR1, SIGUSR2 "
+                          "or SIGHUP.") from None
+    if sig in _UNCATCHABLE:
+        raise ConfigError(f"--exit-signal {sig.name} cannot be caught by a process; use e.g. SIGUSR1.")
+    return sig
+
+
+class ExitSignal:
+    """Installs handlers for SIGTERM and the configured signal (restored by `restore`); `agreed`
+    is the per-step collective that tells every rank whether any rank got one."""
+
+    def __init__(self, name: str):
+        self.signals = sorted({parse_exit_signal(name), signal.SIGTERM})
+        self.received = 0
+        """Number of the first signal this process got (0: none)."""
+        self.stopped_by: signal.Signals | None = None
+        """The signal all ranks agreed to stop on (the largest number any rank got)."""
+        self._previous = {}
+        # Python allows handlers only in the main thread; a run driven from another thread keeps
+        # the default actions (and never sees a request).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received:
+            return  # launchers may deliver one request twice (to the step and to each task)
+        self.received = signum
+        if os.environ.get("RANK", "0") == "0":
+            # os.write: print() can fail when the signal interrupts another print.
+            os.write(2, f"received {signal.Signals(signum).name}: saving and exiting after this step\n".encode())
+
+    def agreed(self, device: torch.device) -> signal.Signals | None:
+        """Collective (every rank, every step): the signal that stops the run, or None."""
+        flag = torch.tensor([self.received], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        value = int(flag.item())
+        if value:
+            self.stopped_by = signal.Signals(value)
+        return self.stopped_by
+
+    def stop_message(self, iteration: int, train_iters: int, saved_to: str | None) -> str:
+        """The one log line that says the run stopped on the signal, and where it can resume."""
+        name = self.stopped_by.name if self.stopped_by else "?"
+        where = (f"checkpoint {saved_to}; resume with --load {os.path.dirname(saved_to)}" if saved_to
+                 else "no --save, nothing saved")
+        return f"exit signal {name}: stopped after iteration {iteration}/{train_iters}, {where}"
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -1,0 +1,57 @@
+"""Data-parallel gradient buckets launch during backward once armed: after the last micro-batch
+(arm(1)), or after all micro-batches of a pipeline schedule (arm(M)); finish() completes the rest."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_code.parallel.grads import GradientReducer
+
+
+@pytest.fixture
+def one_rank_group():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _model_and_reducer(group):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    reducer = GradientReducer(list(model.parameters()), group, bucket_mb=1e-9)  # one bucket per parameter
+    return model, reducer
+
+
+def _micro_batch(model, seed):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
+    model(x).sum().backward()
+
+
+def test_buckets_launch_only_after_the_armed_number_of_accumulations(one_rank_group):
+    model, reducer = _model_and_reducer(one_rank_group)
+    reducer.arm(3)
+    for seed in range(2):
+        _micro_batch(model, seed)
+        assert all(bucket.work is None for bucket in reducer.buckets)
+    _micro_batch(model, 2)
+    assert all(bucket.work is not None for bucket in reducer.buckets)  # launched inside backward
+    reducer.finish()
+    assert not reducer.armed
+
+
+def test_unarmed_micro_batches_accumulate_locally_and_finish_gives_the_sum(one_rank_group):
+    model, reducer = _model_and_reducer(one_rank_group)
+    expected = torch.nn.Sequential(*[torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)])
+    expected.load_state_dict(model.state_dict())
+    for seed in range(3):
+        if seed == 2:
+            reducer.arm(1)
+        _micro_batch(model, seed)
+        _micro_batch(expected, seed)
+    reducer.finish()
+    for ours, reference in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(ours.grad, reference.grad)  # one rank: the sum is the local sum
