@@ -12,6 +12,11 @@ The three stages, each a console script and a ``python -m`` module with a progra
    jsonl file into megatron-core's indexed ``.bin``/``.idx`` pair that
    ``megatron.core.datasets`` (GPTDataset, BlendedMegatronDatasetBuilder) reads.
 
+The synthetic-data side (``python -m data_tools <command>``, see ``data_tools/__main__.py``):
+``ingest`` (license/quality/language-filtered seeds), ``dedup``, ``decontaminate``, ``report``,
+``export`` (pretraining/SFT/DPO files), and ``pipeline``, which runs them as a YAML recipe of
+sharded stages on local processes, Slurm or Ray (:mod:`data_tools.pipeline`).
+
 Every command validates its inputs before expensive work, writes outputs to temporary files
 in the destination directory and renames them into place only on success, and refuses to
 replace existing outputs unless ``--overwrite`` is given. See docs/data_tools.md.

@@ -103,13 +103,8 @@ def require_file(path: str, flag: str, hint: str) -> None:
         raise DataToolError(f"{flag} {path!r} {what}; {hint}")
 
 
-def parse_json_line(raw: bytes, path: str, lineno: int, keys: Sequence[str],
-                    key_flag: str = "--json-keys") -> dict[str, str] | None:
-    """Parse one jsonl line into ``{key: text}``; ``None`` for a blank line.
-
-    Errors name ``file:line`` and the key, because with millions of lines "invalid JSON"
-    without a location is useless.
-    """
+def parse_json_object(raw: bytes, path: str, lineno: int) -> dict | None:
+    """Parse one jsonl line into a dict; ``None`` for a blank line; errors name ``file:line``."""
     if not raw.strip():
         return None
     where = f"{path}:{lineno}"
@@ -123,6 +118,29 @@ def parse_json_line(raw: bytes, path: str, lineno: int, keys: Sequence[str],
                             "each line must be one JSON object") from None
     if not isinstance(obj, dict):
         raise DataToolError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def iter_jsonl_objects(path: str) -> Iterator[dict]:
+    """Yield every JSON object of a jsonl file in order (blank lines skipped)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            obj = parse_json_object(raw, path, lineno)
+            if obj is not None:
+                yield obj
+
+
+def parse_json_line(raw: bytes, path: str, lineno: int, keys: Sequence[str],
+                    key_flag: str = "--json-keys") -> dict[str, str] | None:
+    """Parse one jsonl line into ``{key: text}``; ``None`` for a blank line.
+
+    Errors name ``file:line`` and the key, because with millions of lines "invalid JSON"
+    without a location is useless.
+    """
+    obj = parse_json_object(raw, path, lineno)
+    if obj is None:
+        return None
+    where = f"{path}:{lineno}"
     texts = {}
     for key in keys:
         if key not in obj:
@@ -177,3 +195,27 @@ def count_lines(path: str, chunk_bytes: int = 1 << 20) -> int:
             count += chunk.count(b"\n")
             last = chunk[-1:]
     return count + (last != b"\n")
+
+
+def read_yaml_file(path: str, what: str) -> object:
+    """Parse a YAML (or JSON) file; errors name ``what`` (e.g. "recipe" or "--config") and the path."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise DataToolError(f"{what} {path!r} does not exist; pass the path of a YAML file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise DataToolError(f"{what} {path!r} is not valid YAML: {exc}") from None
+
+
+def require_tokenizer(path: str, where: str) -> None:
+    """Fail early unless ``path`` loads as a sentencepiece model (a stage using it may run hours later)."""
+    from megatron_code.tokenizer import SentencePieceTokenizer
+
+    try:
+        SentencePieceTokenizer(path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DataToolError(f"{where} {path!r} is not a usable sentencepiece model ({exc}); "
+                            "train one with `python -m data_tools train-tokenizer`") from None

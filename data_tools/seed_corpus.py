@@ -32,14 +32,13 @@ from typing import Iterator, Sequence
 from tqdm import tqdm
 
 from data_tools._common import DataToolError, atomic_outputs, check_outputs_free, run_cli
+from data_tools.ingest.license import DEFAULT_PERMISSIVE
 
 PROG = "mcode-seed-corpus"
 
-# SPDX ids whose terms allow training on and redistributing derived data without copyleft.
-PERMISSIVE_LICENSES = (
-    "MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "PSF-2.0",
-    "ISC", "Unlicense", "CC0-1.0", "Zlib",
-)
+# SPDX ids whose terms allow training on and redistributing derived data without copyleft;
+# the same default whitelist as ingestion's license filter.
+PERMISSIVE_LICENSES = DEFAULT_PERMISSIVE
 STDLIB_LICENSE = "PSF-2.0"
 # Test trees hold deliberately broken, odd-encoding or huge fixture files (idlelib's is named
 # idle_test); site-packages holds third-party code under other licenses; __pycache__ bytecode.
