@@ -22,7 +22,7 @@ from typing import Sequence
 
 from data_tools._common import DataToolError, check_outputs_free, iter_jsonl_objects, require_file, run_cli
 from data_tools.minhash import bucket_pairs, clusters, lsh_shape, minhash_config, sign_shard
-from data_tools.records import record_text, write_json_atomic, write_records_atomic
+from data_tools.records import execution_verdict, record_text, write_json_atomic, write_records_atomic
 from data_tools.text_ngrams import jaccard, shingle_set
 
 PROG = "python -m data_tools dedup"
@@ -46,6 +46,10 @@ class DedupConfig:
     """Keep a candidate whose measured Jaccard to its cluster's kept record is below ``threshold``."""
     seed: int = 1
     """Seed of the MinHash permutations (same seed, same result)."""
+    keep_failing_samples: bool = True
+    """Pass samples whose execution did not pass through untouched (never removed, never the reason another
+    record is): export pairs them with a passing solution of the same problem for DPO, and such a pair is a
+    near-duplicate by construction."""
 
     def check(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -61,10 +65,11 @@ def normalized_digest(text: str) -> bytes:
     return hashlib.blake2b("\n".join(line for line in lines if line).encode("utf-8"), digest_size=16).digest()
 
 
-def shard_digests(path: str) -> list[tuple[bytes, str, str]]:
-    """(normalized digest, id, path) of every record of one shard, in order."""
-    return [(normalized_digest(record_text(r)), str(r.get("id", "")), str(r.get("path", "")))
-            for r in iter_jsonl_objects(path)]
+def shard_digests(path: str, keep_failing: bool = False) -> list[tuple[bytes | None, str, str]]:
+    """(normalized digest, id, path) of every record of one shard, in order; with ``keep_failing`` the
+    digest of a sample that failed execution is None (it takes no part in dedup)."""
+    return [(None if keep_failing and execution_verdict(r) not in (None, "pass") else normalized_digest(record_text(r)),
+             str(r.get("id", "")), str(r.get("path", ""))) for r in iter_jsonl_objects(path)]
 
 
 def shard_shingles(path: str, positions: frozenset, ngram_size: int) -> dict[int, tuple[set, str, str]]:
@@ -90,6 +95,8 @@ def exact_removals(digests: list[list[tuple[bytes, str, str]]]) -> tuple[list[se
     removals = []
     for shard, shard_digests_ in enumerate(digests):
         for position, (digest, record_id, path) in enumerate(shard_digests_):
+            if digest is None:
+                continue
             if digest in seen:
                 removed[shard].add(position)
                 removals.append(_removal(shard, record_id, path, "exact_duplicate", seen[digest]))
@@ -142,11 +149,12 @@ def deduplicate(inputs: Sequence[str], outputs: Sequence[str], report_path: str,
 
     ``pool_map(fn, tasks, desc)`` runs ``fn(*task)`` for every task (a process pool or a loop).
     """
-    digests = pool_map(shard_digests, [(path,) for path in inputs], "dedup: hashing")
+    digests = pool_map(shard_digests, [(path, config.keep_failing_samples) for path in inputs], "dedup: hashing")
     removed, removals = exact_removals(digests) if config.exact else ([set() for _ in inputs], [])
+    exempt = [{i for i, (digest, _, _) in enumerate(shard) if digest is None} for shard in digests]
     candidates_kept = 0
     if config.near:
-        near = near_removals(inputs, removed, config, pool_map, work_dir)
+        near = near_removals(inputs, [r | e for r, e in zip(removed, exempt)], config, pool_map, work_dir)
         candidates_kept = near.candidates_kept
         removals += near.removals
         for shard, positions in enumerate(near.removed):
@@ -157,7 +165,7 @@ def deduplicate(inputs: Sequence[str], outputs: Sequence[str], report_path: str,
     counts = {"input": sum(len(d) for d in digests), "output": sum(kept),
               "exact_duplicate": sum(r["reason"] == "exact_duplicate" for r in removals),
               "near_duplicate": sum(r["reason"] == "near_duplicate" for r in removals),
-              "near_duplicate_candidates_kept": candidates_kept}
+              "near_duplicate_candidates_kept": candidates_kept, "failing_samples_kept": sum(map(len, exempt))}
     report = {"config": vars(config), "lsh": {"bands": shape.bands, "rows": shape.rows,
                                               "midpoint_jaccard": round(shape.threshold, 4)},
               "counts": counts, "removed": removals}

@@ -12,7 +12,9 @@ Failure modes are driven by a script: :meth:`ScriptedTeacherServer.push` queues 
 that the next chat requests consume in order (``"429"``, ``"500"``, ``"503"``, ``"sleep"``,
 ``"bad_json"``, ``"empty_choices"``, ``"unparseable"``); ``wrong_solutions`` makes chosen
 strategies answer with a solution that fails its own tests (``"evol_instruct:2"`` limits it
-to the evolution that produces round 2), so the repair loop and evol discarding have work.
+to the evolution that produces round 2), so the repair loop and evol discarding have work;
+``canned`` answers prompts containing a given text with a fixed reply (e.g. a benchmark
+solution, for decontamination tests).
 
 Usage::
 
@@ -41,8 +43,11 @@ class ScriptedTeacherServer:
     """Threaded HTTP server; ``base_url`` is ``http://127.0.0.1:PORT/v1`` on a free port."""
 
     def __init__(self, models=("test-teacher",), delay_s: float = 0.0, sleep_s: float = 2.0,
-                 wrong_solutions=(), fingerprint: str = "fp_test_1"):
+                 wrong_solutions=(), fingerprint: str = "fp_test_1", canned=()):
         self.models = list(models)
+        # (strategy, text, reply): a request of that strategy's template whose prompt contains the text
+        # is answered with the reply verbatim, like a teacher reciting what it memorized.
+        self.canned = list(canned)
         self.delay_s = delay_s          # added to every chat reply (makes kill -9 tests catchable)
         self.sleep_s = sleep_s          # how long a "sleep" directive stalls (longer than the client timeout)
         self.wrong_solutions = set(wrong_solutions)
@@ -227,6 +232,9 @@ def fenced(code: str, lang: str = "python") -> str:
 
 def reply_for(body: dict, state: ScriptedTeacherServer) -> str:
     task, prompt = task_of(body), user_text(body)
+    for canned_task, text, reply in state.canned:
+        if task == canned_task and text in prompt:
+            return reply
     name, mult = problem_params(prompt)
     wrong = task in state.wrong_solutions
     if task == "evol_instruct":

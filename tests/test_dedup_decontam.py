@@ -85,7 +85,7 @@ def test_dedup_exact_and_near_across_shards(clean_docs, tmp_path):
     assert by_id["near-copy"]["reason"] == "near_duplicate" and by_id["near-copy"]["duplicate_of"] == base["id"]
     assert by_id["near-copy"]["jaccard"] >= 0.7 and by_id["near-copy"]["shard"] == 1
     assert report["counts"] == {"input": len(clean_docs) + 3, "output": len(clean_docs) + 1, "exact_duplicate": 1,
-                                "near_duplicate": 1, "near_duplicate_candidates_kept": 0}
+                                "near_duplicate": 1, "near_duplicate_candidates_kept": 0, "failing_samples_kept": 0}
     assert json.load(open(tmp_path / "report.json"))["counts"] == report["counts"]
 
 

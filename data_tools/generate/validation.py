@@ -37,12 +37,15 @@ def sandbox_validator(options: dict, languages: Sequence[str]) -> Validator:
 
 def sandbox_config(options: dict, where: str = "recipe field sandbox"):
     """A ``SandboxConfig`` from a recipe's ``sandbox`` mapping; an unknown field is an error naming ``where``."""
+    from data_tools.pipeline.config_loader import did_you_mean
     from data_tools.sandbox import SandboxConfig
 
-    try:
-        return SandboxConfig(**options)
-    except TypeError as exc:
-        raise DataToolError(f"{where}: {exc}; see SandboxConfig in data_tools/sandbox") from None
+    known = [f.name for f in dataclasses.fields(SandboxConfig) if f.init]
+    for key in options:
+        if key not in known:
+            raise DataToolError(f"{where}: unknown field {key!r}{did_you_mean(str(key), known)} "
+                                f"(SandboxConfig fields: {', '.join(known)}; docs/sandbox.md)")
+    return SandboxConfig(**options)
 
 
 def execution_record(result: object) -> dict:

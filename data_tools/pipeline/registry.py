@@ -17,11 +17,11 @@ Two kinds of stage:
 Registering a stage is a few lines, e.g. the generator (a map stage over the seed shards)::
 
     from data_tools.pipeline.registry import StageSpec, register_stage
-    register_stage(StageSpec(name="generate", kind="map", config_cls=GenerateConfig,
-                             run=generate_shard, help="teacher LLM samples from seed documents"))
+    register_stage(StageSpec(name="generate", kind="map", config_cls=GenerateStageConfig,
+                             run=generate_shard, shard_context=True, help="teacher LLM samples"))
 
-where ``generate_shard(config, seeds, counts)`` yields samples. A map stage that keeps resumable
-state of its own (the generator's journal) sets ``shard_context=True`` and is called as
+where ``generate_shard(config, seeds, counts, shard)`` yields samples. ``shard_context=True`` is
+for a map stage that keeps resumable state of its own (the generator's journal): it is called as
 ``run(config, records, counts, shard=ShardContext)``. Builtin stages are registered in
 :mod:`data_tools.pipeline.stages`.
 """

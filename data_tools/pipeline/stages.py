@@ -3,12 +3,15 @@
 | stage | kind | reads | writes |
 | --- | --- | --- | --- |
 | ingest | map (planned) | recipe sources | seed documents |
+| generate | map (resumable) | seed documents | samples (accepted, and executed failures) |
+| validate | map | samples | samples with ``execution``; verdict counts |
+| repair | map (resumable) | validated samples | the same + passing repairs of failing ones |
 | dedup | global | documents | documents + dedup_report.json |
 | decontaminate | global | documents | documents + decontamination_report.json |
 | report | global | documents + earlier stages' markers | report.json, report.html |
 | export | global | documents | pretrain/sft/dpo jsonl, .bin/.idx, manifest.json |
 
-The generation helpers register ``generate`` and ``validate`` the same way (see registry.py).
+``generate`` and ``repair`` are in generate_stage.py, ``validate`` in validate_stage.py.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from data_tools.decontaminate import DecontaminateConfig, decontaminate
 from data_tools.export import ExportConfig, export
 from data_tools.ingest.core import IngestConfig, ingest_entries, plan_ingest
 from data_tools.pipeline.context import GlobalContext
+from data_tools.pipeline.generate_stage import GenerateStageConfig, RepairStageConfig, generate_shard, repair_shard
 from data_tools.pipeline.registry import StageSpec, register_stage
+from data_tools.pipeline.validate_stage import ValidateStageConfig, validate_shard
 from data_tools.report import ReportConfig, build_report, write_report
 
 
@@ -52,6 +57,12 @@ def export_stage(config: ExportConfig, ctx: GlobalContext) -> None:
 
 register_stage(StageSpec(name="ingest", kind="map", config_cls=IngestConfig, run=ingest_entries, plan=plan_ingest,
                          help="seed files/dirs/git checkouts/jsonl -> license- and quality-filtered seed documents"))
+register_stage(StageSpec(name="generate", kind="map", config_cls=GenerateStageConfig, run=generate_shard,
+                         shard_context=True, help="teacher LLM samples from the seed documents (resumes after a crash)"))
+register_stage(StageSpec(name="validate", kind="map", config_cls=ValidateStageConfig, run=validate_shard,
+                         shard_context=True, help="run each sample's tests in the sandbox; sets execution, counts verdicts"))
+register_stage(StageSpec(name="repair", kind="map", config_cls=RepairStageConfig, run=repair_shard,
+                         shard_context=True, help="failing samples + sandbox feedback -> teacher fixes, added if they pass"))
 register_stage(StageSpec(name="dedup", kind="global", config_cls=DedupConfig, run=dedup_stage,
                          help="exact + MinHash near-duplicate removal, with dedup_report.json"))
 register_stage(StageSpec(name="decontaminate", kind="global", config_cls=DecontaminateConfig, run=decontaminate_stage,
