@@ -285,11 +285,12 @@ def _worker_of_rank(root: int, rank: int) -> int:
     raise AssertionError(f"no training process of rank {rank} under {root}")
 
 
-def run_and_signal(args, env, deliver, timeout=240):
+def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None):
     """Run launch/torchrun.sh ARGS; once step 2 is logged call deliver(process). Returns (exit code,
     output); a run that hangs is killed with everything it started."""
     proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "torchrun.sh"), *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=preexec_fn)
 
     def kill_all():
         for pid in [proc.pid, *_descendants(proc.pid)]:
@@ -359,3 +360,15 @@ def test_all_ranks_stop_together_when_only_one_rank_gets_the_signal(fixture_data
     assert 2 <= stop < 40 and checkpointing.latest_iteration(ckpt) == stop
     rng = os.path.join(checkpointing.checkpoint_dir(ckpt, stop), "rng")
     assert sorted(os.listdir(rng)) == ["rank_00000.pt", "rank_00001.pt"]  # both ranks saved that step
+
+
+def test_exit_signal_is_delivered_even_if_the_launcher_blocked_it(fixture_data, tmp_path):
+    """Signal masks survive fork and exec: a trainer started with SIGUSR1 blocked must unblock it."""
+    ckpt = str(tmp_path / "ckpt")
+    env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    code, out = run_and_signal(signal_run_args(fixture_data, ckpt, 40), env,
+                               lambda proc: os.kill(_worker_of_rank(proc.pid, 0), signal.SIGUSR1),
+                               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}))
+    assert code == 0, out[-3000:]
+    assert 2 <= stopped_iteration(out, 40) < 40

@@ -47,6 +47,9 @@ class ExitSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._record)
+            # A signal mask is inherited through fork and exec: a launcher that blocked these
+            # signals would make the handler unreachable, so make sure they can be delivered.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def _record(self, signum: int, frame) -> None:
         if self.received:
