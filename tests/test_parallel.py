@@ -116,12 +116,18 @@ def test_checkpoint_resumes_under_another_layout(case, fixture_data, reference, 
     assert_same_numbers(records, reference[2:])
 
 
-def test_pipeline_runs_bf16_autocast_like_one_process(fixture_data, reference, tmp_path):
-    """--bf16 must reach the pipeline stages (the schedule runs them outside the trainer's own
-    autocast region): PP2 in bf16 matches one process in bf16, not the fp32 run."""
-    bf16_reference = run_training(tiny_run(fixture_data, **COMMON, bf16=True))
-    records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, pipeline_model_parallel_size=2),
-                       str(tmp_path / "m.jsonl"))
+@pytest.fixture(scope="module")
+def bf16_reference(fixture_data):
+    return run_training(tiny_run(fixture_data, **COMMON, bf16=True))
+
+
+@pytest.mark.parametrize("layout", [
+    dict(pipeline_model_parallel_size=2),  # the schedule runs stages outside the trainer's autocast
+    dict(tensor_model_parallel_size=2, sequence_parallel=True),  # GEMM inputs gathered in bf16
+])
+def test_bf16_layouts_match_one_process_bf16(layout, fixture_data, reference, bf16_reference, tmp_path):
+    """--bf16 must reach every layout's GEMMs: the run matches one process in bf16, not in fp32."""
+    records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, **layout), str(tmp_path / "m.jsonl"))
     assert any(abs(w["loss"] - f["loss"]) > 1e-4 for w, f in zip(bf16_reference, reference))  # bf16 shows
     for got, want in zip(records, bf16_reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)

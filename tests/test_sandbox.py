@@ -390,10 +390,20 @@ def test_without_namespaces_leftovers_are_still_killed():
 
 
 def run_as_nobody(driver: str, home) -> dict:
-    """Run ``driver`` (Python that prints an ExecutionResult as JSON last) as uid 65534 with the system python."""
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
-                           driver], capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": REPO})
+    """Run ``driver`` (Python that prints an ExecutionResult as JSON last) as uid 65534 with the system python.
+
+    The package is copied to a world-readable directory first: the checkout may sit under a
+    directory that uid 65534 cannot enter (CI clones into a mode-700 mktemp directory)."""
+    readable = tempfile.mkdtemp(prefix="sandbox-nobody-")
+    try:
+        os.chmod(readable, 0o755)
+        shutil.copytree(os.path.join(REPO, "data_tools"), os.path.join(readable, "data_tools"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               "-c", driver], capture_output=True, text=True, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": readable})
+    finally:
+        shutil.rmtree(readable)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -6,7 +6,7 @@ from torch import nn
 from kernels.swiglu import swiglu
 from megatron_code.model.config import ModelConfig
 from megatron_code.parallel.layers import (
-    SINGLE, RowParallelLinear, column_parallel_input, local_linear, mark_tensor_parallel,
+    SINGLE, RowParallelLinear, gemm_input, local_linear, mark_tensor_parallel,
 )
 from megatron_code.parallel.state import ParallelState
 
@@ -28,7 +28,7 @@ class GateUpLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel)."""
-        x = column_parallel_input(x, self.parallel)
+        x = gemm_input(x, self.parallel)
         if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
             gate, up = local_linear(x, self.weight.flatten(0, 1), self.fp8).chunk(2, dim=-1)
             return gate, up

@@ -33,6 +33,16 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8LinearScaling | 
     return F.linear(x, weight) if fp8 is None else fp8_linear(x, weight, fp8)
 
 
+def gemm_input(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
+    """column_parallel_input for a GEMM that autocast would run in bf16: cast first, so sequence
+    parallelism all-gathers (and the GEMM saves for backward) half the bytes, and a layer that
+    reads x twice (gate and up) casts it once. The forward values are those autocast would give;
+    the TP reduction of the input gradient then runs in bf16, as in Megatron-LM."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return column_parallel_input(x, parallel)
+
+
 def column_parallel_input(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
     """Bring the input of a column-parallel GEMM to full sequence on every TP rank."""
     if parallel.sequence_parallel:
@@ -57,7 +67,7 @@ class ColumnParallelLinear(nn.Module):
         self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_linear(column_parallel_input(x, self.parallel), self.weight, self.fp8)
+        return local_linear(gemm_input(x, self.parallel), self.weight, self.fp8)
 
 
 class RowParallelLinear(nn.Module):

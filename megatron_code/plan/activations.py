@@ -74,10 +74,9 @@ def norm_bytes(config: ModelConfig, mb: MicroBatch) -> int:
 
 def gemm_input_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     """The inputs linear_qkv and the MLP's gate/up GEMMs keep: the full local sequence even under
-    SP (the all-gathered input is what F.linear saves). Autocast casts the MLP input once per
-    GEMM, so gate and up keep a bf16 copy each; in fp32 they share the norm's output."""
-    mlp_copies = 2 if mb.bf16 else 1
-    return mb.tokens * mb.compute_bytes * config.hidden_size * (1 + mlp_copies)
+    SP (the all-gathered input is what F.linear saves). Under bf16 each input is cast once before
+    the gather (parallel/layers.py gemm_input), so gate and up share one bf16 copy."""
+    return mb.tokens * mb.compute_bytes * config.hidden_size * 2
 
 
 def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = False) -> int:

@@ -113,9 +113,10 @@ def _rank_work(config: ModelConfig, layout: Layout, seq_length: int, padded_voca
     logits = training_flops_per_token(config.replace(num_layers=0), seq_length, padded_vocab)
     logits_total = tokens / layout.tp * logits * (4 / 3 if tm.fused_loss_head else 1) if last else 0.0
     h, a = config.hidden_size, BF16
-    # SP per layer: 2 all-gathers of the fp32 norm output and 2 reduce-scatters of bf16 GEMM
-    # outputs forward, their adjoints backward; a recomputed layer repeats its forward ones.
-    tp_layer = 2 * (FP32 + a) * tokens * h * _ring(layout.tp)
+    # SP per layer: 2 all-gathers of the norm output (cast to bf16 first: layers.gemm_input) and
+    # 2 reduce-scatters of bf16 GEMM outputs forward, their adjoints (bf16 too) backward; a
+    # recomputed layer repeats its forward ones.
+    tp_layer = 2 * (a + a) * tokens * h * _ring(layout.tp)
     tp_bytes = tp_layer * (2 * layers + recomputed) + (first + last) * 2 * FP32 * tokens * h * _ring(layout.tp)
     kv = 2 * a * layout.micro_batch_size * seq_length * (config.num_kv_heads // layout.tp) * config.head_dim
     cp_bytes = kv * _ring(layout.cp) * (2 * layers + recomputed)
