@@ -36,7 +36,7 @@ from megatron_code.model.config import ModelConfig  # noqa: E402
 from megatron_code.model.core_attention import SDPAttention  # noqa: E402
 from megatron_code.model.gpt import TransformerLayer  # noqa: E402
 from megatron_code.model.rope import RotaryEmbedding  # noqa: E402
-from megatron_code.parallel.context import context_parallel_mask, local_token_indices  # noqa: E402
+from megatron_code.parallel.context import context_parallel_mask, local_chunks  # noqa: E402
 from megatron_code.parallel.state import ParallelState  # noqa: E402
 from megatron_code.plan import activations as act  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
@@ -169,9 +169,11 @@ def _set_recompute(model: GPTModel, config: ModelConfig) -> None:
 
 
 def context_parallel_check(seq: int, cp: int) -> dict:
+    """Bytes CP attention keeps beyond q/k/v on rank 0 (no document masks): the planner predicts
+    activations.cp_mask_bytes of them, 0 on CUDA (bottom-right causal chunks run in the flash kernel)."""
     config = ModelConfig(num_layers=1, **SHAPE_7B)
     local, d = seq // cp, config.head_dim
-    query_index = local_token_indices(seq, cp, 0, "cuda")
+    chunks = local_chunks(seq, cp, 0, "cuda")
     q = torch.randn(local, 1, 32, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(seq, 1, 8, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     attention = SDPAttention(config)
@@ -179,14 +181,14 @@ def context_parallel_check(seq: int, cp: int) -> dict:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     try:
-        got, kernels = saved_bytes(functools.partial(attention, q, k, v, None, query_index), [q, k, v])
+        got, kernels = saved_bytes(functools.partial(attention, q, k, v, None, chunks), [q, k, v])
         error = None
     except RuntimeError as exc:  # e.g. out of memory on a math fallback
         got, kernels, error = None, [], str(exc)[:300]
-    mask = (local * seq) * 2  # the [s/CP, s] mask in bf16, as activations.cp_mask_bytes counts it
-    return dict(check="cp-attention", seq=seq, cp=cp, saved_bytes_beyond_qkv=got, predicted_mask_bytes=mask,
+    predicted = act.cp_mask_bytes(act.MicroBatch(1, seq, context_parallel=cp, fused_kernels=True))
+    return dict(check="cp-attention", seq=seq, cp=cp, saved_bytes_beyond_qkv=got, predicted_mask_bytes=predicted,
                 peak_delta_bytes=torch.cuda.max_memory_allocated() - base, attention_nodes=kernels, error=error,
-                bool_mask_bytes=context_parallel_mask(query_index, seq, None).numel())
+                explicit_mask_bytes=context_parallel_mask(chunks.indices, seq, None).numel())
 
 
 def main(argv=None) -> None:

@@ -43,7 +43,7 @@ class SelfAttention(nn.Module):
         q = grouped[:, :, :, :q_per_kv].reshape(s, b, self.num_heads, self.head_dim)
         return q, grouped[:, :, :, q_per_kv], grouped[:, :, :, q_per_kv + 1]
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism; s is
         this rank's s/cp tokens under context parallelism)."""
         q, k, v = self.split_qkv(self.linear_qkv(x))
@@ -51,12 +51,12 @@ class SelfAttention(nn.Module):
         if self.parallel.cp > 1:  # every rank's keys/values, in sequence order: [s, b, nkv, d]
             k = gather_sequence(k, self.parallel.cp, self.parallel.cp_group)
             v = gather_sequence(v, self.parallel.cp, self.parallel.cp_group)
-        context = self._core_attention(q, k, v.contiguous(), segment_ids, query_index)  # [s, b, nq * d]
+        context = self._core_attention(q, k, v.contiguous(), segment_ids, cp_chunks)  # [s, b, nq * d]
         return self.linear_proj(context)
 
-    def _core_attention(self, q, k, v, segment_ids, query_index):
+    def _core_attention(self, q, k, v, segment_ids, cp_chunks):
         """Selective recompute (Megatron's core_attn): keep only q, k, v; the kernel's saved state
         (softmax statistics, the context-parallel mask, any s x s buffers) is rebuilt in backward."""
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            return checkpoint(self.core_attention, q, k, v, segment_ids, query_index, use_reentrant=False)
-        return self.core_attention(q, k, v, segment_ids, query_index)
+            return checkpoint(self.core_attention, q, k, v, segment_ids, cp_chunks, use_reentrant=False)
+        return self.core_attention(q, k, v, segment_ids, cp_chunks)

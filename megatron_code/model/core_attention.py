@@ -4,17 +4,21 @@ All backends take q: [s, b, nq, d], k/v: [s, b, nkv, d] (nq a multiple of nkv: G
 segment_ids: [b, s] for packed sequences (a token attends only to earlier tokens of its own
 segment), and return [s, b, nq * d].
 
-Under context parallelism q holds only this rank's s/cp tokens while k/v hold the whole sequence;
-`query_index` [s/cp] then gives the queries' global positions (sdpa backend only).
+Under context parallelism q holds only this rank's s/cp tokens (two chunks, see
+parallel/context.py) while k/v hold the whole sequence; `cp_chunks` (LocalChunks) says where the
+queries sit. Each chunk is then a causal attention over the keys up to its own end, aligned
+bottom-right (sdpa and flash backends); with document masks (segment_ids) the sdpa backend uses
+an explicit mask instead.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from megatron_code.model.config import ModelConfig
-from megatron_code.parallel.context import context_parallel_mask
+from megatron_code.parallel.context import LocalChunks, context_parallel_mask
 
 
 def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -47,12 +51,14 @@ class SDPAttention(nn.Module):
         super().__init__()
         self.dropout = config.attention_dropout
 
-    def forward(self, q, k, v, segment_ids=None, query_index=None):
+    def forward(self, q, k, v, segment_ids=None, cp_chunks=None):
         s, b, nq, d = q.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
         dropout = self.dropout if self.training else 0.0
-        if query_index is not None:
-            mask = context_parallel_mask(query_index, k.shape[2], segment_ids)
+        if cp_chunks is not None and segment_ids is None:
+            out = self._context_parallel_causal(q, k, v, cp_chunks, dropout)
+        elif cp_chunks is not None:
+            mask = context_parallel_mask(cp_chunks.indices, k.shape[2], segment_ids)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
         elif segment_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
@@ -60,6 +66,18 @@ class SDPAttention(nn.Module):
             mask = document_causal_mask(segment_ids)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)  # [b, n, s, d] -> [s, b, n*d]
+
+    @staticmethod
+    def _context_parallel_causal(q, k, v, chunks: LocalChunks, dropout: float) -> torch.Tensor:
+        """q [b, nq, 2c, d] (this rank's two chunks), k/v [b, nkv, s, d] -> [b, nq, 2c, d]. A
+        lower-right causal bias is no tensor: on CUDA torch runs the flash kernel (which aligns
+        causality bottom-right), so no [s/cp, s] mask is built or kept for backward."""
+        outs = []
+        for q_chunk, end in zip(q.split(chunks.length, dim=2), chunks.key_ends()):
+            bias = causal_lower_right(chunks.length, end)
+            outs.append(F.scaled_dot_product_attention(q_chunk, k[:, :, :end], v[:, :, :end], attn_mask=bias,
+                                                       dropout_p=dropout, enable_gqa=True))
+        return torch.cat(outs, dim=2)
 
 
 class FlashAttention(nn.Module):
@@ -72,12 +90,16 @@ class FlashAttention(nn.Module):
         self.flash_attn = flash_attn
         self.dropout = config.attention_dropout
 
-    def forward(self, q, k, v, segment_ids=None, query_index=None):
-        assert query_index is None, "context parallelism runs on the sdpa backend (validated earlier)"
+    def forward(self, q, k, v, segment_ids=None, cp_chunks=None):
+        assert cp_chunks is None or segment_ids is None, "validated earlier: CP + packed documents need sdpa"
         s, b, nq, d = q.shape
         dropout = self.dropout if self.training else 0.0
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [b, s, n, d]
-        if segment_ids is None:
+        if cp_chunks is not None:  # flash-attn aligns causality bottom-right when s_q < s_k
+            outs = [self.flash_attn.flash_attn_func(q_chunk, k[:, :end], v[:, :end], dropout_p=dropout, causal=True)
+                    for q_chunk, end in zip(q.split(cp_chunks.length, dim=1), cp_chunks.key_ends())]
+            out = torch.cat(outs, dim=1)
+        elif segment_ids is None:
             out = self.flash_attn.flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
         else:
             cu_seqlens, max_len = packed_cu_seqlens(segment_ids)
@@ -104,8 +126,8 @@ class TEAttention(nn.Module):
         self.causal = te.DotProductAttention(qkv_format="sbhd", attn_mask_type="causal", **common)
         self.packed = te.DotProductAttention(qkv_format="thd", attn_mask_type="padding_causal", **common)
 
-    def forward(self, q, k, v, segment_ids=None, query_index=None):
-        assert query_index is None, "context parallelism runs on the sdpa backend (validated earlier)"
+    def forward(self, q, k, v, segment_ids=None, cp_chunks=None):
+        assert cp_chunks is None, "context parallelism runs on the sdpa or flash backend (validated earlier)"
         s, b, nq, d = q.shape
         if segment_ids is None:
             return self.causal(q, k, v)  # [s, b, n*d]

@@ -24,7 +24,7 @@ from megatron_code.model.fp8 import enable_fp8
 from megatron_code.model.mlp import SwiGLUMLP
 from megatron_code.model.norm import RMSNorm
 from megatron_code.model.rope import RotaryEmbedding
-from megatron_code.parallel.context import local_token_indices, slice_local
+from megatron_code.parallel.context import LocalChunks, local_chunks, slice_local
 from megatron_code.parallel.layers import (
     SINGLE, VocabParallelEmbedding, column_parallel_input, mark_tensor_parallel, vocab_parallel_cross_entropy,
 )
@@ -41,9 +41,9 @@ class TransformerLayer(nn.Module):
         self.mlp = SwiGLUMLP(config, parallel)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
-        attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids, query_index)
+        attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids, cp_chunks)
         x = x + F.dropout(attn, self.hidden_dropout, self.training)
         mlp = self.mlp(self.pre_mlp_layernorm(x))
         return x + F.dropout(mlp, self.hidden_dropout, self.training)
@@ -73,9 +73,9 @@ class TransformerBlock(nn.Module):
             return [(start, min(start + k, n), True) for start in range(0, n, k)]
         return [(i, i + 1, i < k) for i in range(n)]
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, query_index=None):
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         layers = list(self.layers.values())
-        args = (rotary_cos, rotary_sin, segment_ids, query_index)
+        args = (rotary_cos, rotary_sin, segment_ids, cp_chunks)
         for start, end, recompute in self.layer_groups():
             run = functools.partial(_run_layers, layers[start:end])
             # Non-reentrant checkpoint restores the RNG state (dropout masks) and autocast for the rerun.
@@ -158,18 +158,18 @@ class GPTModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
-    def query_index(self, local_seq_len: int, device) -> torch.Tensor | None:
-        """Global positions of this rank's tokens under context parallelism (None without CP)."""
+    def cp_chunks(self, local_seq_len: int, device) -> LocalChunks | None:
+        """Where this rank's tokens sit in the sequence under context parallelism (None without CP)."""
         if self.parallel.cp == 1:
             return None
-        return local_token_indices(local_seq_len * self.parallel.cp, self.parallel.cp, self.parallel.cp_rank, device)
+        return local_chunks(local_seq_len * self.parallel.cp, self.parallel.cp, self.parallel.cp_rank, device)
 
     def run_layers(self, hidden, position_ids, segment_ids=None):
         """This model's (or stage's) layers: hidden [s(/tp), b, h] with this rank's position ids
         [b, s/cp] -> [s(/tp), b, h] (normalized on the last stage)."""
         cos, sin = self.rotary_pos_emb(position_ids)
-        query_index = self.query_index(position_ids.shape[1], position_ids.device)
-        return self.decoder(hidden, cos, sin, segment_ids, query_index)
+        cp_chunks = self.cp_chunks(position_ids.shape[1], position_ids.device)
+        return self.decoder(hidden, cos, sin, segment_ids, cp_chunks)
 
     def output_logits(self, hidden):
         """Last stage: [s(/tp), b, h] -> this rank's vocabulary slice of the logits [s, b, V / tp].

@@ -9,9 +9,14 @@ Attention is "all-gather KV": after RoPE, K and V of all ranks are all-gathered 
 reduce-scatter of their gradients) and each rank attends with its own queries. The KV memory of
 the full sequence is held once per layer; a ring (point-to-point, overlapped) variant is the
 upgrade path for very long sequences. Position ids travel with the tokens, so RoPE is exact.
+
+Without document masks each local chunk is one causal attention over the keys up to its end,
+aligned bottom-right (`LocalChunks`): no mask is built, and the fused kernels run as at CP = 1.
+With document masks the queries see an explicit [s/cp, s] mask (`context_parallel_mask`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -31,6 +36,26 @@ def _local_indices_cpu(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
 def local_token_indices(seq_len: int, cp: int, cp_rank: int, device) -> torch.Tensor:
     """Global positions (in the full sequence) of the tokens CP rank `cp_rank` holds, in order."""
     return _local_indices_cpu(seq_len, cp, cp_rank).to(device)
+
+
+@dataclass(frozen=True)
+class LocalChunks:
+    """Where this CP rank's s/cp tokens sit in the full sequence: chunk `first` then chunk
+    `second` (r and 2CP-1-r), `length` tokens each; `indices` [s/cp] are their global positions."""
+
+    first: int
+    second: int
+    length: int
+    indices: torch.Tensor
+
+    def key_ends(self) -> tuple[int, int]:
+        """How many keys (from position 0) each chunk's queries may see: up to its own end."""
+        return (self.first + 1) * self.length, (self.second + 1) * self.length
+
+
+def local_chunks(seq_len: int, cp: int, cp_rank: int, device) -> LocalChunks:
+    return LocalChunks(cp_rank, 2 * cp - 1 - cp_rank, seq_len // (2 * cp),
+                       local_token_indices(seq_len, cp, cp_rank, device))
 
 
 @lru_cache(maxsize=64)

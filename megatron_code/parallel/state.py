@@ -160,10 +160,10 @@ def _check_context_parallel(cp: int, tp: int, sequence_parallel: bool, seq_lengt
             f"with sequence parallelism, --seq-length / --context-parallel-size ({seq_length // cp}) "
             f"must be divisible by --tensor-model-parallel-size ({tp})."
         )
-    if backend != "sdpa":
+    if backend not in ("sdpa", "flash"):
         raise ConfigError(
-            f"--context-parallel-size > 1 runs with --attention-backend sdpa for now (got {backend}); "
-            "flash/te context-parallel attention is tracked in the parallelism issue."
+            f"--context-parallel-size > 1 runs with --attention-backend sdpa or flash (got {backend}); "
+            "Transformer Engine's own context parallelism is not wired in."
         )
 
 

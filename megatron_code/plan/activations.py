@@ -42,8 +42,8 @@ class MicroBatch:
     """Triton RMSNorm/SwiGLU and the fused linear-cross-entropy loss head (`auto` on CUDA), rather
     than the plain-torch reference kernels (CPU)."""
     cp_mask_element_bytes: int | None = None
-    """Bytes per element of the [s/CP, s] attention mask SDPA keeps under context parallelism
-    (torch converts our bool mask to the query dtype; None: that dtype)."""
+    """Bytes per element of the attention masks SDPA keeps under context parallelism off CUDA
+    (torch converts bool masks to the query dtype; None: that dtype)."""
 
     @property
     def tokens(self) -> int:
@@ -83,7 +83,7 @@ def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = 
     """q (after RoPE; RoPE keeps only the shared cos/sin), k and v of the whole sequence (gathered
     over CP), the context (SDPA's output, kept by linear_proj), and, unless core attention is
     recomputed (selective), the kernel's softmax statistics (fp32 log-sum-exp per query and
-    head) and under CP the [s/CP, s] mask SDPA keeps."""
+    head) and under CP any mask SDPA keeps (cp_mask_bytes)."""
     _, d, nq, nkv, _ = _local(config, mb)
     a, cp = mb.compute_bytes, mb.context_parallel
     kept = mb.tokens * a * d * 2 * nq + mb.tokens * cp * a * d * 2 * nkv
@@ -93,12 +93,16 @@ def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = 
 
 
 def cp_mask_bytes(mb: MicroBatch) -> int:
-    """Under CP, SDPA gets an explicit [1, 1, s/CP, s] causal mask (no segment ids) and keeps it,
-    converted to the query dtype, for backward."""
-    if mb.context_parallel == 1:
+    """Without document masks each of a CP rank's two chunks (c = s / 2CP tokens) attends
+    bottom-right causally to the keys up to its end (model/core_attention.py). On CUDA the flash
+    kernel does that with no mask. Elsewhere torch materializes a [c, keys] mask for a chunk whose
+    query and key counts differ and keeps it (in the query dtype) for backward: on the busiest
+    rank (any but rank 0) c x (r + 1) c + c x (2CP - r) c = c^2 (2CP + 1) elements."""
+    if mb.context_parallel == 1 or mb.fused_kernels:
         return 0
+    chunk = mb.seq_length // (2 * mb.context_parallel)
     element = mb.cp_mask_element_bytes or mb.compute_bytes
-    return (mb.seq_length // mb.context_parallel) * mb.seq_length * element
+    return chunk * chunk * (2 * mb.context_parallel + 1) * element
 
 
 def mlp_bytes(config: ModelConfig, mb: MicroBatch) -> int:
