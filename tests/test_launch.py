@@ -224,13 +224,13 @@ def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
 
 def test_extension_script_starts_from_pretraining_weights(script_runs):
     out, root = script_runs["extend"]
-    check_full_job(out, tp=2, cp=4, pp=1)
+    check_full_job(out, tp=8, cp=4, pp=1)
     cfg = resolved_config(out)
-    assert cfg["model"]["use_rope_scaling"] and cfg["model"]["rope_scaling_factor"] == 16.0
-    assert cfg["model"]["rope_original_max_position_embeddings"] == 8192 and cfg["data"]["seq_length"] == 131072
+    assert cfg["model"]["use_rope_scaling"] and cfg["model"]["rope_scaling_factor"] == 32.0
+    assert cfg["model"]["rope_original_max_position_embeddings"] == 4096 and cfg["data"]["seq_length"] == 131072
     assert cfg["checkpoint"]["load"] == str(root / "pre") and cfg["checkpoint"]["finetune"]
     assert cfg["checkpoint"]["save"] == f"{root}/checkpoints/extend-7b-128k"
-    assert cfg["model"]["recompute_num_layers"] == 30 and cfg["model"]["make_vocab_size_divisible_by"] * 2 == 1024
+    assert cfg["model"]["recompute_granularity"] is None and cfg["model"]["make_vocab_size_divisible_by"] * 8 == 1024
     assert cfg["training"]["train_iters"] == 1000  # extra arguments override the script's
     assert "MISSING checkpoint (a real run with --finetune refuses to start)" in out
 
