@@ -21,7 +21,9 @@ import pytest
 from data_tools._common import DataToolError
 from data_tools.sandbox import (ExecutionResult, SandboxConfig, detect_toolchains, main, run_program,
                                 validate_sample, validate_samples)
+from data_tools.sandbox.completion import COMPLETION_ENV, NOT_COMPLETED_MESSAGE
 from data_tools.sandbox.isolation import plan_isolation, unreachable_reason
+from data_tools.sandbox.recipes import GO_RENAMED_MAIN, go_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = f"sandbox-test-marker-{uuid.uuid4().hex[:12]}"
@@ -63,6 +65,15 @@ class Host:
                 os.remove(path)
         shutil.rmtree(self.shared_dir)
         shutil.rmtree(self.tmp_root)
+
+
+UNITTEST_ADD = """
+import unittest
+class T(unittest.TestCase):
+    def test_add(self):
+        self.assertEqual(add(1, 2), 3)
+unittest.main()
+"""
 
 
 def python_cases(host):
@@ -117,6 +128,27 @@ def python_cases(host):
         "py_io_wrong": ("fail", io_sample("python", "a, b = map(int, input().split())\nprint(a * b)\n",
                                           [("2 2\n", "4\n"), ("1 2\n", "3\n")])),
         "py_io_crash": ("runtime_error", io_sample("python", "print(1 // int(input()))\n", [("0\n", "0\n")])),
+        # Exit 0 before the tests ran is no pass: the tests below would fail had they run.
+        "py_exits_in_main": ("fail", sample("python", """
+            import sys
+            def add(a, b):
+                return a - b
+            def main():
+                print(add(2, 2))
+            if __name__ == "__main__":
+                sys.exit(main())
+        """, "assert add(1, 2) == 3\n")),
+        "py_os_exit": ("fail", sample("python", "import os\ndef add(a, b):\n    return a - b\nos._exit(0)\n",
+                                      "assert add(1, 2) == 3\n")),
+        "py_exit_before_unittest": ("fail", sample("python", "import sys\ndef add(a, b):\n    return a - b\n"
+                                                             "sys.exit(0)\n", UNITTEST_ADD)),
+        "py_unittest_pass": ("pass", sample("python", "def add(a, b):\n    return a + b\n", UNITTEST_ADD)),
+        # A marker that is not a regular file proves nothing, and must not block the sandbox reading it.
+        "py_marker_fifo": ("fail", sample("python", "import os\nos.mkfifo(os.environ['MCODE_SANDBOX_COMPLETION_FILE'])"
+                                                    "\nos._exit(0)\n")),
+        # stdin/stdout programs may exit early: their output decides.
+        "py_io_exits": ("pass", io_sample("python", "import sys\nprint(int(input()) * 2)\nsys.exit(0)\nprint(0)\n",
+                                          [("2\n", "4\n")])),
     }
 
 
@@ -168,6 +200,11 @@ def c_cases(host):
         "cpp_compile_error": ("compile_error", sample("cpp", "int main() { std::cout << 1; }\n")),
         "cpp_uncaught_exception": ("runtime_error", sample("cpp", "#include <stdexcept>\nint main() "
                                                                   "{ throw std::runtime_error(\"boom\"); }\n")),
+        "c_exit_early": ("fail", sample("c", "#include <stdlib.h>\nint add(int a, int b) { exit(0); }\n", check)),
+        "c_io_exits": ("pass", io_sample("c", "#include <stdio.h>\n#include <stdlib.h>\nint main(void) "
+                                              "{ puts(\"ok\"); exit(0); }\n", [("", "ok\n")])),
+        "cpp_exit_early": ("fail", sample("cpp", "#include <cstdlib>\nint add(int a, int b) { std::exit(0); }\n",
+                                          "#include <cassert>\nint main() { assert(add(1, 2) == 3); }\n")),
     }
 
 
@@ -196,6 +233,11 @@ def javascript_cases(host):
         "js_io_pass": ("pass", io_sample("javascript", "const [a, b] = require('fs').readFileSync(0, 'utf8')"
                                                       ".trim().split(/\\s+/).map(Number);\nconsole.log(a + b);\n",
                                          [("1 2\n", "3\n")])),
+        "js_exit_early": ("fail", sample("javascript", "function add(a, b) { return a - b; }\nprocess.exit(0);\n",
+                                         "const assert = require('assert');\nassert.strictEqual(add(1, 2), 3);\n")),
+        "js_esm_exit_early": ("fail", sample("javascript", "export function add(a, b) { return a - b; }\n"
+                                                           "process.exit(0);\n",
+                                             "import assert from 'assert';\nassert.strictEqual(add(1, 2), 3);\n")),
     }
 
 
@@ -224,6 +266,17 @@ def other_cases(host):
         "bash_loop": ("timeout", sample("bash", "while :; do :; done\n")),
         "bash_fork_bomb": ("timeout", sample("bash", "b() { b | b & }; b\nwhile :; do b; sleep 0.1; done\n")),
         "bash_network": ("fail", sample("bash", f"exec 3<>/dev/tcp/127.0.0.1/{host.port} || exit 1\n")),
+        "bash_exit_early": ("fail", sample("bash", "add() { echo $(($1 - $2)); }\nmain() { add 2 2; exit 0; }\n"
+                                                   "main \"$@\"\n", bash_check)),
+        "bash_last_status_kept": ("fail", sample("bash", "add() { echo $(($1 - $2)); }\n",
+                                                 "[ \"$(add 1 2)\" = 3 ]\n")),
+        "java_exit_early": ("fail", sample("java", "class Solution { static int add(int a, int b) "
+                                                   "{ System.exit(0); return a - b; } }\n",
+                                           main_class.format("assert Solution.add(1, 2) == 3;"))),
+        "rust_exit_early": ("fail", sample("rust", "fn add(a: i32, b: i32) -> i32 { std::process::exit(0) }\n",
+                                           "fn main() { assert_eq!(add(1, 2), 3); }\n")),
+        "rust_test_attribute_pass": ("pass", sample("rust", "fn add(a: i32, b: i32) -> i32 { a + b }\n",
+                                                    "#[test]\nfn adds() { assert_eq!(add(1, 2), 3); }\n")),
         "go_program": ("pass" if TOOLCHAINS["go"] else "sandbox_error",
                        sample("go", "package main\n\nfunc main() {}\n")),
     }
@@ -303,9 +356,30 @@ def test_results_explain_themselves(batch):
     assert by_name["py_io_wrong"].message.startswith("example 2 of 2: stdout differs")
     assert by_name["py_io_pass"].message == "all 2 examples matched"
     assert by_name["py_correct"].wall_s > 0 and by_name["py_correct"].cpu_s > 0
+    for name in ("py_exits_in_main", "py_os_exit", "py_marker_fifo", "c_exit_early", "js_exit_early",
+                 "bash_exit_early", "java_exit_early", "rust_exit_early"):
+        if name in by_name:
+            result = by_name[name]
+            assert result.returncode == 0 and result.message == NOT_COMPLETED_MESSAGE, (name, result)
     if "go_program" in by_name and TOOLCHAINS["go"] is None:
         message = by_name["go_program"].message
         assert "no go toolchain" in message and "apt-get install golang-go" in message
+
+
+def test_go_main_is_wrapped_by_the_completion_step():
+    """Go is not installed on every machine: check the source transformation its recipe builds."""
+    solution = "package main\n\nfunc add(a, b int) int { return a + b }\n"
+    tests = "package main\n\nimport \"os\"\n\nfunc main() {\n\tif add(1, 2) != 3 {\n\t\tos.Exit(1)\n\t}\n}\n"
+    files = go_files(solution, tests)
+    assert files["solution.go"] == solution
+    assert files["tests.go"] == tests.replace("func main()", f"func {GO_RENAMED_MAIN}()")
+    wrapper = files["sandbox_completion.go"]  # reads the marker path, runs the tests, then creates the marker
+    steps = (f'os.Getenv("{COMPLETION_ENV}")', f"\t{GO_RENAMED_MAIN}()\n", "os.Create(marker)")
+    assert "\nfunc main() {" in wrapper and [wrapper.index(step) for step in steps] == sorted(
+        wrapper.index(step) for step in steps)
+    program = "package main\n\nfunc main() {}\n"  # no tests: the solution's own main is the program
+    assert go_files(program, "")["solution.go"] == f"package main\n\nfunc {GO_RENAMED_MAIN}() {{}}\n"
+    assert "sandbox_completion.go" not in go_files(solution, "")  # no main at all: go build reports it
 
 
 def test_network_is_unreachable(batch, host):

@@ -4,6 +4,11 @@ statuses mean "a test assertion failed" or "the source does not compile".
 Exit status 117 (``TEST_FAILED_EXIT``) is produced by a small harness per language (see ``harness/``)
 when an assertion fails; 118 (``SYNTAX_ERROR_EXIT``) by the interpreted languages' syntax check. The
 table of rules is in docs/sandbox.md ("Verdicts").
+
+Every recipe also adds the completion step of completion.py: the marker is created only when control
+comes back from the end of the tests (Python, Java: the harness, after the program's main code returns;
+C, C++, Rust: a wrapper linked around ``main``; Go: a ``main`` that calls the renamed one; JavaScript,
+Bash: a line appended after the tests), so an early ``exit(0)`` is not a pass.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from data_tools.sandbox.completion import COMPLETION_ENV
 from data_tools.sandbox.config import SandboxConfig
 from data_tools.sandbox.toolchains import Toolchain
 
@@ -92,9 +98,10 @@ def _python(tc: Toolchain, solution: str, tests: str, entry_point: str | None, c
 
 
 def _c_family(tc: Toolchain, source_name: str, standard: str, solution: str, tests: str) -> Program:
-    files = {source_name: joined(solution, tests), "sandbox_assert.c": harness_source("sandbox_assert.c")}
+    files = {source_name: joined(solution, tests), "sandbox_assert.c": harness_source("sandbox_assert.c"),
+             "sandbox_main.c": harness_source("sandbox_main.c")}
     build = (tc.programs["compiler"], f"-std={standard}", "-O2", "-pipe", "-o", "main", source_name,
-             "sandbox_assert.c", "-lm", "-Wl,--wrap=__assert_fail")
+             "sandbox_assert.c", "sandbox_main.c", "-lm", "-Wl,--wrap=__assert_fail", "-Wl,--wrap=main")
     return Program(files, run=("./main",), build=build)
 
 
@@ -143,10 +150,12 @@ def _java(tc: Toolchain, solution: str, tests: str, entry_point: str | None, con
 
 
 JS_ESM_SYNTAX = re.compile(r"^\s*(?:import\s+[\w{*'\"]|export\s)", re.M)
+# Defined by harness.js; the leading semicolon keeps it a statement of its own after any last line.
+JS_COMPLETION_CALL = ";globalThis.__mcodeSandboxTestsCompleted();"
 
 
 def _javascript(tc, solution, tests, entry_point, config) -> Program:
-    source = joined(solution, tests)
+    source = joined(solution, tests, JS_COMPLETION_CALL)
     main = "main.mjs" if JS_ESM_SYNTAX.search(source) else "main.js"
     node = tc.programs["node"]
     run = (node, f"--max-old-space-size={max(16, config.memory_mb * 3 // 4)}", "--require",
@@ -157,8 +166,24 @@ def _javascript(tc, solution, tests, entry_point, config) -> Program:
                    env={"UV_THREADPOOL_SIZE": "2"}, syntax_codes=frozenset({SYNTAX_ERROR_EXIT}))
 
 
-def _go(tc, solution, tests, entry_point, config) -> Program:
+GO_MAIN = re.compile(r"^func\s+main\s*\(\s*\)", re.M)
+GO_RENAMED_MAIN = "mcodeSandboxTestsMain"  # the name harness/sandbox_completion.go calls
+
+
+def go_files(solution: str, tests: str) -> dict:
+    """solution.go, tests.go, and the completion step: the file declaring ``func main()`` (the tests, or
+    the solution when there are none) gets it renamed, and harness/sandbox_completion.go calls it.
+    Without any main nothing is renamed, and go build says that main is missing."""
     files = {"solution.go": solution} | ({"tests.go": tests} if tests.strip() else {})
+    for name in reversed(files):
+        if GO_MAIN.search(files[name]):
+            files[name] = GO_MAIN.sub(f"func {GO_RENAMED_MAIN}()", files[name], count=1)
+            return files | {"sandbox_completion.go": harness_source("sandbox_completion.go")}
+    return files
+
+
+def _go(tc, solution, tests, entry_point, config) -> Program:
+    files = go_files(solution, tests)
     build = (tc.programs["go"], "build", "-o", "main", *files)
     # Go's build cache lives under $HOME (the work dir); no toolchain downloads, no proxy, no cgo.
     env = {"GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0",
@@ -171,19 +196,25 @@ RUST_TEST_ATTRIBUTE = re.compile(r"#\[\s*test\s*\]")
 
 
 def _rust(tc, solution, tests, entry_point, config) -> Program:
-    source = joined(solution, tests) + harness_source("panic_hook.rs")
+    source = joined(solution, tests) + harness_source("panic_hook.rs") + harness_source("completion.rs")
     as_tests = bool(RUST_TEST_ATTRIBUTE.search(source))  # #[test] functions: build libtest's runner
     build = (tc.programs["rustc"], "--edition", "2021", "-O", "-A", "warnings", "-C", "debuginfo=0",
-             "-o", "main", "main.rs", *(("--test",) if as_tests else ()))
+             "-C", "link-arg=-Wl,--wrap=main", "-o", "main", "main.rs", *(("--test",) if as_tests else ()))
     run = ("./main", "--test-threads=1") if as_tests else ("./main",)
     return Program({"main.rs": source}, run=run, build=build)
+
+
+# Appended after the tests; keeps the script's own exit status (that of its last command).
+BASH_COMPLETION = ("__mcode_sandbox_status=$?\n"
+                   f'if [ -n "${{{COMPLETION_ENV}-}}" ]; then : 2>/dev/null >"${COMPLETION_ENV}" || :; fi\n'
+                   'exit "$__mcode_sandbox_status"')
 
 
 def _bash(tc, solution, tests, entry_point, config) -> Program:
     bash = tc.programs["bash"]
     check_then_run = f'"$0" -n main.sh || exit {SYNTAX_ERROR_EXIT}; exec "$0" main.sh'
     # Bash has no assert: a test fails with `exit 1` (or `false`/`[ ]` under set -e); other codes are errors.
-    return Program({"main.sh": joined(solution, tests)}, run=(bash, "-c", check_then_run, bash),
+    return Program({"main.sh": joined(solution, tests, BASH_COMPLETION)}, run=(bash, "-c", check_then_run, bash),
                    fail_codes=frozenset({1}), syntax_codes=frozenset({SYNTAX_ERROR_EXIT}))
 
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from data_tools.sandbox.completion import COMPLETION_ENV, new_marker_path, tests_completed
 from data_tools.sandbox.config import LANGUAGES, ExecutionResult, SandboxConfig, excerpt
 from data_tools.sandbox.forkserver import POOL, ServerDied
 from data_tools.sandbox.isolation import (IsolationPlan, kill_uid_processes, lease_uid, nproc_limit, plan_isolation,
@@ -242,25 +243,31 @@ def _build_and_run(ws: Workspace, plan: IsolationPlan, uid: int | None, program:
         if failed:
             return _result(*failed, tally, plan, config, "build")
     limits = Limits(config.timeout_s, config.cpu_s, config.memory_mb, nproc_limit(plan, config.max_processes))
-    spec = _spec(ws, plan, program, program.run, env, limits, uid, config, roots)
     for index, stdin in enumerate(stdins):
+        # With tests, a fresh completion marker per run (completion.py); stdin/stdout runs need none.
+        marker = new_marker_path(ws.work) if expected is None else None
+        run_env = (env | {COMPLETION_ENV: marker}) if marker else env
+        spec = _spec(ws, plan, program, program.run, run_env, limits, uid, config, roots)
         outcome = tally.add(run_step(ws, plan, spec, stdin.encode("utf-8"), config))
         verdict, message = judge_run(outcome, program, timeout_s=config.timeout_s, cpu_s=config.cpu_s,
-                                     max_output_bytes=config.max_output_bytes, tests_mode=expected is None)
+                                     max_output_bytes=config.max_output_bytes, tests_mode=expected is None,
+                                     tests_completed=marker is not None and tests_completed(marker))
         if verdict == "pass" and expected is not None and not outputs_match(outcome.stdout, expected[index]):
             verdict, message = "fail", "stdout differs from the expected output"
         if expected is not None and verdict != "pass":
             message = f"example {index + 1} of {len(stdins)}: {message}"
         if verdict != "pass":
             return _result(verdict, message, tally, plan, config, "run")
-    what = f"all {len(stdins)} examples matched" if expected is not None else "the program and its tests ran clean"
+    what = (f"all {len(stdins)} examples matched" if expected is not None
+            else "the tests ran to their end and the program exited with status 0")
     return _result("pass", what, tally, plan, config, "run")
 
 
 def run_program(language: str, source: str, *, stdin: str = "", config: SandboxConfig | None = None) -> ExecutionResult:
     """Run one program (built first for compiled languages) with ``stdin``.
 
-    The verdict follows the same rules as a sample whose tests are inside ``source``: exit 0 is
-    ``pass``, a failed assertion ``fail``, see docs/sandbox.md. The output is in ``stdout_excerpt``.
+    The verdict follows the same rules as a sample whose tests are inside ``source``: running to the
+    end of ``source`` and exiting 0 is ``pass`` (an early ``exit(0)`` is ``fail``), a failed assertion
+    ``fail``, see docs/sandbox.md. The output is in ``stdout_excerpt``.
     """
     return execute(language, source, "", None, [stdin], None, config or SandboxConfig())

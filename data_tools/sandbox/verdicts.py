@@ -8,6 +8,7 @@ import re
 import signal
 from dataclasses import dataclass
 
+from data_tools.sandbox.completion import NOT_COMPLETED_MESSAGE
 from data_tools.sandbox.recipes import Program
 
 # Messages runtimes print when an allocation fails, to say "memory limit" instead of just "crashed".
@@ -56,9 +57,10 @@ def judge_build(outcome: StepOutcome, timeout_s: float) -> tuple[str, str] | Non
 
 
 def judge_run(outcome: StepOutcome, program: Program, *, timeout_s: float, cpu_s: float,
-              max_output_bytes: int, tests_mode: bool) -> tuple[str, str]:
+              max_output_bytes: int, tests_mode: bool, tests_completed: bool) -> tuple[str, str]:
     """(verdict, message) of one run; ``tests_mode`` is False for stdin/stdout examples, where a
-    non-zero exit is always a crash (the examples, not the program, decide pass or fail)."""
+    non-zero exit is always a crash (the examples, not the program, decide pass or fail). In tests
+    mode exit 0 is a pass only with ``tests_completed`` (the run left its completion marker)."""
     if outcome.error:
         return "sandbox_error", outcome.error
     if outcome.timed_out:
@@ -72,6 +74,8 @@ def judge_run(outcome: StepOutcome, program: Program, *, timeout_s: float, cpu_s
         return "runtime_error", f"killed by {signal_name(outcome.signal)}{extra}"
     code = outcome.exit_code
     if code == 0:
+        if tests_mode and not tests_completed:
+            return "fail", NOT_COMPLETED_MESSAGE
         return "pass", "exited with status 0"
     if code in program.syntax_codes:
         return "compile_error", "the source does not compile (syntax check failed)"
