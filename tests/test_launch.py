@@ -166,11 +166,16 @@ def _slurm_env(root, job_name, **extra):
 def script_runs(tmp_path_factory):
     """Every script's dry run, started together (each spends seconds importing torch), as
     name -> (output, run root)."""
-    roots = {name: tmp_path_factory.mktemp(name) for name in ("pretrain", "extend", "extend_again", "single")}
+    roots = {name: tmp_path_factory.mktemp(name)
+             for name in ("pretrain", "extend", "extend_again", "single", "sft", "dpo_again")}
     resumable = roots["extend_again"] / "checkpoints" / "extend-7b-128k"
     resumable.mkdir(parents=True)
     (resumable / checkpointing.LATEST_MARKER).write_text("40\n")  # the stage's own checkpoint, as after a requeue
     pre = str(roots["extend"] / "pre")
+    dpo_own = roots["dpo_again"] / "checkpoints" / "dpo-7b"
+    dpo_own.mkdir(parents=True)
+    (dpo_own / checkpointing.LATEST_MARKER).write_text("20\n")  # a requeued DPO job's own policy
+    eight_nodes = dict(SLURM_NNODES="8", SLURM_JOB_NODELIST="gpu[001-008]")
     jobs = {
         "pretrain": ("launch/slurm/pretrain_7b_4k.sbatch", [], _slurm_env(
             roots["pretrain"], "pretrain-7b-4k", DRY_RUN="1", NCCL_IB_HCA="=mlx5_0,mlx5_1", NCCL_DEBUG="INFO")),
@@ -178,6 +183,10 @@ def script_runs(tmp_path_factory):
                    _slurm_env(roots["extend"], "extend-7b-128k", PRETRAIN_CKPT=pre)),
         "extend_again": ("launch/slurm/extend_7b_128k.sbatch", [], _slurm_env(
             roots["extend_again"], "extend-7b-128k", DRY_RUN="1", PRETRAIN_CKPT=pre)),
+        "sft": ("launch/slurm/sft_7b.sbatch", ["--dry-run"], _slurm_env(
+            roots["sft"], "sft-7b", SFT_DATA_PATH="0.7 exp/a/sft 0.3 exp/b/sft", BASE_CKPT=pre, **eight_nodes)),
+        "dpo_again": ("launch/slurm/dpo_7b.sbatch", ["--dpo-beta", "0.2"], _slurm_env(
+            roots["dpo_again"], "dpo-7b", DRY_RUN="1", DPO_DATA_PATH="exp/a/dpo", SFT_CKPT=pre, **eight_nodes)),
         "single": ("launch/torchrun.sh", ["--dry-run", "--preset", "1b", "--tokenizer-model", TOKENIZER,
                                           "--data-path", "data/x", "--train-iters", "3000",
                                           "--tensor-model-parallel-size", "4"],
@@ -241,6 +250,38 @@ def test_requeued_extension_resumes_its_own_checkpoint(script_runs):
     cfg = resolved_config(out)
     assert cfg["checkpoint"]["load"] == own and not cfg["checkpoint"]["finetune"]
     assert f"load       {own}: resumes at iteration 40" in out
+
+
+def check_eight_node_job(out, tp):
+    rows, sizes = layout_rows(out), layout_sizes(out)
+    assert sorted(rows) == list(range(64)) and sizes == {"tp": tp, "cp": 1, "pp": 1, "dp": 64 // tp}
+    assert rows[0] == (0, 0, 0, 0, 0, 0) and rows[63] == (7, 7, 0, 64 // tp - 1, 0, tp - 1)
+    assert "world: 64 processes = 8 nodes x 8 per node" in out
+
+
+def test_sft_script_dry_run_starts_from_the_pretrained_weights(script_runs):
+    out, root = script_runs["sft"]
+    check_eight_node_job(out, tp=4)
+    cfg = resolved_config(out)
+    assert cfg["training"]["training_mode"] == "sft" and cfg["data"]["data_path"] == []
+    assert cfg["data"]["sft_data_path"] == ["0.7", "exp/a/sft", "0.3", "exp/b/sft"]
+    assert cfg["data"]["reset_attention_mask"] and cfg["data"]["reset_position_ids"]
+    assert cfg["checkpoint"]["load"].endswith("/pre") and cfg["checkpoint"]["finetune"]
+    assert cfg["checkpoint"]["save"] == f"{root}/checkpoints/sft-7b"
+    assert cfg["training"]["global_batch_size"] == 128 and cfg["model"]["make_vocab_size_divisible_by"] * 4 == 1024
+    assert "sft data   exp/a/sft (--sft-data-path: sft_prompt_document, sft_response_document): MISSING" in out
+
+
+def test_requeued_dpo_script_resumes_its_policy_against_the_sft_reference(script_runs):
+    out, root = script_runs["dpo_again"]
+    check_eight_node_job(out, tp=4)
+    cfg = resolved_config(out)
+    own = f"{root}/checkpoints/dpo-7b"
+    assert cfg["training"]["training_mode"] == "dpo" and cfg["training"]["dpo_beta"] == 0.2  # extra args win
+    assert cfg["checkpoint"]["load"] == own and not cfg["checkpoint"]["finetune"]
+    assert cfg["checkpoint"]["ref_load"].endswith("/pre") and cfg["data"]["dpo_data_path"] == ["exp/a/dpo"]
+    assert f"load       {own}: resumes at iteration 20" in out
+    assert "reference  " in out and "(--ref-load): MISSING checkpoint" in out
 
 
 def test_single_node_script_dry_run(script_runs):

@@ -84,6 +84,8 @@ def _add_field_argument(group, f: dataclasses.Field, hint, doc: str) -> None:
     elif typing.get_origin(kind) is list:
         group.add_argument(flag, nargs="+", type=str, **kwargs)
     else:
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         group.add_argument(flag, type=kind, **kwargs)
 
 

@@ -33,6 +33,12 @@ class DataConfig:
     mock_data: bool = False
     """Train on megatron-core's synthetic token sequences instead of --data-path (profiling and smoke
     tests; no tokenizer needed when --vocab-size is given)."""
+    sft_data_path: list[str] = field(default_factory=list)
+    """--training-mode sft: prefixes of the data tools' SFT export, optionally weighted (`0.7 A 0.3 B`);
+    PREFIX reads PREFIX_prompt_document and PREFIX_response_document (.bin/.idx), e.g. export/sft."""
+    dpo_data_path: list[str] = field(default_factory=list)
+    """--training-mode dpo: prefixes of the data tools' DPO export, optionally weighted; PREFIX reads
+    PREFIX_prompt_document, PREFIX_chosen_document and PREFIX_rejected_document, e.g. export/dpo."""
 
 
 @dataclass
@@ -85,6 +91,13 @@ class TrainingConfig:
     """bfloat16 autocast with fp32 master weights (fp32 is the default, and right on CPU)."""
     seed: int = 1234
     """Seed of model init, data order and dropout."""
+    training_mode: str = field(default="pretrain", metadata={"choices": ("pretrain", "sft", "dpo")})
+    """pretrain: next-token loss on --data-path; sft: chat-formatted prompt + response pairs from
+    --sft-data-path, packed into --seq-length rows, loss on response tokens only; dpo: Direct Preference
+    Optimization on --dpo-data-path against a frozen reference model (--ref-load, default --load)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: how far the policy may move from the reference (the loss is
+    -log sigmoid(beta * ((chosen - ref chosen) - (rejected - ref rejected))) of summed response log-probs)."""
     eval_interval: int = 100
     """Run validation every this many steps (0 disables)."""
     eval_iters: int = 5
@@ -110,6 +123,9 @@ class CheckpointConfig:
     """Save every this many steps (and at the end of training)."""
     finetune: bool = False
     """Load only model weights from --load and start at iteration 0 with fresh optimizer."""
+    ref_load: str | None = None
+    """--training-mode dpo: checkpoint directory of the frozen reference model (its latest checkpoint;
+    default: --load). Required when --load resumes a DPO run's own checkpoint."""
     keep_last: int | None = None
     """After each successful save keep only the newest K iter_* checkpoints (never deleting the one
     `latest` names); default: keep all."""

@@ -17,10 +17,11 @@ from megatron_code.errors import ConfigError
 from megatron_code.training.config import DataConfig
 
 
-def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """`[w1, p1, w2, p2]` -> ([p1, p2], [w1, w2]); `[p1, p2]` -> ([p1, p2], None) (Megatron syntax)."""
+def parse_blend(data_path: list[str], flag: str = "--data-path") -> tuple[list[str], list[float] | None]:
+    """`[w1, p1, w2, p2]` -> ([p1, p2], [w1, w2]); `[p1, p2]` -> ([p1, p2], None) (Megatron syntax).
+    `flag` names the option in error messages."""
     if not data_path:
-        raise ConfigError("--data-path is required: one or more dataset prefixes (PREFIX.bin/.idx), "
+        raise ConfigError(f"{flag} is required: one or more dataset prefixes (PREFIX.bin/.idx), "
                           "optionally weighted as `0.7 PREFIX_A 0.3 PREFIX_B`.")
 
     def is_number(text: str) -> bool:
@@ -33,11 +34,11 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     if not is_number(data_path[0]):
         return list(data_path), None
     if len(data_path) % 2 or not all(is_number(w) for w in data_path[::2]):
-        raise ConfigError(f"--data-path {' '.join(data_path)}: a weighted blend alternates WEIGHT PREFIX "
+        raise ConfigError(f"{flag} {' '.join(data_path)}: a weighted blend alternates WEIGHT PREFIX "
                           "pairs, e.g. `0.7 data/a_text_document 0.3 data/b_text_document`.")
     weights = [float(w) for w in data_path[::2]]
     if any(w <= 0 for w in weights):
-        raise ConfigError(f"--data-path: blend weights must be positive, got {weights}.")
+        raise ConfigError(f"{flag}: blend weights must be positive, got {weights}.")
     return list(data_path[1::2]), weights
 
 

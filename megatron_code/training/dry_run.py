@@ -14,6 +14,7 @@ from megatron_code.parallel.state import rank_grid
 from megatron_code.training.checkpointing import latest_iteration
 from megatron_code.training.config import CheckpointConfig, RunConfig
 from megatron_code.training.data import parse_blend
+from megatron_code.training.finetune_status import finetune_file_status, reference_status
 from megatron_code.training.validate import data_files_exist, validate_job
 from megatron_code.training.world import JobWorld, planned_world
 
@@ -50,13 +51,16 @@ def _summary(cfg: RunConfig, world: JobWorld) -> list[str]:
                                     (f"distributed optimizer over {dp * cp} ranks", p.use_distributed_optimizer))
               if on]
     accumulation = t.global_batch_size // (t.micro_batch_size * dp)
+    dpo = t.training_mode == "dpo"
+    sequences = 2 if dpo else 1
+    kind = "sequences (DPO: a sample is a chosen + rejected pair)" if dpo else "samples"
     return [
         f"world: {world.world_size} processes = {world.nnodes} nodes x {world.nproc_per_node} per node "
         f"({world.source})",
         f"layout: TP {tp} x CP {cp} x PP {pp} x DP {dp}" + "".join(f", {e}" for e in extras),
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x {accumulation} accumulation "
-        f"steps x {dp} data-parallel ranks; {t.global_batch_size * cfg.data.seq_length:,} tokens per step "
-        f"of {cfg.data.seq_length:,}-token samples; {t.train_iters:,} steps",
+        f"steps x {dp} data-parallel ranks; {t.global_batch_size * sequences * cfg.data.seq_length:,} tokens "
+        f"per step of {cfg.data.seq_length:,}-token {kind}; {t.train_iters:,} steps",
         f"model: {cfg.model.num_parameters(tp) / 1e9:.3f}B parameters, {cfg.model.num_layers} layers, "
         f"vocab {cfg.model.vocab_size:,} padded to {cfg.model.padded_vocab_size(tp):,}",
     ]
@@ -70,13 +74,18 @@ def _file_status(cfg: RunConfig, tokenizer_found: bool) -> list[str]:
     else:
         tokenizer = f"{d.tokenizer_model}: MISSING, vocabulary size from --vocab-size"
     lines = [f"tokenizer  {tokenizer}"]
+    mode = cfg.training.training_mode
     if d.mock_data:
         lines.append("data       --mock-data (synthetic tokens)")
-    for prefix in ([] if d.mock_data else parse_blend(d.data_path)[0]):
+    for prefix in ([] if d.mock_data or mode != "pretrain" else parse_blend(d.data_path)[0]):
         state = ("found, token ids checked against the vocabulary" if data_files_exist(prefix)
                  else "MISSING .bin/.idx, not checked (a real run refuses to start)")
         lines.append(f"data       {prefix}: {state}")
+    if mode != "pretrain":
+        lines += finetune_file_status(cfg)
     lines.append(f"load       {_load_status(ck)}")
+    if mode == "dpo":
+        lines.append(f"reference  {reference_status(ck)}")
     lines.append(f"save       {ck.save or 'none: nothing will be saved'}")
     return lines
 

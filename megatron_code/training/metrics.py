@@ -65,17 +65,19 @@ class MetricsLogger:
               f"{per_rank[0]['params'] / 2**20:.1f} MiB, grads {per_rank[0]['grads'] / 2**20:.1f} MiB, "
               f"optimizer state {per_rank[0]['optimizer'] / 2**20:.1f} MiB", flush=True)
 
-    def log_validation(self, step: int, loss: float) -> None:
+    def log_validation(self, step: int, loss: float, perplexity: bool = True) -> None:
+        """perplexity=False for losses that are not a token cross-entropy (DPO)."""
         if not self.enabled:
             return
-        record = {"step": step, "valid_loss": loss, "valid_ppl": _perplexity(loss)}
+        record = {"step": step, "valid_loss": loss, **({"valid_ppl": _perplexity(loss)} if perplexity else {})}
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
         if self.tensorboard:
             self.tensorboard.add_scalar("valid/loss", loss, step)
         if self.wandb_run:
             self.wandb_run.log({"valid/loss": loss}, step=step)
-        print(f" validation  step {step:6d} | loss {loss:.4f} | ppl {record['valid_ppl']:.2f}", flush=True)
+        ppl = f" | ppl {record['valid_ppl']:.2f}" if perplexity else ""
+        print(f" validation  step {step:6d} | loss {loss:.4f}{ppl}", flush=True)
 
     def close(self) -> None:
         if self.jsonl:
@@ -97,6 +99,7 @@ def format_console_line(m: dict) -> str:
         f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_sec']:,.0f} tok/s | "
         f"{m['ms_per_step']:.0f} ms/step | {m['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | "
         f"mem {m['peak_mem_gib']:.2f} GiB"
+        + (f" | reward acc {m['reward_accuracy']:.3f} margin {m['reward_margin']:.4f}" if "reward_margin" in m else "")
     )
 
 

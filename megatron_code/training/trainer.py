@@ -1,5 +1,6 @@
-"""The pretraining loop: data -> forward/backward over micro-batches -> clip -> AdamW -> log,
-validate and checkpoint on their intervals."""
+"""The training loop: data -> forward/backward over micro-batches -> clip -> AdamW -> log,
+validate and checkpoint on their intervals. Pretraining and SFT run it as it is (SFT only brings
+other data: training/finetune_data.py); DPO subclasses it (training/dpo_trainer.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ from megatron_code.training.metrics import MetricsLogger, StepTimer, peak_memory
 from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.timers import PhaseTimers
 from megatron_code.training.exit_signal import ExitSignal
+from megatron_code.training.finetune_data import build_finetune_datasets
 from megatron_code.training.validate import validate_job
 from megatron_code.training.world import launched_world_size
 
@@ -65,10 +67,10 @@ class Trainer:
         self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
         self.iteration = 0
         self._resume()
-        self.datasets = build_datasets(cfg.data, tokenizer, cfg.training.seed, self._split_sizes(),
-                                       need_valid=cfg.training.eval_interval > 0)
+        self.datasets = self._build_datasets()
         self.flops_per_token = training_flops_per_token(
             cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(parallel.tp))
+        self.sequences_per_sample = 1  # DPO: a sample is a pair of sequences
         self.precision = compute_precision(cfg.model, cfg.training.bf16)
         self.peak_tflops = peak_tflops(env.device, self.precision, cfg.logging.peak_tflops)
         self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save)
@@ -77,6 +79,13 @@ class Trainer:
         self.after_step: list = []  # callables(record) run after each step's record is logged
 
     # ---- setup ----------------------------------------------------------------------------
+    def _build_datasets(self):
+        cfg, need_valid = self.cfg, self.cfg.training.eval_interval > 0
+        if cfg.training.training_mode == "pretrain":
+            return build_datasets(cfg.data, self.tokenizer, cfg.training.seed, self._split_sizes(), need_valid)
+        return build_finetune_datasets(cfg, self.tokenizer, self._split_sizes(), need_valid,
+                                       log=lambda line: print_rank0(line, enabled=self.env.is_main))
+
     def _split_sizes(self) -> list[int]:
         t = self.cfg.training
         eval_samples = t.eval_iters * t.global_batch_size
@@ -90,7 +99,7 @@ class Trainer:
         if saved is None:
             print_rank0(f"no checkpoint in --load {ck.load}; starting from scratch", enabled=self.env.is_main)
             return
-        _check_same_model(saved, self.cfg)
+        check_same_model(saved, self.cfg)
         source = saved.get("converted_from")
         if source and not ck.finetune:
             where = source.get("path", source) if isinstance(source, dict) else source
@@ -153,8 +162,7 @@ class Trainer:
         the batch is cut into micro-batches and ranks."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        local_tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in micro_batches)
-        total_tokens = float(self._sum_over_dp(torch.tensor(local_tokens, dtype=torch.float64)))
+        total_tokens = self._loss_normalizer(micro_batches)
         if self.pipeline is not None:  # the schedule runs all micro-batches in one call
             if self.grad_reducer is not None and self.pipeline.backward_fires_grad_hooks:
                 self.grad_reducer.arm(len(micro_batches))  # each chunk's grads accumulate once per micro-batch
@@ -175,6 +183,12 @@ class Trainer:
         with self.timers.phase("optimizer"):
             self.optimizer.step()
         return loss, float(grad_norm), lr
+
+    def _loss_normalizer(self, micro_batches: list[dict]) -> float:
+        """What each micro-batch's summed loss is divided by: the loss tokens of the global batch."""
+        local_tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in micro_batches)
+        # On the device: NCCL groups reduce only CUDA tensors.
+        return float(self._sum_over_dp(torch.tensor(local_tokens, dtype=torch.float64, device=self.env.device)))
 
     def _accumulate_gradients(self, micro_batches: list[dict], total_tokens: float) -> torch.Tensor:
         total_loss = torch.zeros((), device=self.env.device)
@@ -212,31 +226,37 @@ class Trainer:
         split (the same samples every time, so successive values are comparable)."""
         self.model.eval()
         t = self.cfg.training
-        sampler = ResumableBatchSampler(len(self.datasets.valid), 0, t.micro_batch_size, t.global_batch_size,
-                                        self.parallel.dp_rank, self.parallel.dp)
-        totals = torch.zeros(2, dtype=torch.float64)  # [loss sum, loss tokens]
-        micro_batches = t.eval_iters * t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
-        batches = [torch.utils.data.default_collate([self.datasets.valid[i] for i in indices])
-                   for indices in islice(iter(sampler), micro_batches)]
+        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [loss sum, loss tokens]
+        batches = self._validation_batches()
         if self.pipeline is not None:  # one schedule call per global batch; loss sums, not means
             per_step = t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
             for start in range(0, len(batches), per_step):
                 group = batches[start:start + per_step]
                 loss = self.pipeline.run(*self._pipeline_inputs(group), 1.0, train=False)
                 tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in group)
-                totals += torch.tensor([float(self._sum_over_pp(loss)), tokens], dtype=torch.float64)
+                totals += torch.tensor([float(self._sum_over_pp(loss)), tokens], dtype=torch.float64,
+                                       device=totals.device)
         for batch in batches if self.pipeline is None else []:
             batch_loss, batch_tokens = self._forward_losses(batch)
-            totals += torch.tensor([float(batch_loss), float(batch_tokens)], dtype=torch.float64)
+            totals += torch.tensor([float(batch_loss), float(batch_tokens)], dtype=torch.float64, device=totals.device)
         loss_sum, token_count = self._sum_over_dp(totals).tolist()
         return loss_sum / max(token_count, 1.0)
+
+    def _validation_batches(self) -> list[dict]:
+        """This rank's micro-batches of the first eval_iters global batches of the validation split."""
+        t = self.cfg.training
+        sampler = ResumableBatchSampler(len(self.datasets.valid), 0, t.micro_batch_size, t.global_batch_size,
+                                        self.parallel.dp_rank, self.parallel.dp)
+        micro_batches = t.eval_iters * t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
+        return [torch.utils.data.default_collate([self.datasets.valid[i] for i in indices])
+                for indices in islice(iter(sampler), micro_batches)]
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> list[dict]:
         t, ck = self.cfg.training, self.cfg.checkpoint
         micro_per_step = t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
         loader = self._train_loader()
-        tokens_per_step = t.global_batch_size * self.cfg.data.seq_length
+        tokens_per_step = t.global_batch_size * self.sequences_per_sample * self.cfg.data.seq_length
         last_saved = self.iteration if ck.load else None
         while self.iteration < t.train_iters:
             with StepTimer(self.env.device) as timer:
@@ -247,7 +267,7 @@ class Trainer:
             self._log(loss, grad_norm, lr, timer.seconds, tokens_per_step)
             self._publish_async_save(wait=False)
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
-                self.metrics.log_validation(self.iteration, self.evaluate())
+                self._log_validation()
             signalled = self.exit_signal is not None and self.exit_signal.agreed(self.env.device)  # collective
             exiting = signalled or (bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
             due = bool(ck.save_interval) and self.iteration % ck.save_interval == 0
@@ -310,6 +330,7 @@ class Trainer:
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_mem_gib": peak_memory_gib(self.env.device),
             "consumed_samples": self.iteration * self.cfg.training.global_batch_size,
+            **self.step_metrics(),
         }
         phases = self.timers.pop()
         if phases:
@@ -318,6 +339,13 @@ class Trainer:
         self.metrics.log_step(record)
         for callback in self.after_step:
             callback(record)
+
+    def _log_validation(self) -> None:
+        self.metrics.log_validation(self.iteration, self.evaluate())
+
+    def step_metrics(self) -> dict:
+        """Mode-specific values of the last step for its metrics record (DPO's rewards)."""
+        return {}
 
 
 def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
@@ -334,7 +362,7 @@ def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
     return ModelChunks(chunks), runner
 
 
-def _check_same_model(state: dict, cfg: RunConfig) -> None:
+def check_same_model(state: dict, cfg: RunConfig, flag: str = "--load") -> None:
     """A checkpoint of another shape would fail deep inside DCP; say which field differs instead."""
     saved = state.get("config", {}).get("model", {})
     shape_fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -343,8 +371,8 @@ def _check_same_model(state: dict, cfg: RunConfig) -> None:
     for name in shape_fields:
         if name in saved and saved[name] != getattr(cfg.model, name):
             raise ConfigError(
-                f"--load: the checkpoint has {name}={saved[name]} but this run has "
-                f"{name}={getattr(cfg.model, name)}. Use the checkpoint's model flags or another --load."
+                f"{flag}: the checkpoint has {name}={saved[name]} but this run has "
+                f"{name}={getattr(cfg.model, name)}. Use the checkpoint's model flags or another {flag}."
             )
     saved_tp = state.get("config", {}).get("parallel", {}).get("tensor_model_parallel_size", 1)
     saved_padded = cfg.model.replace(
@@ -352,7 +380,7 @@ def _check_same_model(state: dict, cfg: RunConfig) -> None:
     padded = cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size)
     if saved_padded != padded:
         raise ConfigError(
-            f"--load: the checkpoint's embedding has {saved_padded} rows (vocab padded for TP {saved_tp}) "
+            f"{flag}: the checkpoint's embedding has {saved_padded} rows (vocab padded for TP {saved_tp}) "
             f"but this layout pads to {padded}. Keep --make-vocab-size-divisible-by x TP a multiple "
             "of the same value in both layouts (e.g. --make-vocab-size-divisible-by 1024)."
         )
@@ -365,7 +393,12 @@ def train(cfg: RunConfig, prepare=None) -> list[dict]:
     env = init_distributed()
     exit_signal = ExitSignal(cfg.training.exit_signal)  # from here on: save and exit on the signal
     try:
-        trainer = Trainer(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device), exit_signal)
+        trainer_class = Trainer
+        if cfg.training.training_mode == "dpo":
+            from megatron_code.training.dpo_trainer import DPOTrainer  # it subclasses Trainer
+
+            trainer_class = DPOTrainer
+        trainer = trainer_class(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device), exit_signal)
         _print_summary(trainer)
         if prepare is not None:
             prepare(trainer)

@@ -15,6 +15,7 @@ from megatron_code.training.checkpointing import latest_iteration
 from megatron_code.training.config import RunConfig
 from megatron_code.training.data import SyntheticVocabulary, check_data_files, parse_blend, split_weights
 from megatron_code.training.exit_signal import parse_exit_signal
+from megatron_code.training.finetune_checks import check_training_mode
 from megatron_code.training.lr_schedule import LearningRateSchedule
 
 # Enough tokens to catch data tokenized with another tokenizer, cheap on an mmap.
@@ -61,17 +62,17 @@ def check_batch_sizes(cfg: RunConfig, data_parallel_size: int) -> None:
         raise ConfigError(f"--train-iters must be positive, got {t.train_iters}.")
 
 
-def check_data_matches_tokenizer(prefixes: list[str], padded_vocab: int) -> None:
+def check_data_matches_tokenizer(prefixes: list[str], padded_vocab: int, flag: str = "--data-path") -> None:
     for prefix in prefixes:
         dataset = IndexedDataset(prefix)
         if len(dataset) == 0:
-            raise ConfigError(f"--data-path {prefix}: the dataset holds no documents.")
+            raise ConfigError(f"{flag} {prefix}: the dataset holds no documents.")
         sizes = dataset.sequence_lengths
         count = int(np.searchsorted(np.cumsum(sizes), _TOKENS_TO_SCAN)) + 1
         largest = max(int(dataset[i].max()) for i in range(min(count, len(dataset))) if sizes[i])
         if largest >= padded_vocab:
             raise ConfigError(
-                f"--data-path {prefix}: token id {largest} is outside the model's vocabulary "
+                f"{flag} {prefix}: token id {largest} is outside the model's vocabulary "
                 f"({padded_vocab} rows). The data was tokenized with a different tokenizer than "
                 "--tokenizer-model; re-run mcode-preprocess-data with this tokenizer."
             )
@@ -82,6 +83,12 @@ def validate_job(cfg: RunConfig, world_size: int, require_files: bool = True):
     pipeline schedule. train() and the dry run both call this, so a dry run resolves the config
     exactly as the real run will. Returns the tokenizer (see validate_run)."""
     dp = validate_layout(cfg.parallel, world_size, cfg.model, cfg.data.seq_length)
+    if (cfg.parallel.context_parallel_size > 1 and cfg.data.reset_attention_mask
+            and cfg.model.attention_backend != "sdpa"):
+        raise ConfigError(
+            "--reset-attention-mask with --context-parallel-size > 1 needs --attention-backend sdpa "
+            f"(got {cfg.model.attention_backend}): document masks across CP chunks use an explicit mask."
+        )
     tokenizer = validate_run(cfg, data_parallel_size=dp, require_files=require_files)
     if cfg.parallel.pipeline_model_parallel_size > 1:
         t = cfg.training
@@ -132,7 +139,9 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
         )
     if cfg.data.mock_data and cfg.data.data_path:
         raise ConfigError("--mock-data and --data-path exclude each other: drop one.")
-    prefixes = [] if cfg.data.mock_data else parse_blend(cfg.data.data_path)[0]
+    check_training_mode(cfg, tokenizer, require_files)
+    pretraining_data = not cfg.data.mock_data and cfg.training.training_mode == "pretrain"
+    prefixes = parse_blend(cfg.data.data_path)[0] if pretraining_data else []
     if not require_files:
         prefixes = [p for p in prefixes if data_files_exist(p)]
     check_data_files(prefixes)
