@@ -71,6 +71,11 @@ LAYOUTS = {
     "tp2_pp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, pipeline_model_parallel_size=2)),
     "pp2_dp2_interleaved": (4, dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved-1f1b",
                                     virtual_pipeline_model_parallel_size=2)),
+    # The loss head runs in the schedule's loss function: the fused one must work there too
+    # (zero-bubble schedules compute its weight gradient in their separate weight pass).
+    "pp2_fused_loss_head": (2, dict(pipeline_model_parallel_size=2, cross_entropy_impl="reference")),
+    "pp2_zbv_fused_loss_head": (2, dict(pipeline_model_parallel_size=2, pipeline_schedule="zbv",
+                                        cross_entropy_impl="reference")),
 }
 
 

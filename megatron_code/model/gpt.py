@@ -202,7 +202,12 @@ class GPTModel(nn.Module):
         hidden = self.run_layers(self.embedding(tokens), position_ids, segment_ids)  # [s(/tp), b, h]
         if labels is None:
             return self.output_logits(hidden).transpose(0, 1)  # [b, s, V / tp]
-        labels = self.context_parallel_slice(labels)
+        return self.token_losses(hidden, self.context_parallel_slice(labels))
+
+    def token_losses(self, hidden, labels):
+        """Last stage: final hidden states [s(/tp), b, h] and this rank's labels [b, s] -> the
+        per-token cross-entropy [b, s] in fp32, through the fused loss head when
+        --cross-entropy-impl selects it, else logits + vocab-parallel cross-entropy."""
         fused = fused_loss_impl(self.config.cross_entropy_impl, hidden.device)
         if fused is not None:
             return self.output_losses(hidden, labels, fused)

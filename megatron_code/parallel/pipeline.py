@@ -21,7 +21,6 @@ from torch.distributed.pipelining import (
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
 from megatron_code.model.config import ModelConfig
-from megatron_code.parallel.layers import vocab_parallel_cross_entropy
 from megatron_code.parallel.state import ParallelState
 
 SCHEDULES = {
@@ -117,7 +116,7 @@ class _StageModule(nn.Module):
             first = m.embedding(m.context_parallel_slice(first))
         hidden = m.run_layers(first, position_ids, segment_ids if self.use_segments else None)
         if m.post_process:
-            return m.output_logits(hidden)  # [s, b, V / tp]
+            return hidden  # normalized [s(/tp), b, h]: the loss function applies the output layer
         return hidden, position_ids, segment_ids
 
 
@@ -134,7 +133,7 @@ class PipelineRunner:
         ]
         self.last = next((c for c in chunks if c.post_process), None)
         self.has_first = any(c.pre_process for c in chunks)
-        self.parallel, self.total_tokens = parallel, 1.0
+        self.parallel, self.total_tokens, self.bf16 = parallel, 1.0, bf16
         cls = SCHEDULES[schedule]
         stages = self.stages[0] if cls is Schedule1F1B else self.stages
         self.schedule = cls(stages, micro_batches, loss_fn=self._loss, scale_grads=False)
@@ -145,12 +144,15 @@ class PipelineRunner:
         # the reduction starts after the schedule.
         self.backward_fires_grad_hooks = cls in (Schedule1F1B, ScheduleInterleaved1F1B)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed token loss of one micro-batch over the step's global loss-token count."""
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed token loss of one micro-batch over the step's global loss-token count. The output
+        layer runs here, not in the stage, so the fused loss head (no [s, b, V / tp] logits) serves
+        pipelines too; it runs under the stages' autocast setting."""
         labels = self.last.context_parallel_slice(labels)  # [b, s/cp], IGNORE_LABEL where masked
         keep = labels != IGNORE_LABEL
-        losses = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).t(), self.last.vocab_start(), self.parallel)
-        return (losses * keep.t()).sum() / self.total_tokens
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            losses = self.last.token_losses(hidden, labels.clamp(min=0))  # [b, s/cp]
+        return (losses * keep).sum() / self.total_tokens
 
     def run(self, tokens, position_ids, segment_ids, labels, total_tokens: float, train: bool) -> torch.Tensor:
         """All [B_local, s]. Returns this rank's share of the step loss (0 where no last stage)."""
@@ -159,8 +161,8 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         target = labels if self.last is not None else None
         run = self.schedule.step if train else self.schedule.eval
-        # return_outputs=False: otherwise the last stage keeps every micro-batch's logits until the
-        # step ends, to merge outputs we never use (m x [s, b, V / tp] fp32).
+        # return_outputs=False: otherwise the last stage keeps every micro-batch's output until the
+        # step ends, to merge outputs we never use (m x [s, b, h] hidden states).
         run(*args, target=target, losses=losses if self.last is not None else None, return_outputs=False)
         if not losses:
             return torch.zeros((), device=tokens.device)
