@@ -33,9 +33,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_code.model.config import ModelConfig  # noqa: E402
-from megatron_code.model.fp8 import enable_fp8  # noqa: E402
+from megatron_code.model.fp8 import FP8_LINEARS, enable_fp8  # noqa: E402
 from megatron_code.model.gpt import GPTModel  # noqa: E402
 from megatron_code.presets import get_preset  # noqa: E402
+from megatron_code.plan.layout import Layout  # noqa: E402
+from megatron_code.plan.memory import estimate_memory  # noqa: E402
 from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
 
 VOCAB = 49152
@@ -48,13 +50,18 @@ def seven_b_config(num_layers: int, seq: int) -> ModelConfig:
     return ModelConfig(**{**fields, "num_layers": num_layers, "vocab_size": VOCAB, "max_position_embeddings": seq})
 
 
-def layers_that_fit(max_layers: int) -> int:
-    """Per layer: 18 bytes/param (fp32 weight, grad, 2 Adam moments, bf16 autocast copy) plus
-    ~2.5 GB of seq-8192 activations; fixed: embedding + output layer + logits, ~14 GB."""
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
-    layer_params = seven_b_config(2, 8192).num_parameters() - seven_b_config(1, 8192).num_parameters()
-    per_layer_gb = 18 * layer_params / 1e9 + 2.5
-    return max(1, min(max_layers, int((0.85 * total_gb - 14) / per_layer_gb)))
+def layers_that_fit(max_layers: int, seq: int) -> int:
+    """The most layers (up to max_layers) whose one-GPU training step the planner's memory model
+    (megatron_code.plan) puts within 85% of the card: transformers' model, measured in the same
+    run, keeps more (unfused fp32 logits) than ours."""
+    budget = 0.85 * torch.cuda.get_device_properties(0).total_memory
+    one_gpu = Layout(tp=1, pp=1, vp=1, cp=1, dp=1, micro_batch_size=1, distributed_optimizer=False)
+
+    def fits(layers: int) -> bool:
+        config = seven_b_config(layers, seq)
+        return estimate_memory(config, one_gpu, seq, 1, config.padded_vocab_size()).total <= budget
+
+    return max([n for n in range(1, max_layers + 1) if fits(n)], default=1)
 
 
 def run_gpu_tests(out_dir: str) -> dict:
@@ -107,9 +114,8 @@ def hf_step(model, optimizer, tokens, accumulation: int):
 
 def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool) -> None:
     for layer in model.decoder.layers.values():
-        for linear in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
-                       layer.mlp.linear_fc1, layer.mlp.linear_fc2):
-            linear.fp8 = None
+        for path in FP8_LINEARS:
+            layer.get_submodule(path).fp8 = None
     if fp8:
         enable_fp8(model.decoder.layers, config.replace(fp8_format="hybrid"))
 
@@ -148,13 +154,12 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
 def throughput_hf(num_layers: int, args) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from checkpoints_convert.adapters import LlamaAdapter
+
     ours = seven_b_config(num_layers, max(args.seqs))
-    hf_config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=ours.hidden_size, intermediate_size=ours.ffn_hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=ours.num_attention_heads,
-        num_key_value_heads=ours.num_kv_heads, max_position_embeddings=max(args.seqs),
-        rope_theta=ours.rotary_base, rms_norm_eps=ours.norm_epsilon, tie_word_embeddings=False,
-        attn_implementation="sdpa", use_cache=False)
+    # The config our converter writes for this shape (what transformers would load), untrained.
+    hf_config = LlamaConfig.from_dict({**LlamaAdapter().hf_config(ours, torch.float32, {}), "use_cache": False},
+                                      attn_implementation="sdpa")
     with torch.device("cuda"):
         model = LlamaForCausalLM(hf_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -209,7 +214,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "ours", "transformers", "profile", "kernels"])
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    layers = layers_that_fit(args.max_layers)
+    layers = layers_that_fit(args.max_layers, max(args.seqs))
     result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "layers": layers, "command": " ".join(sys.argv)}
     print(f"{result['device']} | torch {torch.__version__} | 7B shape cut to {layers} layers", flush=True)

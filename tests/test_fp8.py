@@ -80,18 +80,25 @@ def _tiny(**fp8):
                        group_query_attention=True, num_query_groups=2, vocab_size=200, **fp8)
 
 
-def _train(config: ModelConfig, steps: int) -> list[float]:
-    model = GPTModel(config, init_seed=3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = torch.randint(0, 200, (4, 33), generator=torch.Generator().manual_seed(0))
+def train_tiny(config: ModelConfig, tokens: torch.Tensor, steps: int, lr: float, init_seed: int,
+               bf16: bool = False) -> list[float]:
+    """Losses of `steps` AdamW steps on one batch of tokens [b, s + 1] (on tokens' device)."""
+    model = GPTModel(config, init_seed=init_seed).to(tokens.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def _train(config: ModelConfig, steps: int) -> list[float]:
+    tokens = torch.randint(0, 200, (4, 33), generator=torch.Generator().manual_seed(0))
+    return train_tiny(config, tokens, steps, lr=3e-3, init_seed=3)
 
 
 def test_fp8_model_trains_like_fp32():

@@ -48,26 +48,16 @@ def test_fp8_linear_matches_dequantized_reference_on_cuda():
 
 def _train_tiny(fp8: bool, steps: int = 50) -> list[float]:
     from megatron_code.model.config import ModelConfig
-    from megatron_code.model.gpt import GPTModel
+    from tests.test_fp8 import train_tiny
 
     config = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=4,
                          group_query_attention=True, num_query_groups=2, vocab_size=1024,
                          fp8_format="hybrid" if fp8 else None)
-    model = GPTModel(config, init_seed=7).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     # A learnable stream: each sample is a random walk of +1 steps mod vocab, so loss falls fast.
     starts = torch.randint(0, 1024, (8, 1), device="cuda", generator=gen)
     tokens = (starts + torch.arange(257, device="cuda")) % 1024
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return train_tiny(config, tokens, steps, lr=1e-3, init_seed=7, bf16=True)
 
 
 def test_fp8_tiny_model_tracks_bf16_over_50_steps():

@@ -30,7 +30,9 @@ def _check_report(report: dict, world_size: int, steps: int) -> None:
     assert report["mfu"] is None  # CPU: no peak to measure against
     phases = report["phase_ms"]
     assert {"forward", "backward", "optimizer", "data-wait", "other"} <= phases.keys()
-    assert sum(phases.values()) == pytest.approx(report["step_ms_median"], rel=0.05)
+    # `other` is the step minus the timed phases: the timers must account for nearly all of it.
+    assert phases["forward"] > 0 and phases["backward"] > 0
+    assert phases["other"] < 0.25 * report["step_ms_median"], phases
 
 
 def test_profile_command_prints_table_writes_report_and_trace(tmp_path):

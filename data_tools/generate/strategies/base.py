@@ -1,6 +1,7 @@
 """Common shape of a generation strategy: a prompt template, a parser, and how one item runs."""
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Iterator, Sequence
 
@@ -12,7 +13,7 @@ from data_tools.generate.work import WorkItem, item_rng, sample_items, seeded_it
 from data_tools.records import fenced
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """A strategy turns work items into recorded samples. Subclasses set ``name`` and ``template``."""
 
     name = ""
@@ -22,11 +23,13 @@ class Strategy:
         self.spec = spec
         self.config = config
 
+    @abc.abstractmethod
     def work_items(self, inputs: Sequence[dict]) -> Iterator[WorkItem]:
-        raise NotImplementedError
+        """The items this strategy asks the teacher about, from seeds or earlier samples."""
 
+    @abc.abstractmethod
     async def run(self, item: WorkItem, ctx: GenerationContext) -> None:
-        raise NotImplementedError
+        """Ask, parse, validate and record one item (through ctx)."""
 
 
 class SeededStrategy(Strategy):
@@ -45,8 +48,9 @@ class SeededStrategy(Strategy):
                 "seed_block": fenced(window, item.seed.get("language")), "language": item.language,
                 "fence": item.language, "test_conventions": conventions_for_tests(item.language)}
 
+    @abc.abstractmethod
     def parse(self, text: str, item: WorkItem) -> dict:
-        raise NotImplementedError
+        """The sample in a teacher's reply; raises ReplyRejected with the reason when it is unusable."""
 
     async def run(self, item: WorkItem, ctx: GenerationContext) -> None:
         messages = chat_messages(self.template, **self.template_values(item))
@@ -57,9 +61,9 @@ class SeededStrategy(Strategy):
 class SampleStrategy(Strategy):
     """Starts from earlier samples (``spec.source``) rather than from seeds."""
 
+    @abc.abstractmethod
     def accepts(self, source: dict) -> bool:
         """Whether a source sample is something this strategy can work on."""
-        raise NotImplementedError
 
     def work_items(self, inputs: Sequence[dict]) -> Iterator[WorkItem]:
         return sample_items(self.spec, [s for s in inputs if self.accepts(s)], self.config)
