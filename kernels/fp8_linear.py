@@ -50,11 +50,11 @@ def _scaled_mm(a_fp8, b_fp8_colmajor, scale_a, scale_b, out_dtype):
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scaling: Fp8LinearScaling, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, scaling: Fp8LinearScaling, out_dtype: torch.dtype, cast_weight):
         x2d = x.reshape(-1, x.shape[-1])  # [N, in]
         _check_shapes(x2d, weight)
         x_fp8, x_scale = scaling.input.cast(x2d)
-        w_fp8, w_scale = scaling.weight.cast(weight)
+        w_fp8, w_scale = cast_weight(weight) if cast_weight is not None else scaling.weight.cast(weight)
         y = _scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale, out_dtype)  # [N, out]
         ctx.save_for_backward(x_fp8, w_fp8, x_scale, w_scale)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = scaling, x.shape, x.dtype, weight.dtype
@@ -72,12 +72,15 @@ class _Fp8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # [out, N] x [N, in]
             grad_w = _scaled_mm(g_fp8.t().contiguous(), x_fp8.t().contiguous().t(), g_scale, x_scale,
                                 torch.float32).to(ctx.w_dtype)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T in FP8; output in the autocast dtype (else x's dtype)."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling, cast_weight=None) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T in FP8; output in the autocast dtype (else x's dtype).
+    cast_weight(weight) -> (weight in FP8, scale) replaces `scaling.weight.cast`: a caller that
+    runs several micro-batches on unchanged weights passes one that casts once (Transformer
+    Engine's first-micro-batch rule; the weight's amax history then advances once per step)."""
     out_dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.get_autocast_dtype(x.device.type)
-    return _Fp8Linear.apply(x, weight, scaling, out_dtype)
+    return _Fp8Linear.apply(x, weight, scaling, out_dtype, cast_weight)

@@ -76,7 +76,19 @@ fi
 
 forward_to_workers() {
     # The workers are torchrun's direct children (each in its own session); they save and exit.
-    pkill "-$1" -P "$torchrun_pid" || true
+    # Found through /proc, not pkill: procps is missing from some images (a GPU container here
+    # lost the signal that way), and a silent failure would let the job be killed unsaved.
+    local stat rest ppid sent=()
+    for stat in /proc/[0-9]*/stat; do
+        rest=$(<"$stat") 2>/dev/null || continue
+        rest=${rest##*) }  # fields after "pid (comm) "; comm may hold spaces
+        read -r _ ppid _ <<<"$rest"
+        if [[ "$ppid" == "$torchrun_pid" ]]; then
+            stat=${stat#/proc/}
+            kill "-$1" "${stat%/stat}" 2>/dev/null && sent+=("${stat%/stat}")
+        fi
+    done
+    echo "torchrun.sh: SIG$1 forwarded to ${#sent[@]} worker(s) of torchrun $torchrun_pid: ${sent[*]:-none}" >&2
 }
 trap 'forward_to_workers USR1' USR1
 trap 'forward_to_workers USR2' USR2

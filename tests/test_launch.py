@@ -373,7 +373,9 @@ def stopped_iteration(out: str, train_iters: int, name: str = "SIGUSR1") -> int:
 def test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one(fixture_data, tmp_path):
     """USR1 to the launcher (forwarded to the trainer, which torchrun must survive): the run ends
     the step, saves, exits 0; resuming from that checkpoint reproduces the uninterrupted run."""
-    train_iters, ckpt, metrics = 10, str(tmp_path / "ckpt"), tmp_path / "m.jsonl"
+    # 40 steps: on a GPU the tiny model's steps take ~40 ms, and 10 of them ended before the
+    # signal had made its way through bash and torchrun (seen on an H200, 2026-11-26).
+    train_iters, ckpt, metrics = 40, str(tmp_path / "ckpt"), tmp_path / "m.jsonl"
     env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this process's threads: the same float sums
     code, out = run_and_signal(signal_run_args(fixture_data, ckpt, train_iters, metrics_file=metrics), env,

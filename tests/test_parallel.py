@@ -129,7 +129,11 @@ def bf16_reference(fixture_data):
 @pytest.mark.parametrize("layout", [
     dict(pipeline_model_parallel_size=2),  # the schedule runs stages outside the trainer's autocast
     dict(tensor_model_parallel_size=2, sequence_parallel=True),  # GEMM inputs gathered in bf16
-])
+    # Buckets launch on hooks that fused weight-gradient accumulation must still fire, and only
+    # once the gradient is complete (an early launch would reduce a partial gradient).
+    dict(),  # data parallel
+    dict(use_distributed_optimizer=True),
+], ids=["pp2", "tp2_sp", "dp2", "dp2_distributed_optimizer"])
 def test_bf16_layouts_match_one_process_bf16(layout, fixture_data, reference, bf16_reference, tmp_path):
     """--bf16 must reach every layout's GEMMs: the run matches one process in bf16, not in fp32."""
     records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, **layout), str(tmp_path / "m.jsonl"))

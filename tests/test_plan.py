@@ -82,6 +82,23 @@ def test_7b_tp8_state_bytes_match_hand_computation():
     assert (zero1.weights, zero1.grads, zero1.optimizer) == (3_692_052_480, 3_692_052_480 + 57_688_320, 115_376_640)
 
 
+def test_step_weight_copies_replace_autocasts_per_micro_batch_copies():
+    """--gradient-accumulation-fusion holds one bf16 copy of every layer weight for the step:
+    the same bytes as autocast's without pipelining or recompute; 1F1B's in-flight micro-batches
+    then stop multiplying them, and recompute stops saving them."""
+    gemm_bytes = 2 * 218_103_808 // 8  # one 7B layer's linear weights on a TP8 rank, in bf16
+
+    def activations(layout, step_copies):
+        return rank_memory(SEVEN_B, layout, 4096, 64, 0, 49152, Execution(step_weight_copies=step_copies)).activations
+
+    plain = Layout(8, 1, 1, 1, 8, 1, False)
+    assert activations(plain, True) == activations(plain, False)
+    pp4 = Layout(8, 4, 1, 1, 2, 1, False)  # stage 0 holds 4 micro-batches in flight, 8 layers
+    assert activations(pp4, False) - activations(pp4, True) == (4 - 1) * 8 * gemm_bytes
+    recompute = Layout(8, 1, 1, 1, 1, 1, False, "full", "uniform", 1)
+    assert activations(recompute, True) > activations(recompute, False)
+
+
 @pytest.mark.parametrize("tp, pp, stage", [(1, 1, 0), (2, 1, 0), (2, 2, 0), (2, 2, 1), (4, 4, 2)])
 def test_rank_parameters_count_what_the_model_builds(tp, pp, stage):
     config = ModelConfig(num_layers=8, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,

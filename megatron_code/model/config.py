@@ -110,6 +110,11 @@ class ModelConfig:
     """Loss head: unfused (full logits, then vocab-parallel cross-entropy); triton or reference (output
     GEMM fused with the cross-entropy in token chunks, never holding [tokens, vocab] logits; the
     backward recomputes each chunk's logits); auto = triton on CUDA when triton imports, else unfused."""
+    gradient_accumulation_fusion: bool = True
+    """Under bf16 autocast, the attention and MLP linears' weight-gradient GEMMs write fp32 straight
+    into the master gradient, and each weight's bf16 copy is made once per step rather than per
+    micro-batch (megatron_code/parallel/fused_wgrad.py). Off: autograd's bf16 weight gradient,
+    cast and added per micro-batch. Zero-bubble pipeline schedules always run it off."""
 
     # ---- derived quantities -------------------------------------------------------------
     @property

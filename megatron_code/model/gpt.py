@@ -21,6 +21,7 @@ from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy
 from megatron_code.model.attention import SelfAttention
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
+from megatron_code.parallel.fused_wgrad import StepWeightCasts
 from megatron_code.model.mlp import SwiGLUMLP
 from megatron_code.model.norm import RMSNorm
 from megatron_code.model.rope import RotaryEmbedding
@@ -119,6 +120,10 @@ class GPTModel(nn.Module):
         layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
         self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)
         enable_fp8(self.decoder.layers, config)
+        self.weight_casts = StepWeightCasts() if config.gradient_accumulation_fusion else None
+        for module in self.decoder.modules():  # the linears of attention and MLP
+            if hasattr(module, "weight_casts"):
+                module.weight_casts = self.weight_casts
         self.output_layer = None
         if config.untie_embeddings_and_output_weights and post_process:
             weight = nn.Parameter(torch.empty(self.vocab_size // parallel.tp, config.hidden_size))

@@ -5,6 +5,7 @@ from torch import nn
 
 from kernels.swiglu import swiglu
 from megatron_code.model.config import ModelConfig
+from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable, fused_wgrad_linear
 from megatron_code.parallel.layers import (
     SINGLE, RowParallelLinear, gemm_input, local_linear, mark_tensor_parallel,
 )
@@ -25,13 +26,16 @@ class GateUpLinear(nn.Module):
         weight = nn.Parameter(torch.empty(2, ffn_hidden_size // parallel.tp, hidden_size))
         self.weight = mark_tensor_parallel(weight, 1)
         self.fp8 = None  # Fp8LinearScaling, set by megatron_code.model.fp8.enable_fp8
+        self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel)."""
         x = gemm_input(x, self.parallel)
         if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
-            gate, up = local_linear(x, self.weight.flatten(0, 1), self.fp8).chunk(2, dim=-1)
+            gate, up = local_linear(x, self.weight.flatten(0, 1), self.fp8, self.weight_casts).chunk(2, dim=-1)
             return gate, up
+        if self.weight_casts is not None and fusable(x, self.weight):
+            return fused_wgrad_linear(x, self.weight, self.weight_casts)  # (gate, up), as below
         # Split the weight, not the output: two GEMMs on the contiguous [ffn/tp, h] halves give
         # contiguous gate/up (silu and mul run on contiguous memory) and a backward that stacks
         # the two small weight grads instead of [s, b, 2, ffn/tp] activation grads.

@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels import cross_entropy
 from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
+from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable, fused_wgrad_linear
 from megatron_code.parallel.mappings import (
     copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
     reduce_scatter_sequence_parallel,
@@ -28,9 +29,24 @@ def mark_tensor_parallel(param: nn.Parameter, dim: int | None) -> nn.Parameter:
     return param
 
 
-def local_linear(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8LinearScaling | None) -> torch.Tensor:
-    """This rank's GEMM x W^T: in FP8 when the layer was given FP8 scaling (model.fp8), else F.linear."""
-    return F.linear(x, weight) if fp8 is None else fp8_linear(x, weight, fp8)
+def local_linear(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8LinearScaling | None,
+                 weight_casts: StepWeightCasts | None = None) -> torch.Tensor:
+    """This rank's GEMM x W^T: in FP8 when the layer was given FP8 scaling (model.fp8); with the
+    weight gradient fused into the fp32 gradient when given weight casts (fused_wgrad.py) and
+    training under autocast; else F.linear."""
+    if fp8 is not None:
+        return fp8_linear(x, weight, fp8, fp8_weight_cast(fp8, weight_casts))
+    if weight_casts is not None and fusable(x, weight):
+        return fused_wgrad_linear(x, weight, weight_casts)
+    return F.linear(x, weight)
+
+
+def fp8_weight_cast(fp8: Fp8LinearScaling, weight_casts: StepWeightCasts | None):
+    """The FP8 cast of `weight`, once per step when the model caches weight casts (keyed by the
+    layer's scaling state: the weight may be a fresh view, as GateUpLinear's flattened one)."""
+    if weight_casts is None:
+        return None
+    return lambda w: weight_casts.memo(fp8, "fp8", lambda: fp8.weight.cast(w))
 
 
 def gemm_input(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
@@ -65,9 +81,10 @@ class ColumnParallelLinear(nn.Module):
         self.parallel = parallel
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // parallel.tp, in_features)), 0)
         self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
+        self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_linear(gemm_input(x, self.parallel), self.weight, self.fp8)
+        return local_linear(gemm_input(x, self.parallel), self.weight, self.fp8, self.weight_casts)
 
 
 class RowParallelLinear(nn.Module):
@@ -78,9 +95,10 @@ class RowParallelLinear(nn.Module):
         self.parallel = parallel
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // parallel.tp)), 1)
         self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
+        self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return row_parallel_output(local_linear(x, self.weight, self.fp8), self.parallel)
+        return row_parallel_output(local_linear(x, self.weight, self.fp8, self.weight_casts), self.parallel)
 
 
 class VocabParallelEmbedding(nn.Module):

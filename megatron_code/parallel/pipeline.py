@@ -30,6 +30,9 @@ SCHEDULES = {
     "dualpipev": ScheduleDualPipeV,
 }
 V_SHAPED = ("zbv", "dualpipev")
+# Schedules whose backward is plain autograd (input and weight gradients in one pass); the
+# zero-bubble ones compute weight gradients in a separate pass.
+WEIGHT_GRADS_THROUGH_AUTOGRAD = ("1f1b", "interleaved-1f1b")
 IGNORE_LABEL = -1
 
 
@@ -74,6 +77,8 @@ def build_stage_models(config: ModelConfig, parallel: ParallelState, init_seed: 
     """This PP rank's stages as GPTModel chunks, in the order the schedule expects."""
     num_stages = parallel.pp * vp
     per_stage = config.num_layers // num_stages
+    if schedule not in WEIGHT_GRADS_THROUGH_AUTOGRAD:  # they run each weight's backward apart (fused_wgrad.py)
+        config = config.replace(gradient_accumulation_fusion=False)
     chunks = []
     for stage in local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp")):
         layers = range(stage * per_stage, (stage + 1) * per_stage)
@@ -142,7 +147,7 @@ class PipelineRunner:
         # schedule. Zero-bubble schedules compute weight gradients separately and add them to
         # .grad by hand (torch.distributed.pipelining's stage_backward_weight): no hooks fire and
         # the reduction starts after the schedule.
-        self.backward_fires_grad_hooks = cls in (Schedule1F1B, ScheduleInterleaved1F1B)
+        self.backward_fires_grad_hooks = schedule in WEIGHT_GRADS_THROUGH_AUTOGRAD
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed token loss of one micro-batch over the step's global loss-token count. The output

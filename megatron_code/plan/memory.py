@@ -37,6 +37,10 @@ class Execution:
     fused_kernels: bool = True
     """The kernels `auto` picks on CUDA (Triton RMSNorm/SwiGLU, fused linear-cross-entropy), else
     the plain-torch reference kernels (CPU)."""
+    step_weight_copies: bool = True
+    """--gradient-accumulation-fusion (the default): one bf16 copy of every layer weight, made by
+    the first micro-batch and held for the whole forward-backward of the step, instead of
+    autocast's copies per micro-batch in flight (and per recomputed layer)."""
 
 
 def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
@@ -131,13 +135,16 @@ def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro
     chunk_layers = config.num_layers // (layout.pp * layout.vp)
     full, groups, rebuilt = recompute_split(layout, chunk_layers)
     per_layer = layer_parameters(config, layout.tp)
-    copy = BF16 if execution.bf16 else 0  # autocast's bf16 weight copies (none in fp32)
+    copy = BF16 if execution.bf16 else 0  # bf16 weight copies (none in fp32)
+    # Per-step copies of all this rank's layers, or autocast's, kept per stored layer and in flight.
+    step_copies = copy * per_layer.gemm * config.num_layers // layout.pp if execution.step_weight_copies else 0
+    copy = 0 if execution.step_weight_copies else copy
     selective = layout.recompute_granularity == "selective"
     full_layer = act.layer_bytes(config, mb, recompute_core=selective) + copy * per_layer.gemm
     chunk = full * full_layer + groups * act.layer_input_bytes(config, mb) + act.rope_table_bytes(config, mb)
     in_flight = in_flight_micro_batches(layout, micro_batches, pp_rank)
     holds_last = pp_rank == layout.pp - 1
-    stored = in_flight * chunk + pipeline_buffer_bytes(config, layout, mb, micro_batches, pp_rank)
+    stored = in_flight * chunk + pipeline_buffer_bytes(config, layout, mb, micro_batches, pp_rank) + step_copies
     if layout.pp > 1:  # the schedule keeps each in-flight chunk's output (sent on) until its backward
         stored += (in_flight - holds_last) * act.layer_input_bytes(config, mb)
     # At the end of a forward, autocast's cache still holds the bf16 copies of the recomputed
@@ -146,7 +153,7 @@ def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro
     if holds_last:  # the output layer and the loss
         # The unfused head's F.linear keeps autocast's bf16 copy of the output weight; the fused
         # head casts it inside the loss and recasts in backward (counted in its transient).
-        output_weight = 0 if execution.fused_kernels else copy * padded_vocab // layout.tp * config.hidden_size
+        output_weight = 0 if execution.fused_kernels else BF16 * execution.bf16 * padded_vocab // layout.tp * config.hidden_size
         loss_forward = act.output_bytes(config, mb, padded_vocab) + act.loss_transient_bytes(config, mb, padded_vocab)
         forward_end += output_weight + max(loss_forward, act.loss_backward_bytes(config, mb, padded_vocab))
     # The layers' backward runs after the output layer's, whose tensors are freed by then; when

@@ -17,6 +17,7 @@ from megatron_code.distributed import DistributedEnv, destroy_distributed, init_
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+from megatron_code.parallel.fused_wgrad import cached_weight_casts
 from megatron_code.parallel.grads import (
     GradientReducer, clip_grads_by_norm, global_grad_norm, reduce_sequence_parallel_grads,
 )
@@ -163,13 +164,14 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_tokens = self._loss_normalizer(micro_batches)
-        if self.pipeline is not None:  # the schedule runs all micro-batches in one call
-            if self.grad_reducer is not None and self.pipeline.backward_fires_grad_hooks:
-                self.grad_reducer.arm(len(micro_batches))  # each chunk's grads accumulate once per micro-batch
-            with self.timers.phase("forward-backward"):
-                total_loss = self.pipeline.run(*self._pipeline_inputs(micro_batches), total_tokens, train=True)
-        else:
-            total_loss = self._accumulate_gradients(micro_batches, total_tokens)
+        with cached_weight_casts(self.model):  # bf16 weight copies shared by the step's micro-batches
+            if self.pipeline is not None:  # the schedule runs all micro-batches in one call
+                if self.grad_reducer is not None and self.pipeline.backward_fires_grad_hooks:
+                    self.grad_reducer.arm(len(micro_batches))  # each chunk's grads accumulate once per micro-batch
+                with self.timers.phase("forward-backward"):
+                    total_loss = self.pipeline.run(*self._pipeline_inputs(micro_batches), total_tokens, train=True)
+            else:
+                total_loss = self._accumulate_gradients(micro_batches, total_tokens)
         if self.grad_reducer is not None:
             with self.timers.phase("grad-sync"):  # DP reduction not hidden behind backward
                 self.grad_reducer.finish()

@@ -1,0 +1,124 @@
+"""Linear layers whose weight gradients go straight into the fp32 master gradient (Megatron-LM's
+gradient-accumulation fusion), with each weight's bf16 copy made once per training step.
+
+Under bf16 autocast over fp32 master weights, autograd runs a linear's weight-gradient GEMM in
+bf16, casts the [out, in] result to fp32 (ToCopyBackward) and adds it into `.grad`
+(AccumulateGrad): two more passes over every weight per micro-batch, and autocast casts every
+weight to bf16 again in every micro-batch. On an H200 these took 12% of a training step of the 7B
+shape (docs/benchmarks.md). Here
+
+- the weight-gradient GEMM writes fp32 and accumulates into `.grad` itself (cuBLAS bf16 x bf16 ->
+  fp32 with beta = 1; on CPU a bf16 product added in fp32, as autograd would);
+- inside `cached_weight_casts(model)` (the trainer wraps each step in it) a weight's bf16 copy is
+  made by its first micro-batch and reused by the others; outside it, every call casts (FP8
+  layers use the same cache for their weight's FP8 cast);
+- the backward returns no weight gradient, so autograd's AccumulateGrad has nothing to add, but
+  it still runs the weight's post-accumulate-grad hooks after this backward (pinned by
+  tests/test_fused_wgrad.py): the data-parallel buckets launch as before.
+
+Schedules that split the input and weight backward (zero-bubble pipelines) must not use this
+path: each pass would accumulate the weight gradient.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StepWeightCasts:
+    """bf16 copies of fp32 weights, reused while `active` (one training step) and dropped after."""
+
+    def __init__(self):
+        self.active = False
+        self.copies: dict[tuple, object] = {}
+
+    def cast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.memo(weight, dtype, lambda: weight.detach().to(dtype))
+
+    def memo(self, owner, kind, make):
+        """make() (a cast of a weight), computed once per step for (owner, kind) while active.
+        `owner` is an object that lives as long as the layer (the parameter, its FP8 scaling
+        state); it is kept referenced so that its id cannot be reused within the step."""
+        if not self.active:
+            return make()
+        key = (id(owner), kind)
+        if key not in self.copies:
+            self.copies[key] = (owner, make())
+        return self.copies[key][1]
+
+
+@contextmanager
+def cached_weight_casts(model: nn.Module):
+    """Cast each fused linear's weight once for the micro-batches run inside (weights must not
+    change inside: the optimizer steps after)."""
+    caches = {id(m.weight_casts): m.weight_casts for m in model.modules()
+              if getattr(m, "weight_casts", None) is not None}.values()
+    for cache in caches:
+        cache.active = True
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.active = False
+            cache.copies.clear()
+
+
+def _accumulate_wgrad(target: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, fresh: bool) -> None:
+    """target (fp32 [out, in]) (+)= grad_out^T x, grad_out [N, out] and x [N, in] in bf16."""
+    if target.is_cuda:
+        if fresh:
+            torch.mm(grad_out.t(), x, out_dtype=torch.float32, out=target)
+        else:
+            torch.addmm(target, grad_out.t(), x, out_dtype=torch.float32, out=target)
+    elif fresh:  # CPU has no mixed-dtype GEMM: round the product to bf16, as autograd does
+        target.copy_(torch.mm(grad_out.t(), x))
+    else:
+        target.add_(torch.mm(grad_out.t(), x))
+
+
+class _FusedWgradLinear(torch.autograd.Function):
+    """outputs_i = x W_i^T for each W_i of the fp32 leaf `weight` ([out, in]: one output;
+    [k, out, in]: k outputs), computed with its bf16 copy `weight_lp`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_lp):
+        ctx.save_for_backward(x, weight_lp)
+        ctx.weight = weight
+        if weight_lp.dim() == 2:
+            return F.linear(x, weight_lp)
+        return tuple(F.linear(x, w) for w in weight_lp.unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight_lp = ctx.saved_tensors
+        weight = ctx.weight
+        stacked = weight_lp.unsqueeze(0) if weight_lp.dim() == 2 else weight_lp  # [k, out, in]
+        x2d = x.reshape(-1, x.shape[-1])  # [N, in]
+        fresh = weight.grad is None
+        if fresh:
+            weight.grad = torch.empty_like(weight)
+        grad_buffer = weight.grad.view(stacked.shape)
+        grad_x = None
+        for i, grad in enumerate(grads):
+            g2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # [N, out]
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(g2d, stacked[i]) if grad_x is None else grad_x.addmm_(g2d, stacked[i])
+            _accumulate_wgrad(grad_buffer[i], g2d, x2d, fresh)
+        return (None if grad_x is None else grad_x.view(x.shape)), None, None
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused path applies to fp32 leaf weights trained under autocast."""
+    return (torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type) and weight.requires_grad
+            and weight.is_leaf and weight.dtype == torch.float32)
+
+
+def fused_wgrad_linear(x: torch.Tensor, weight: torch.Tensor, casts: StepWeightCasts):
+    """x [..., in] times weight ([out, in] -> [..., out]; [k, out, in] -> k tensors [..., out]) in
+    the autocast dtype, the weight gradient accumulated in fp32 (call only when `fusable`)."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        return _FusedWgradLinear.apply(x.to(dtype), weight, casts.cast(weight, dtype))

@@ -1,0 +1,172 @@
+"""Gradient-accumulation fusion (megatron_code/parallel/fused_wgrad.py) against autograd's path:
+the same weight and input gradients over several micro-batches, the bf16 weight copy made once
+per step, the gradient-ready hooks fired once per backward, and whole runs that match."""
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_code.model.config import ModelConfig
+from megatron_code.model.fp8 import enable_fp8
+from megatron_code.model.gpt import GPTModel
+from megatron_code.parallel.fused_wgrad import (
+    StepWeightCasts, cached_weight_casts, fusable, fused_wgrad_linear,
+)
+from tests.conftest import run_training, tiny_run
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _microbatch_grads(weight, inputs, fused: bool, casts=None):
+    """Forward+backward of each input under bf16 autocast; returns (weight.grad, [x.grad])."""
+    weight.grad = None
+    x_grads = []
+    for x in inputs:
+        x = x.clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            outs = fused_wgrad_linear(x, weight, casts or StepWeightCasts()) if fused else (
+                F.linear(x, weight) if weight.dim() == 2 else tuple(F.linear(x, w) for w in weight.unbind(0)))
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        x_grads.append(x.grad)
+    return weight.grad.clone(), x_grads
+
+
+def _exact_wgrad(weight, inputs):
+    """sum over micro-batches of dY^T x in float64, from the bf16 inputs the GEMMs see (dY of
+    output i is the constant i + 1, exact in bf16)."""
+    k = 1 if weight.dim() == 2 else weight.shape[0]
+    grads = []
+    for i in range(k):
+        x_sum = sum(x.to(torch.bfloat16).double().reshape(-1, x.shape[-1]).sum(0) for x in inputs)  # [in]
+        grads.append((i + 1) * x_sum.expand(weight.shape[-2], -1))  # every row: (i + 1) * sum of x
+    return grads[0] if k == 1 else torch.stack(grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(48, 32), (2, 24, 32)], ids=["linear", "gate_up"])
+def test_fused_weight_gradient_matches_autograd_over_micro_batches(device, shape):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(*shape, device=device) * 0.1)
+    inputs = [torch.randn(2, 16, 32, device=device) for _ in range(3)]  # 3 micro-batches of [b, s, in]
+    fused_w, fused_x = _microbatch_grads(weight, inputs, fused=True)
+    plain_w, plain_x = _microbatch_grads(weight, inputs, fused=False)
+    assert fused_w.dtype == torch.float32 and fused_w.shape == weight.shape
+    exact = _exact_wgrad(weight, inputs)
+    assert (plain_w.double() - exact).abs().max() <= 1e-2 * exact.abs().max()  # the reference is right
+    if device == "cpu":  # same bf16 products, added in fp32 in the same order
+        torch.testing.assert_close(fused_w, plain_w, rtol=0, atol=0)
+    else:  # cuBLAS accumulates in fp32 and never rounds the product to bf16: nearer the exact sum
+        fused_err, plain_err = (fused_w.double() - exact).abs().max(), (plain_w.double() - exact).abs().max()
+        assert fused_err <= plain_err and fused_err <= 1e-4 * exact.abs().max(), (fused_err, plain_err)
+    for got, want in zip(fused_x, plain_x):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_path_applies_only_to_fp32_leaf_weights_trained_under_autocast():
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8)
+    assert not fusable(x, weight)  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusable(x, weight)
+        assert not fusable(x, weight.detach())  # no gradient wanted
+        assert not fusable(x, weight.view(64).view(8, 8))  # not a leaf: autograd must see the view
+        with torch.no_grad():
+            assert not fusable(x, weight)
+
+
+def test_weight_copies_are_made_once_per_step_and_see_the_optimizer_update():
+    casts = StepWeightCasts()
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    assert casts.cast(weight, torch.bfloat16) is not casts.cast(weight, torch.bfloat16)  # outside a step
+    model = torch.nn.Module()
+    model.weight_casts = casts
+    with cached_weight_casts(model):
+        first = casts.cast(weight, torch.bfloat16)
+        assert casts.cast(weight, torch.bfloat16) is first
+    assert not casts.active and not casts.copies
+    with torch.no_grad():
+        weight.add_(1.0)  # the optimizer step
+    with cached_weight_casts(model):
+        assert torch.equal(casts.cast(weight, torch.bfloat16), torch.full((4, 4), 2.0, dtype=torch.bfloat16))
+
+
+def tiny_model(fusion: bool) -> GPTModel:
+    config = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                         num_query_groups=2, group_query_attention=True, vocab_size=256,
+                         max_position_embeddings=32, gradient_accumulation_fusion=fusion)
+    return GPTModel(config, init_seed=3)
+
+
+def test_gradient_ready_hooks_fire_once_per_backward_for_every_weight():
+    """The data-parallel buckets launch on the post-accumulate-grad hooks. A fused weight's
+    backward returns no gradient; autograd must still run its hooks, once per micro-batch and
+    after the fused accumulation, as it does for the others."""
+    model = tiny_model(fusion=True)
+    calls: dict[str, int] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def hook(param):
+        assert param.grad is not None  # the gradient is in place when the bucket would launch
+        calls[names[id(param)]] = calls.get(names[id(param)], 0) + 1
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    tokens = torch.randint(0, 256, (2, 33))
+    with cached_weight_casts(model):
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+            loss.backward()
+    assert calls == {name: 2 for name in names.values()}
+    fused = [n for n in names.values() if n.endswith(("linear_qkv.weight", "linear_proj.weight",
+                                                       "linear_fc1.weight", "linear_fc2.weight"))]
+    assert len(fused) == 8 and all(model.get_parameter(n).grad.dtype == torch.float32 for n in fused)
+
+
+def test_model_gradients_with_and_without_fusion_agree():
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for fusion in (True, False):
+        model = tiny_model(fusion)
+        with cached_weight_casts(model):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+        grads[fusion] = {n: p.grad for n, p in model.named_parameters()}
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=2e-2, atol=1e-3, msg=name)
+
+
+def test_bf16_training_with_and_without_fusion_follows_the_same_curve(fixture_data):
+    common = dict(train_iters=4, micro_batch_size=2, global_batch_size=8, seq_length=128, bf16=True)
+    fused = run_training(tiny_run(fixture_data, **common))
+    plain = run_training(tiny_run(fixture_data, **common, gradient_accumulation_fusion=False))
+    for got, want in zip(fused, plain):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fp8_weights_are_cast_once_per_step_with_the_same_gradients(recipe):
+    """FP8 layers take their weight's FP8 cast from the same per-step cache (Transformer Engine's
+    first-micro-batch rule): the weight scale records one amax per step, the gradients do not change
+    (tensorwise scales depend only on the unchanged weight)."""
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(2))
+    grads, uses = {}, {}
+    for cached in (True, False):
+        model = tiny_model(fusion=True)
+        enable_fp8(model.decoder.layers, model.config.replace(fp8_format="hybrid", fp8_recipe=recipe))
+        with cached_weight_casts(model) if cached else nullcontext():
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+        qkv = model.decoder.layers["0"].self_attention.linear_qkv.fp8
+        uses[cached] = (qkv.weight.uses, qkv.input.uses)
+        grads[cached] = {n: p.grad for n, p in model.named_parameters()}
+    if recipe == "delayed":
+        assert uses[True] == (1, 2) and uses[False] == (2, 2)
+    else:
+        for name, grad in grads[True].items():
+            torch.testing.assert_close(grad, grads[False][name], rtol=0, atol=0, msg=name)
