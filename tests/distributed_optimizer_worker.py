@@ -17,15 +17,18 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3, bias=False))
 
 
-def zero1_worker(rank: int, world: int, port: int) -> None:
+def zero1_worker(rank: int, world: int, port: int, overlap: bool = False) -> None:
     """Distributed optimizer on `world` gloo ranks (each half of the batch) vs torch AdamW on the
-    whole batch in every rank, with buckets so small that shards cut parameters in the middle."""
+    whole batch in every rank, with buckets so small that shards cut parameters in the middle.
+    overlap: the parameter all-gathers stay in flight after step() until the next forward (or
+    wait_for_params) reaches their bucket."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model, ref = _model(), _model()
     ref.load_state_dict(model.state_dict())
     cfg = OptimizerConfig(lr=0.05, weight_decay=0.1)
-    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20)
+    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20,
+                               overlap_param_gather=overlap)
     ref_opt = build_optimizer(ref, cfg)
     assert len(opt.buckets) == 3
     assert any(b.grad_buffer.numel() > sum(p.numel() for p in b.params) for b in opt.buckets)  # padding
@@ -40,6 +43,12 @@ def zero1_worker(rank: int, world: int, port: int) -> None:
         norm = opt.clip_grad_norm(0.5)
         set_learning_rate(opt, lr)
         opt.step()
+        assert all((b.gather is not None) == overlap for b in opt.buckets)
+        if overlap and step == 2:
+            opt.wait_for_params()  # what saving a checkpoint or the end of training does
+        elif overlap:
+            model(x[:1])  # a forward: each module waited for its buckets before running
+        assert all(b.gather is None for b in opt.buckets)
         ref_opt.zero_grad()
         ref(x).pow(2).sum().backward()
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)

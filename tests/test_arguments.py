@@ -95,6 +95,8 @@ def _args(data_prefix, *extra):
         (["--tokenizer-model", "/nope/sp.model"], r"no file at '/nope/sp.model'"),
         (["--split", "100,0,0", "--eval-interval", "5"], r"needs a validation split"),
         (["--save-interval", "5"], r"--save-interval is set but --save"),
+        (["--overlap-param-gather"], r"--overlap-param-gather overlaps the distributed optimizer's .* add "
+                                     r"--use-distributed-optimizer"),
         (["--lr-decay-style", "step"], r"--lr-decay-style must be one of"),
         (["--lr-warmup-iters", "9"], r"--lr-warmup-iters \(9\) exceeds --lr-decay-iters \(4\)"),
         (["--attention-backend", "flash"], r"pip install flash-attn"),

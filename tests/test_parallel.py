@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from megatron_code.training import checkpointing
-from tests.conftest import TOKENIZER, run_training, tiny_run
+from tests.conftest import run_training, tiny_run
 
 STEPS = 3
 COMMON = dict(train_iters=STEPS, micro_batch_size=2, global_batch_size=8, seq_length=128)
@@ -160,6 +160,11 @@ def run_layout(nproc: int, values: dict, metrics: str) -> list[dict]:
 
 DISTRIBUTED_OPTIMIZER = {
     "dp2": (2, dict(use_distributed_optimizer=True)),
+    # Parameter all-gathers waited for by the next forward, layer by layer; the pipeline stages
+    # read the output weight in the schedule's loss function, outside its module's forward.
+    "dp2_overlap_param_gather": (2, dict(use_distributed_optimizer=True, overlap_param_gather=True)),
+    "pp2_dp2_overlap_param_gather": (4, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True,
+                                             overlap_param_gather=True)),
     "tp2_sp_dp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True)),
     "pp2_dp2": (4, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True)),
 }
@@ -176,6 +181,8 @@ RESHARD_OPTIMIZER = {
     # The DP2 side also saves asynchronously (background thread, its own gloo group) and keeps one.
     "on_dp2_to_off": ((2, dict(use_distributed_optimizer=True, async_save=True, save_interval=1, keep_last=1)),
                       (1, dict())),
+    # Saved with the last step's parameter all-gathers in flight: the save must wait for them.
+    "overlap_dp2_to_off": ((2, dict(use_distributed_optimizer=True, overlap_param_gather=True)), (1, dict())),
     "off_to_on_dp2": ((1, dict()), (2, dict(use_distributed_optimizer=True))),
 }
 
@@ -239,9 +246,11 @@ def test_rank_killed_during_save_leaves_previous_checkpoint(fixture_data, refere
     assert sorted(os.listdir(ckpt)) == sorted([checkpointing.LATEST_MARKER, "iter_0000002", "iter_0000003"])
 
 
-def test_distributed_optimizer_shards_match_adamw():
+@pytest.mark.parametrize("overlap", [False, True], ids=["gather_in_step", "overlap_param_gather"])
+def test_distributed_optimizer_shards_match_adamw(overlap):
     """2 spawned gloo ranks: ZeRO-1 shards reproduce torch AdamW on the whole batch (params,
-    clipped global norm, gathered Adam state) with buckets that cut parameters and need padding."""
+    clipped global norm, gathered Adam state) with buckets that cut parameters and need padding;
+    with the parameter all-gathers left in flight for the next forward too."""
     import socket
 
     import torch.multiprocessing as mp
@@ -252,4 +261,4 @@ def test_distributed_optimizer_shards_match_adamw():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # The worker lives in a light module: spawned processes import it (not this test module).
-    mp.spawn(zero1_worker, args=(2, port), nprocs=2, join=True)
+    mp.spawn(zero1_worker, args=(2, port, overlap), nprocs=2, join=True)

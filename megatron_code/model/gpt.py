@@ -22,6 +22,7 @@ from megatron_code.model.attention import SelfAttention
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
 from megatron_code.parallel.fused_wgrad import StepWeightCasts
+from megatron_code.parallel.param_gather import wait_until_gathered
 from megatron_code.model.mlp import SwiGLUMLP
 from megatron_code.model.norm import RMSNorm
 from megatron_code.model.rope import RotaryEmbedding
@@ -161,7 +162,10 @@ class GPTModel(nn.Module):
         return slice_local(per_token, self.parallel.cp, self.parallel.cp_rank)
 
     def output_weight(self) -> torch.Tensor:
-        return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        """The output layer's weight (the embedding's when tied); read by the loss head, outside
+        its owner's forward, so it waits for its parameter all-gather here (param_gather.py)."""
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        return wait_until_gathered(weight)
 
     def cp_chunks(self, local_seq_len: int, device) -> LocalChunks | None:
         """Where this rank's tokens sit in the sequence under context parallelism (None without CP)."""

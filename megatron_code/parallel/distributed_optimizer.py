@@ -19,7 +19,10 @@ One step:
 3. the global grad norm from the shards: sums of squares over the group, TP-sharded parameters
    also summed over TP, TP-replicated ones counted once (the rule of grads.global_grad_norm);
 4. clipping scales the shard; torch AdamW updates the shard;
-5. the updated parameter shards are all-gathered into the full parameter buffers.
+5. the updated parameter shards are all-gathered into the full parameter buffers; with
+   overlap_param_gather (Megatron's --overlap-param-gather) the step returns with the gathers in
+   flight, and the next forward waits for each bucket just before the first module that owns
+   one of its parameters, so the gathers of later layers overlap the compute of earlier ones.
 
 AdamW works on "pieces": the intersection of one parameter with this rank's shard, a 1-D view
 of the parameter buffer whose `.grad` is the matching view of the reduced gradient shard and
@@ -31,6 +34,8 @@ Per-rank bytes for N fp32 parameters: params 4N + grads 4N (+ 4N/G for the reduc
 G > 1) + Adam 8N/G, against 4N + 4N + 8N without sharding (`memory_bytes`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -80,6 +85,7 @@ class _Bucket:
             if start < end:
                 self.pieces.append(_Piece(p, off, start - off, end - off, start - self.lo))
         self.pending, self.launched, self.work = len(params), False, None
+        self.gather = None  # the parameter all-gather in flight (overlap_param_gather)
 
     def point_grads(self) -> None:
         for p, off in zip(self.params, self.offsets):
@@ -98,8 +104,9 @@ class DistributedOptimizer(BucketTrigger):
     (data x context parallel). Collective: every rank of the run builds it."""
 
     def __init__(self, model: torch.nn.Module, config: OptimizerConfig, parallel: ParallelState,
-                 group, bucket_mb: float = 25.0):
+                 group, bucket_mb: float = 25.0, overlap_param_gather: bool = False):
         self.parallel, self.group = parallel, group
+        self.overlap_param_gather = overlap_param_gather
         self.group_size = 1 if group is None else dist.get_world_size(group)
         self.group_rank = 0 if group is None else dist.get_rank(group)
         self.armed = False
@@ -111,6 +118,8 @@ class DistributedOptimizer(BucketTrigger):
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_gradient_ready)
         self.optimizer = self._build_adamw(config, decay_of, params[0].is_cuda)
+        if overlap_param_gather:
+            self._install_gather_waits(model)
 
     def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
         """Backward produces gradients roughly in reverse order of definition: bucket that way
@@ -162,14 +171,45 @@ class DistributedOptimizer(BucketTrigger):
             b.point_grads()
 
     def step(self) -> None:
-        """AdamW on this rank's shards, then all-gather the updated parameters."""
+        """AdamW on this rank's shards, then all-gather the updated parameters: waited for here, or
+        with overlap_param_gather by the next forward, bucket by bucket as it reaches them."""
+        self.wait_for_params()  # the gathers of the last step write into the shards updated now
         self.optimizer.step()
         if self.group_size == 1:
             return
-        works = [dist.all_gather_into_tensor(b.param_buffer, b.own_params().clone(), group=self.group,
-                                             async_op=True) for b in self.buckets]
-        for work in works:
-            work.wait()
+        for b in reversed(self.buckets):  # forward order: the first layers' buckets first
+            b.gather = dist.all_gather_into_tensor(b.param_buffer, b.own_params().clone(), group=self.group,
+                                                   async_op=True)
+        if not self.overlap_param_gather:
+            self.wait_for_params()
+
+    def wait_for_params(self) -> None:
+        """Wait for every pending parameter all-gather (before anything reads the parameters
+        outside a forward: saving a checkpoint, the end of training)."""
+        for b in self.buckets:
+            self._wait_gather(b)
+
+    @staticmethod
+    def _wait_gather(bucket: _Bucket) -> None:
+        if bucket.gather is not None:
+            bucket.gather.wait()
+            bucket.gather = None
+
+    def _install_gather_waits(self, model: torch.nn.Module) -> None:
+        """Forward pre-hooks: a module waits for the buckets of the parameters it owns directly.
+        Each parameter also gets `wait_until_gathered` (param_gather.py) for reads elsewhere."""
+        for module in model.modules():
+            buckets = list({id(self.bucket_of[id(p)]): self.bucket_of[id(p)]
+                            for p in module.parameters(recurse=False) if id(p) in self.bucket_of}.values())
+            if buckets:
+                module.register_forward_pre_hook(functools.partial(self._wait_gathers, buckets))
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.wait_until_gathered = functools.partial(self._wait_gather, bucket)
+
+    def _wait_gathers(self, buckets: list[_Bucket], module, args) -> None:
+        for bucket in buckets:
+            self._wait_gather(bucket)
 
     # ---- gradient reduction (GradientReducer's interface) -----------------------------------
     def _launch(self, bucket: _Bucket) -> None:

@@ -41,6 +41,10 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     """ZeRO-1: shard the AdamW state (and the optimizer step) over the data-parallel ranks; gradients
     are reduce-scattered instead of all-reduced and the updated parameters all-gathered."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: return from the optimizer step with the parameter
+    all-gathers in flight; the next forward waits for each bucket just before the layer that
+    uses it, so the gathers overlap compute (Megatron's --overlap-param-gather)."""
 
 
 @dataclass

@@ -59,7 +59,8 @@ class Trainer:
         self.params = list(self.model.parameters())
         if cfg.parallel.use_distributed_optimizer:
             # ZeRO-1: the optimizer owns the gradient buffers and reduce-scatters them itself.
-            self.optimizer = DistributedOptimizer(self.model, cfg.optimizer, parallel, parallel.dp_cp_group)
+            self.optimizer = DistributedOptimizer(self.model, cfg.optimizer, parallel, parallel.dp_cp_group,
+                                                  overlap_param_gather=cfg.parallel.overlap_param_gather)
             self.grad_reducer = self.optimizer
         else:
             self.grad_reducer = (GradientReducer(self.params, parallel.dp_cp_group)
@@ -280,6 +281,7 @@ class Trainer:
                 break
         if ck.save and last_saved != self.iteration:
             self.save()
+        self.wait_for_params()
         self._publish_async_save(wait=True)
         if self.exit_signal is not None and self.exit_signal.stopped_by:
             saved = checkpointing.checkpoint_dir(ck.save, self.iteration) if ck.save else None
@@ -312,10 +314,16 @@ class Trainer:
                  "config": dataclasses.asdict(self.cfg)}
         ck = self.cfg.checkpoint
         self._publish_async_save(wait=True)  # (save_checkpoint would wait too; this also logs it)
+        self.wait_for_params()
         path = checkpointing.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.parallel,
                                              state, async_save=ck.async_save, keep_last=ck.keep_last)
         print_rank0(f" {'saving checkpoint (async)' if ck.async_save else 'saved checkpoint'} {path}",
                     enabled=self.env.is_main)
+
+    def wait_for_params(self) -> None:
+        """The parameters are final: no all-gather of the last optimizer step in flight."""
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.optimizer.wait_for_params()
 
     def _publish_async_save(self, wait: bool) -> None:
         path = checkpointing.finish_pending_save(wait)

@@ -156,6 +156,9 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
             f"--params-dtype {cfg.model.params_dtype}: training keeps float32 master weights; use "
             "--bf16 for bfloat16 compute and leave --params-dtype at float32."
         )
+    if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter "
+                          "all-gather: add --use-distributed-optimizer or drop it.")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval is set but --save (the checkpoint directory) is not.")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
