@@ -17,12 +17,14 @@ from kernels.dispatch import select, triton_module
 RMSNORM_IMPLS = ("auto", "triton", "reference", "te", "apex")
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain-torch RMSNorm over the last dimension. The mean of squares is taken in fp32 because
-    bf16 accumulation over a 4096-wide row loses ~3 significant bits; the output keeps x's dtype."""
+    bf16 accumulation over a 4096-wide row loses ~3 significant bits; the output has out_dtype
+    (default: x's dtype)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    return (normed * weight.float()).to(out_dtype or x.dtype)
 
 
 @functools.cache
@@ -36,12 +38,15 @@ def _library_norm(impl: str, hidden_size: int, eps: float, dtype: torch.dtype, d
     return normalization.MixedFusedRMSNorm(hidden_size, eps=eps).to(device=device, dtype=dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
-    """RMSNorm over the last dim with the implementation `impl` (see RMSNORM_IMPLS)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto",
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim with the implementation `impl` (see RMSNORM_IMPLS), output in
+    out_dtype (default: x's dtype)."""
     chosen = select("rmsnorm", impl, x.device, RMSNORM_IMPLS)
     if chosen == "reference":
-        return rms_norm_reference(x, weight, eps)
+        return rms_norm_reference(x, weight, eps, out_dtype)
     if chosen == "triton":
-        return triton_module("triton_rmsnorm").rms_norm_triton(x, weight, eps)
+        return triton_module("triton_rmsnorm").rms_norm_triton(x, weight, eps, out_dtype)
     module = _library_norm(chosen, weight.shape[0], eps, weight.dtype, weight.device)
-    return functional_call(module, {"weight": weight}, (x,))
+    y = functional_call(module, {"weight": weight}, (x,))
+    return y if out_dtype is None else y.to(out_dtype)

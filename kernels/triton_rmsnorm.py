@@ -48,14 +48,15 @@ def _rms_norm_backward(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stri
 
 
 class TritonRMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x^2) + eps) * weight over the last dim; y has x's dtype."""
+    """y = x * rsqrt(mean(x^2) + eps) * weight over the last dim, stored as out_dtype (one
+    rounding of the fp32 result, as a cast afterwards would give, without its extra pass)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         rows = as_rows(x)
         n_rows, n_cols = rows.shape
         block, num_warps = row_block(n_cols)
-        y = torch.empty_like(rows)
+        y = torch.empty(rows.shape, dtype=out_dtype, device=rows.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         _rms_norm_forward[(n_rows,)](rows, weight, y, rstd, rows.stride(0), y.stride(0), n_cols, eps,
                                      BLOCK=block, num_warps=num_warps)
@@ -75,8 +76,8 @@ class TritonRMSNorm(torch.autograd.Function):
             grad_rows, rows, weight, rstd, grad_x, dw_partial, grad_rows.stride(0), rows.stride(0),
             grad_x.stride(0), n_rows, n_cols, -(-n_rows // programs), BLOCK=block, num_warps=num_warps,
         )
-        return grad_x.view(grad_y.shape), dw_partial.sum(0).to(weight.dtype), None
+        return grad_x.view(grad_y.shape), dw_partial.sum(0).to(weight.dtype), None, None
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return TritonRMSNorm.apply(x, weight, eps)
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
+    return TritonRMSNorm.apply(x, weight, eps, out_dtype or x.dtype)

@@ -60,6 +60,24 @@ def test_triton_rmsnorm_matches_reference(dtype):
 
 
 @interpreted
+def test_triton_rmsnorm_writes_the_autocast_dtype_as_a_cast_would():
+    """fp32 residual in, bf16 out (what the layers' norms do under autocast): the fp32 result cast
+    afterwards, and the same gradients (the incoming gradient is bf16). The interpreter truncates
+    bf16 stores (docs/install.md), so the Triton output may sit one bf16 ulp below the rounded cast
+    here; tests/test_kernels_cuda.py checks the compiled kernel bit for bit."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 5, 37), 1 + 0.1 * torch.randn(37)
+    for impl in ("triton", "reference"):
+        fused = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, impl, out_dtype=torch.bfloat16), (x, weight))
+        cast = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, impl).to(torch.bfloat16), (x, weight))
+        assert fused[0].dtype == torch.bfloat16 and fused[1].dtype == torch.float32
+        ulp = 2.0 ** (torch.frexp(cast[0].float())[1] - 8)  # bf16 spacing at each value
+        assert torch.all((fused[0].float() - cast[0].float()).abs() <= (ulp if impl == "triton" else 0))
+        for a, b in zip(fused[1:], cast[1:], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rope_on_strided_q_k_matches_reference(dtype):
     """GQA q/k cut out of one fused QKV tensor (as SelfAttention.split_qkv does), head dim 10."""

@@ -40,6 +40,16 @@ def test_rmsnorm(dtype):
     assert_close_to_scale(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+def test_rmsnorm_stores_bf16_from_fp32_as_a_cast_would():
+    x = torch.randn(TOKENS, HIDDEN, device="cuda")
+    weight = 1 + 0.1 * torch.randn(HIDDEN, device="cuda")
+    fused = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "triton", out_dtype=torch.bfloat16), (x, weight))
+    cast = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "triton").to(torch.bfloat16), (x, weight))
+    assert fused[0].dtype == torch.bfloat16
+    for a, b in zip(fused, cast, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_rope_on_fused_qkv_views():
     s, b, kv, q_per_kv, d = TOKENS // 2, 2, 8, 4, 128
     qkv = torch.randn(s, b, kv, q_per_kv + 2, d, device="cuda", dtype=torch.bfloat16)

@@ -17,4 +17,10 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel_grad = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.impl)
+        """x [..., h] (the fp32 residual stream) -> normalized [..., h]. Under autocast the output
+        is stored in the autocast dtype: only GEMMs read it, which would cast it anyway, and the
+        kernel rounds its fp32 result once, as that cast would (same values, one pass less)."""
+        out_dtype = None
+        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return rms_norm(x, self.weight, self.eps, self.impl, out_dtype)

@@ -40,7 +40,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from megatron_code.parallel.grads import BucketTrigger
+from megatron_code.parallel.grads import BucketTrigger, sum_of_squares
 from megatron_code.parallel.state import ParallelState
 from megatron_code.training.config import OptimizerConfig
 from megatron_code.training.optimizer import adamw, parameter_groups
@@ -246,11 +246,10 @@ class DistributedOptimizer(BucketTrigger):
     def global_grad_norm(self) -> torch.Tensor:
         """L2 norm of the full model's reduced gradient, from the shards (see module docstring)."""
         device = self.buckets[0].grad_shard.device
-        sums = {True: [], False: []}  # TP-sharded?
+        grads = {True: [], False: []}  # TP-sharded?
         for pc in self._pieces():
-            sums[getattr(pc.param, "tensor_parallel_dim", None) is not None].append(pc.tensor.grad.float().pow(2).sum())
-        sq = torch.stack([torch.stack(sums[k]).sum() if sums[k] else torch.zeros((), device=device)
-                          for k in (True, False)])
+            grads[getattr(pc.param, "tensor_parallel_dim", None) is not None].append(pc.tensor.grad)
+        sq = torch.stack([sum_of_squares(grads[k], device) for k in (True, False)])
         if self.group_size > 1:
             dist.all_reduce(sq, group=self.group)
         if self.parallel.tp > 1:

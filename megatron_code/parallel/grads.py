@@ -113,6 +113,14 @@ def reduce_sequence_parallel_grads(params, parallel: ParallelState) -> None:
         torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
+def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp32 sum of the squared elements of all tensors: per-tensor norms in multi-tensor kernels
+    (a few launches, no squared copy of each gradient), then squared and summed."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=tensors[0].is_cuda).float().square()
+
+
 def global_grad_norm(params, parallel: ParallelState) -> torch.Tensor:
     """L2 norm of the full model's gradient: TP-sharded parameters contribute their shard on each
     TP rank (summed over TP); replicated ones are identical on all TP ranks and count once;
@@ -123,15 +131,11 @@ def global_grad_norm(params, parallel: ParallelState) -> torch.Tensor:
         if p.grad is not None:
             (replicated if getattr(p, "tensor_parallel_dim", None) is None else sharded).append(p.grad)
 
-    def sum_of_squares(grads):
-        if not grads:
-            return torch.zeros((), dtype=torch.float32, device=params[0].device)
-        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-
-    sharded_sq = sum_of_squares(sharded)
+    device = params[0].device
+    sharded_sq = sum_of_squares(sharded, device)
     if parallel.tp > 1:
         dist.all_reduce(sharded_sq, group=parallel.tp_group)
-    total_sq = sharded_sq + sum_of_squares(replicated)
+    total_sq = sharded_sq + sum_of_squares(replicated, device)
     if parallel.pp > 1:  # each parameter lives on exactly one pipeline stage
         dist.all_reduce(total_sq, group=parallel.group("pp"))
     return total_sq.sqrt()
