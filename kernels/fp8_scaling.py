@@ -34,12 +34,17 @@ def element_format(fp8_format: str, is_gradient: bool) -> str:
     return "e4m3"
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
 def scale_from_amax(amax: torch.Tensor, element: str, margin: int) -> torch.Tensor:
-    """fp32 scale that maps amax to the format's max / 2^margin; 1 where amax is 0 or not finite."""
+    """fp32 scale that maps amax to the format's max / 2^margin; 1 where amax is 0, NaN, infinite,
+    or so small that the scale would overflow. Five small kernels: a layer casts three tensors per
+    micro-batch, and on a GPU these launches, not their work, are what cost."""
+    target = FP8_MAX[element] / 2.0 ** margin
     amax = amax.float()
-    scale = FP8_MAX[element] / amax / (2.0 ** margin)
-    usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)
-    return torch.where(usable, scale, torch.ones_like(scale))
+    usable = (amax >= target / FP32_MAX) & (amax < float("inf"))  # NaN fails both
+    return torch.where(usable, target / amax, 1.0)
 
 
 def quantize_reference(x: torch.Tensor, scale: torch.Tensor, element: str) -> torch.Tensor:
@@ -103,7 +108,8 @@ class TensorScaling:
     def __init__(self, config: ScalingConfig, is_gradient: bool):
         self.config = config
         self.element = element_format(config.fp8_format, is_gradient)
-        self.history: torch.Tensor | None = None  # [amax_history_len] fp32, newest at index 0
+        self.history: torch.Tensor | None = None  # [amax_history_len] fp32 ring buffer
+        self.newest = -1  # index of the newest entry of the ring
         self.uses = 0
 
     def cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +129,17 @@ class TensorScaling:
 
     def _history_amax(self) -> torch.Tensor:
         if self.config.amax_compute_algo == "most_recent":
-            return self.history[0]
-        return self.history.amax()
+            return self.history[self.newest]
+        return self.history.amax()  # unwritten slots hold 0, which never wins the max
 
     def _record(self, amax: torch.Tensor) -> None:
+        """Overwrite the oldest entry (a ring: one copy kernel, where rolling the history would
+        add a second kernel and an allocation per cast)."""
         if self.config.recipe != "delayed":
             return
         if self.history is None or self.history.device != amax.device:
             self.history = torch.zeros(self.config.amax_history_len, device=amax.device)
-        self.history = torch.roll(self.history, 1)
-        self.history[0] = amax
+            self.newest = -1
+        self.newest = (self.newest + 1) % self.config.amax_history_len
+        self.history[self.newest].copy_(amax)
         self.uses += 1

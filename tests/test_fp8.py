@@ -15,7 +15,7 @@ def test_scale_maps_amax_to_format_max_with_margin():
     assert scale_from_amax(torch.tensor(448.0), "e4m3", 0).item() == 1.0
     assert scale_from_amax(torch.tensor(448.0), "e4m3", 1).item() == 0.5
     assert scale_from_amax(torch.tensor(2.0), "e5m2", 0).item() == 57344.0 / 2
-    for degenerate in (0.0, float("inf"), float("nan")):
+    for degenerate in (0.0, float("inf"), float("nan"), 1e-38):  # 1e-38: the scale would overflow
         assert scale_from_amax(torch.tensor(degenerate), "e4m3", 0).item() == 1.0
 
 

@@ -65,3 +65,10 @@ def test_fp8_tiny_model_tracks_bf16_over_50_steps():
     assert fp8[-1] < fp8[0] * 0.5
     tail = [abs(a - b) / max(b, 0.5) for a, b in zip(fp8[-10:], bf16[-10:])]
     assert sum(tail) / len(tail) < FP8_VS_BF16_TOLERANCE, (bf16[-10:], fp8[-10:])
+
+
+def test_byte_transpose_on_cuda_equals_torch():
+    from kernels.fp8_linear import transposed
+
+    x = torch.randn(4096 + 17, 1000, device="cuda").to(torch.float8_e4m3fn)
+    assert torch.equal(transposed(x).view(torch.uint8), x.t().contiguous().view(torch.uint8))

@@ -201,3 +201,20 @@ def test_missing_library_norm_names_the_install(impl, install):
         tiny_config(rmsnorm_impl=impl).validate()
     with pytest.raises(KernelSelectionError, match=install):
         rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5, impl=impl)
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [(1, 1), (70, 130), (64, 3), (129, 64)])
+def test_triton_byte_transpose_equals_torch(shape):
+    """FP8 operands' transposes for the backward GEMMs (kernels/triton_transpose.py): tiles that
+    straddle both edges; the bytes of an FP8 tensor move unchanged."""
+    from kernels.dispatch import triton_module
+
+    transpose_bytes = triton_module("triton_transpose").transpose_bytes
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8)
+    assert torch.equal(transpose_bytes(raw), raw.t().contiguous())
+    fp8 = torch.randn(shape).to(torch.float8_e4m3fn)
+    got = transpose_bytes(fp8)
+    assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), fp8.t().contiguous().view(torch.uint8))
+    with pytest.raises(ValueError, match="row-major 2-D tensor of 1-byte elements"):
+        transpose_bytes(torch.zeros(4, 4))
