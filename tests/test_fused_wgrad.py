@@ -170,3 +170,27 @@ def test_fp8_weights_are_cast_once_per_step_with_the_same_gradients(recipe):
     else:
         for name, grad in grads[True].items():
             torch.testing.assert_close(grad, grads[False][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("recompute", [dict(recompute_granularity="full", recompute_method="uniform",
+                                            recompute_num_layers=1),
+                                       dict(recompute_granularity="selective")], ids=["full", "selective"])
+def test_fused_weight_gradients_under_activation_recompute(recompute):
+    """Recompute reruns the forward (the fused linears included) inside backward: each weight's
+    gradient is still accumulated once per micro-batch, equal to the stored-activation run."""
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for extra in ({}, recompute):
+        model = tiny_model(fusion=True)
+        model = GPTModel(model.config.replace(**extra), init_seed=3)
+        calls = {}
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda param, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        with cached_weight_casts(model):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+        assert set(calls.values()) == {2}
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
