@@ -61,6 +61,30 @@ def test_attention_matches_naive_reference(num_groups):
     torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_qkv_split_gradient_equals_autograd_of_the_views():
+    """The split's backward writes dq, dk, dv into one buffer: the same gradient as autograd's
+    backward of slicing views of the grouped QKV tensor."""
+    torch.manual_seed(0)
+    attn = SelfAttention(small_config(num_query_groups=2))
+    s, b, nkv, q_per_kv, d = 5, 2, attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
+    mixed = torch.randn(s, b, nkv * (q_per_kv + 2) * d)
+    weights = [torch.randn(s, b, n, d) for n in (nkv * q_per_kv, nkv, nkv)]
+    grads = []
+    for split in ("ours", "views"):
+        leaf = mixed.clone().requires_grad_()
+        if split == "ours":
+            parts = attn.split_qkv(leaf)
+        else:
+            grouped = leaf.view(s, b, nkv, q_per_kv + 2, d)
+            parts = (grouped[:, :, :, :q_per_kv].reshape(s, b, -1, d), grouped[:, :, :, q_per_kv],
+                     grouped[:, :, :, q_per_kv + 1])
+        sum((p * w).sum() for p, w in zip(parts, weights)).backward()
+        grads.append((leaf.grad, [p.detach() for p in parts]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for ours, views in zip(grads[0][1], grads[1][1]):
+        assert ours.is_contiguous() and torch.equal(ours, views)
+
+
 def test_gqa_with_groups_equal_heads_is_multi_head_attention():
     torch.manual_seed(0)
     gqa = GPTModel(small_config(num_query_groups=4))

@@ -13,6 +13,30 @@ from megatron_code.parallel.layers import SINGLE, ColumnParallelLinear, RowParal
 from megatron_code.parallel.state import ParallelState
 
 
+class _SplitGroupedQKV(torch.autograd.Function):
+    """grouped [s, b, nkv, q_per_kv + 2, d] -> contiguous q [s, b, nkv * q_per_kv, d], k and v
+    [s, b, nkv, d]. Autograd's backward of slicing views would build three zero-filled
+    [s, b, nkv, q_per_kv + 2, d] gradients and add them up; this one writes dq, dk and dv into
+    their places of a single buffer."""
+
+    @staticmethod
+    def forward(ctx, grouped):
+        s, b, nkv, width, d = grouped.shape
+        q_per_kv = width - 2
+        q = grouped[:, :, :, :q_per_kv].reshape(s, b, nkv * q_per_kv, d)  # a copy: the slice is strided
+        return q, grouped[:, :, :, q_per_kv].contiguous(), grouped[:, :, :, q_per_kv + 1].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        s, b, nkv, d = grad_k.shape
+        q_per_kv = grad_q.shape[2] // nkv
+        grad = grad_q.new_empty(s, b, nkv, q_per_kv + 2, d)
+        grad[:, :, :, :q_per_kv].copy_(grad_q.reshape(s, b, nkv, q_per_kv, d))
+        grad[:, :, :, q_per_kv].copy_(grad_k)
+        grad[:, :, :, q_per_kv + 1].copy_(grad_v)
+        return grad
+
+
 class SelfAttention(nn.Module):
     """x -> linear_qkv -> RoPE(q, k) -> core attention -> linear_proj.
 
@@ -40,8 +64,7 @@ class SelfAttention(nn.Module):
         s, b, _ = mixed.shape
         q_per_kv = self.num_heads // self.num_kv_heads
         grouped = mixed.view(s, b, self.num_kv_heads, q_per_kv + 2, self.head_dim)
-        q = grouped[:, :, :, :q_per_kv].reshape(s, b, self.num_heads, self.head_dim)
-        return q, grouped[:, :, :, q_per_kv], grouped[:, :, :, q_per_kv + 1]
+        return _SplitGroupedQKV.apply(grouped)
 
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism; s is
@@ -51,7 +74,7 @@ class SelfAttention(nn.Module):
         if self.parallel.cp > 1:  # every rank's keys/values, in sequence order: [s, b, nkv, d]
             k = gather_sequence(k, self.parallel.cp, self.parallel.cp_group)
             v = gather_sequence(v, self.parallel.cp, self.parallel.cp_group)
-        context = self._core_attention(q, k, v.contiguous(), segment_ids, cp_chunks)  # [s, b, nq * d]
+        context = self._core_attention(q, k, v, segment_ids, cp_chunks)  # [s, b, nq * d]
         return self.linear_proj(context)
 
     def _core_attention(self, q, k, v, segment_ids, cp_chunks):
