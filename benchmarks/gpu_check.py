@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_code.model.config import ModelConfig  # noqa: E402
 from megatron_code.model.fp8 import FP8_LINEARS, enable_fp8  # noqa: E402
 from megatron_code.model.gpt import GPTModel  # noqa: E402
-from megatron_code.parallel.fused_wgrad import StepWeightCasts, cached_weight_casts  # noqa: E402
+from megatron_code.parallel.fused_wgrad import cached_weight_casts  # noqa: E402
 from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
 from megatron_code.plan.memory import estimate_memory  # noqa: E402
@@ -140,15 +140,6 @@ def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool) -> None:
         enable_fp8(model.decoder.layers, config.replace(fp8_format="hybrid"))
 
 
-def set_wgrad_fusion(model: GPTModel, enabled: bool) -> None:
-    """Switch gradient-accumulation fusion on the built model (what the config flag decides at
-    construction), so both variants are timed on the same weights in one process."""
-    casts = StepWeightCasts() if enabled else None
-    for module in model.decoder.modules():
-        if hasattr(module, "weight_casts"):
-            module.weight_casts = casts
-
-
 def measure(name, precision, step, config, seq, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, args.warmup, args.steps)
@@ -175,7 +166,7 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
         # fusion is judged against (docs/benchmarks.md)
         for name, fp8, fusion in (("ours", False, True), ("ours-unfused", False, False), ("ours", True, True)):
             set_fp8(model, config, fp8)
-            set_wgrad_fusion(model, fusion)
+            model.set_gradient_accumulation_fusion(fusion)  # both variants on the same weights
             rows.append(measure(name, "fp8" if fp8 else "bf16", ours_step(model, optimizer, tokens, args.accumulation),
                                 config, seq, args))
     del model, optimizer

@@ -16,8 +16,8 @@ def forward_and_grads(fn, inputs, seed=1):
 
 
 def rope_on_fused_qkv(impl: str, q_per_kv: int, cos: torch.Tensor, sin: torch.Tensor):
-    """qkv [s, b, kv, q_per_kv + 2, d] -> RoPE'd (q, k), with q and k cut out of the fused QKV
-    output the way SelfAttention.split_qkv does (q a reshaped copy, k a strided view)."""
+    """qkv [s, b, kv, q_per_kv + 2, d] -> RoPE'd (q, k), with q a reshaped copy and k a strided
+    view of the fused QKV output (the kernels accept either layout)."""
     def run(qkv):
         s, b, kv, _, d = qkv.shape
         q = qkv[:, :, :, :q_per_kv].reshape(s, b, kv * q_per_kv, d)

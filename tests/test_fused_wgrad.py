@@ -99,6 +99,19 @@ def tiny_model(fusion: bool) -> GPTModel:
     return GPTModel(config, init_seed=3)
 
 
+def _fused_nodes(loss: torch.Tensor) -> int:
+    """How many fused-linear backward nodes the autograd graph of `loss` holds."""
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "_FusedWgradLinearBackward"
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
 def test_gradient_ready_hooks_fire_once_per_backward_for_every_weight():
     """The data-parallel buckets launch on the post-accumulate-grad hooks. A fused weight's
     backward returns no gradient; autograd must still run its hooks, once per micro-batch and
@@ -118,6 +131,9 @@ def test_gradient_ready_hooks_fire_once_per_backward_for_every_weight():
         for _ in range(2):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+            # The model routes its 8 linears (4 per layer) through the fused path, and the second
+            # micro-batch reuses the first one's bf16 weight copies.
+            assert _fused_nodes(loss) == 8 and len(model.weight_casts.copies) == 8
             loss.backward()
     assert calls == {name: 2 for name in names.values()}
     fused = [n for n in names.values() if n.endswith(("linear_qkv.weight", "linear_proj.weight",
@@ -133,7 +149,9 @@ def test_model_gradients_with_and_without_fusion_agree():
         with cached_weight_casts(model):
             for _ in range(2):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+                    loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+                assert _fused_nodes(loss) == (8 if fusion else 0)
+                loss.backward()
         grads[fusion] = {n: p.grad for n, p in model.named_parameters()}
     for name, grad in grads[True].items():
         torch.testing.assert_close(grad, grads[False][name], rtol=2e-2, atol=1e-3, msg=name)

@@ -121,10 +121,7 @@ class GPTModel(nn.Module):
         layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
         self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)
         enable_fp8(self.decoder.layers, config)
-        self.weight_casts = StepWeightCasts() if config.gradient_accumulation_fusion else None
-        for module in self.decoder.modules():  # the linears of attention and MLP
-            if hasattr(module, "weight_casts"):
-                module.weight_casts = self.weight_casts
+        self.set_gradient_accumulation_fusion(config.gradient_accumulation_fusion)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights and post_process:
             weight = nn.Parameter(torch.empty(self.vocab_size // parallel.tp, config.hidden_size))
@@ -160,6 +157,14 @@ class GPTModel(nn.Module):
         if self.parallel.cp == 1:
             return per_token
         return slice_local(per_token, self.parallel.cp, self.parallel.cp_rank)
+
+    def set_gradient_accumulation_fusion(self, enabled: bool) -> None:
+        """Give the attention and MLP linears a shared per-step weight-cast cache (fused_wgrad.py),
+        or take it away (autograd's weight gradients)."""
+        self.weight_casts = StepWeightCasts() if enabled else None
+        for module in self.decoder.modules():
+            if hasattr(module, "weight_casts"):
+                module.weight_casts = self.weight_casts
 
     def output_weight(self) -> torch.Tensor:
         """The output layer's weight (the embedding's when tied); read by the loss head, outside
