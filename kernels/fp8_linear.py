@@ -6,27 +6,29 @@
 
 Each operand is cast with its own per-tensor scale (kernels.fp8_scaling) and the product is
 rescaled by 1 / (scale_a * scale_b) inside the GEMM; accumulation is fp32 and the output has the
-compute dtype (bf16 under autocast). The forward keeps x and W in FP8 for the backward, halving
-the saved-activation bytes of a bf16 linear. `_scaled_mm` wants its first operand row-major and
-its second column-major, hence the transposed copies in the backward; on CUDA every dimension must
-be a multiple of 16 (checked, with the fix named).
+compute dtype (bf16 under autocast). `_scaled_mm` wants its first operand row-major and its second
+column-major, so each cast also writes the transposed layout its backward GEMM needs (x^T, dY^T,
+W^T) in the same pass; the forward keeps only x^T in FP8 for the backward, half the saved bytes of
+a bf16 linear. On CUDA every dimension must be a multiple of 16 (checked, with the fix named).
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import package_imports, triton_module
-from kernels.fp8_scaling import ScalingConfig, TensorScaling
+from kernels.fp8_history import AmaxHistories
+from kernels.fp8_scaling import ScalingConfig, TensorScaling, new_histories
 
 
 class Fp8LinearScaling:
-    """The three scale slots of one FP8 linear layer (input, weight, output gradient)."""
+    """The three scale slots of one FP8 linear layer (input, weight, output gradient), rows of
+    `histories` (one per model, so that a step advances all of them at once) or of their own."""
 
-    def __init__(self, config: ScalingConfig):
+    def __init__(self, config: ScalingConfig, histories: AmaxHistories | None = None):
         self.config = config
-        self.input = TensorScaling(config, is_gradient=False)
-        self.weight = TensorScaling(config, is_gradient=False)
-        self.grad_output = TensorScaling(config, is_gradient=True)
+        self.histories = histories if histories is not None else new_histories(config)
+        self.input = TensorScaling(config, is_gradient=False, histories=self.histories)
+        self.weight = TensorScaling(config, is_gradient=False, histories=self.histories)
+        self.grad_output = TensorScaling(config, is_gradient=True, histories=self.histories)
 
 
 def _check_shapes(x2d: torch.Tensor, weight: torch.Tensor) -> None:
@@ -43,32 +45,13 @@ def _check_shapes(x2d: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def _scaled_mm(a_fp8, b_fp8_colmajor, scale_a, scale_b, out_dtype):
-    # scale_a/scale_b of _scaled_mm multiply the FP8 operands back (dequantization scales).
-    return torch._scaled_mm(a_fp8, b_fp8_colmajor, scale_a=scale_a.reciprocal(),
-                            scale_b=scale_b.reciprocal(), out_dtype=out_dtype)
-
-
-def transposed(t: torch.Tensor) -> torch.Tensor:
-    """t.t().contiguous() for a 2-D FP8 tensor: the tiled Triton kernel on CUDA, torch elsewhere."""
-    if t.is_cuda and package_imports("triton"):
-        return triton_module("triton_transpose").transpose_bytes(t)
-    return t.t().contiguous()
-
-
-class Fp8Tensor:
-    """A 2-D tensor cast to FP8 with its scale, and its transpose, made on first request: cached
-    with the weight's per-step cast, the transposed weight the input gradient needs is made once
-    per step rather than once per micro-batch."""
-
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor):
-        self.data, self.scale = data, scale
-        self._transposed: torch.Tensor | None = None
-
-    def transposed(self) -> torch.Tensor:
-        if self._transposed is None:
-            self._transposed = transposed(self.data)
-        return self._transposed
+def _scaled_mm(a_fp8, b_fp8_colmajor, a_scale_inv, b_scale_inv, out_dtype, fast_accum=False):
+    # scale_a/scale_b of _scaled_mm multiply the FP8 product back (dequantization scales).
+    # fast_accum: Hopper's FP8 tensor cores accumulate in fewer bits unless partial sums are
+    # promoted to fp32 every few steps; Transformer Engine skips the promotion in the forward GEMM
+    # only, and so do we.
+    return torch._scaled_mm(a_fp8, b_fp8_colmajor, scale_a=a_scale_inv, scale_b=b_scale_inv,
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -76,34 +59,39 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, scaling: Fp8LinearScaling, out_dtype: torch.dtype, cast_weight):
         x2d = x.reshape(-1, x.shape[-1])  # [N, in]
         _check_shapes(x2d, weight)
-        x_fp8, x_scale = scaling.input.cast(x2d)
-        w = cast_weight(weight) if cast_weight is not None else Fp8Tensor(*scaling.weight.cast(weight))
-        y = _scaled_mm(x_fp8, w.data.t(), x_scale, w.scale, out_dtype)  # [N, out]
-        ctx.save_for_backward(x_fp8, x_scale)
+        wants_grad_x, wants_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # x^T is what the weight gradient reads, and W^T what the input gradient reads: both made
+        # by the casts, in the same pass.
+        x_fp8 = scaling.input.cast(x2d, transpose=wants_grad_w)
+        w = cast_weight(weight) if cast_weight is not None else scaling.weight.cast(weight, transpose=wants_grad_x)
+        y = _scaled_mm(x_fp8.data, w.data.t(), x_fp8.scale_inv, w.scale_inv, out_dtype, fast_accum=True)  # [N, out]
+        if wants_grad_w:
+            ctx.save_for_backward(x_fp8.transposed(), x_fp8.scale_inv)  # [in, N]: x alone is not kept
         ctx.w, ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = w, scaling, x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_fp8, x_scale = ctx.saved_tensors
+        wants_grad_x, wants_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = ctx.w
         g2d = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
-        g_fp8, g_scale = ctx.scaling.grad_output.cast(g2d)
+        g = ctx.scaling.grad_output.cast(g2d, transpose=wants_grad_w)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # [N, out] x [out, in] (W column-major = W^T contiguous, transposed)
-            grad_x = _scaled_mm(g_fp8, w.transposed().t(), g_scale, w.scale, ctx.x_dtype)
+        if wants_grad_x:  # [N, out] x [out, in] (W column-major = W^T row-major, transposed view)
+            grad_x = _scaled_mm(g.data, w.transposed().t(), g.scale_inv, w.scale_inv, ctx.x_dtype)
             grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:  # [out, N] x [N, in] (x column-major = x^T contiguous, transposed)
-            grad_w = _scaled_mm(transposed(g_fp8), transposed(x_fp8).t(), g_scale, x_scale,
-                                torch.float32).to(ctx.w_dtype)
+        if wants_grad_w:  # [out, N] x [N, in] (x column-major = x^T row-major, transposed view)
+            x_t, x_scale_inv = ctx.saved_tensors
+            grad_w = _scaled_mm(g.transposed(), x_t.t(), g.scale_inv, x_scale_inv, torch.float32).to(ctx.w_dtype)
         return grad_x, grad_w, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling, cast_weight=None) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T in FP8; output in the autocast dtype (else x's dtype).
-    cast_weight(weight) -> Fp8Tensor (the weight in FP8, its scale) replaces `scaling.weight.cast`: a caller that
-    runs several micro-batches on unchanged weights passes one that casts once (Transformer
-    Engine's first-micro-batch rule; the weight's amax history then advances once per step)."""
+    cast_weight(weight) -> Fp8Tensor (the weight in FP8 with its scales and transpose) replaces
+    `scaling.weight.cast`: a caller that runs several micro-batches on unchanged weights passes one
+    that casts once (Transformer Engine's first-micro-batch rule; the weight's amax history then
+    records once per step)."""
     out_dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.get_autocast_dtype(x.device.type)

@@ -8,8 +8,8 @@ for headroom (Transformer Engine's convention):
 
 Two recipes choose which amax:
   * delayed (TE's DelayedScaling): the max (or most recent) of the amaxes of the last
-    `history_len` uses of this tensor slot; the current tensor's amax is appended after the cast,
-    so the scale costs no extra pass over the data but lags one use behind.
+    `history_len` steps of this tensor slot (kernels.fp8_history); the current tensor's amax is
+    recorded by the cast itself, so the scale costs no extra pass over the data but lags behind.
   * tensorwise (current scaling): the amax of the tensor being cast, one extra reduction pass,
     no lag; values never saturate.
 """
@@ -19,6 +19,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
+from kernels.dispatch import package_imports, triton_module
+from kernels.fp8_history import AmaxHistories, scale_for_target
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {name: torch.finfo(dtype).max for name, dtype in FP8_DTYPES.items()}  # 448, 57344
@@ -34,23 +37,17 @@ def element_format(fp8_format: str, is_gradient: bool) -> str:
     return "e4m3"
 
 
-FP32_MAX = torch.finfo(torch.float32).max
-
-
 def scale_from_amax(amax: torch.Tensor, element: str, margin: int) -> torch.Tensor:
     """fp32 scale that maps amax to the format's max / 2^margin; 1 where amax is 0, NaN, infinite,
-    or so small that the scale would overflow. Five small kernels: a layer casts three tensors per
-    micro-batch, and on a GPU these launches, not their work, are what cost."""
-    target = FP8_MAX[element] / 2.0 ** margin
-    amax = amax.float()
-    usable = (amax >= target / FP32_MAX) & (amax < float("inf"))  # NaN fails both
-    return torch.where(usable, target / amax, 1.0)
+    or so small that the scale would overflow."""
+    return scale_for_target(amax, FP8_MAX[element] / 2.0 ** margin)
 
 
-def quantize_reference(x: torch.Tensor, scale: torch.Tensor, element: str) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, element: str) -> torch.Tensor:
     """Saturating cast x * scale -> FP8 (a plain .to() would turn overflows into NaN for e4m3)."""
     limit = FP8_MAX[element]
     return (x.float() * scale).clamp_(-limit, limit).to(FP8_DTYPES[element])
+
 
 
 @functools.cache
@@ -64,18 +61,16 @@ def _fused_cast():
     return triton_fp8_cast
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, element: str) -> torch.Tensor:
-    """quantize_reference, in one pass on CUDA."""
-    if x.is_cuda and _fused_cast() is not None:
-        return _fused_cast().scaled_cast(x, scale, FP8_DTYPES[element], FP8_MAX[element], with_amax=False)[0]
-    return quantize_reference(x, scale, element)
-
-
-def quantize_with_amax(x: torch.Tensor, scale: torch.Tensor, element: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(quantize(x, scale), amax(|x|)) in one pass on CUDA, two elsewhere."""
-    if x.is_cuda and _fused_cast() is not None:
-        return _fused_cast().scaled_cast(x, scale, FP8_DTYPES[element], FP8_MAX[element], with_amax=True)
-    return quantize_reference(x, scale, element), x.detach().abs().amax().float()
+def cast_transpose(x2d: torch.Tensor, scale: torch.Tensor, element: str, transpose: bool,
+                   amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(quantize(x2d, scale), its transpose [N, M] contiguous or None), folding max|x2d| into the
+    fp32 cell `amax` when given: one pass over x2d on CUDA (kernels.triton_fp8_cast)."""
+    if x2d.is_cuda and _fused_cast() is not None:
+        return _fused_cast().cast_transpose(x2d, scale, FP8_DTYPES[element], FP8_MAX[element], transpose, amax)
+    data = quantize(x2d, scale, element)
+    if amax is not None:
+        torch.maximum(amax, x2d.detach().abs().amax().float(), out=amax)
+    return data, (data.t().contiguous() if transpose else None)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -98,48 +93,69 @@ class ScalingConfig:
     """Delayed scaling's amax: max over the history, or the most recent entry."""
 
 
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """t.t().contiguous() for a 2-D FP8 tensor: the tiled Triton kernel on CUDA, torch elsewhere."""
+    if t.is_cuda and package_imports("triton"):
+        return triton_module("triton_transpose").transpose_bytes(t)
+    return t.t().contiguous()
+
+
+class Fp8Tensor:
+    """A 2-D tensor in FP8 with the scales it was cast with, and its transpose (made by the cast when
+    asked for, else on first request: the backward GEMMs want the other layout)."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, scale_inv: torch.Tensor,
+                 data_t: torch.Tensor | None = None):
+        self.data, self.scale, self.scale_inv, self._data_t = data, scale, scale_inv, data_t
+
+    def transposed(self) -> torch.Tensor:
+        """data.t().contiguous() [N, M]."""
+        if self._data_t is None:
+            self._data_t = transposed(self.data)
+        return self._data_t
+
+
 class TensorScaling:
-    """The scale of one tensor slot (input, weight or output gradient) of one linear layer.
+    """The scale of one tensor slot (input, weight or output gradient) of one linear layer: a row
+    of an AmaxHistories shared by all the slots of a model (or owned, for a stand-alone layer)."""
 
-    Holds the amax history on the device of the first tensor it sees; not a module buffer, so
-    `model.to(bfloat16)` never degrades it and checkpoints do not carry it (after a resume the
-    history refills within one step; the first use falls back to current scaling)."""
-
-    def __init__(self, config: ScalingConfig, is_gradient: bool):
+    def __init__(self, config: ScalingConfig, is_gradient: bool, histories: AmaxHistories | None = None):
         self.config = config
         self.element = element_format(config.fp8_format, is_gradient)
-        self.history: torch.Tensor | None = None  # [amax_history_len] fp32 ring buffer
-        self.newest = -1  # index of the newest entry of the ring
-        self.uses = 0
+        self.histories = histories if histories is not None else new_histories(config)
+        self.slot = self.histories.add_slot(FP8_MAX[self.element] / 2.0 ** config.margin)
 
-    def cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x -> (x in FP8, the fp32 scale it was cast with); records x's amax for delayed scales.
+    @property
+    def uses(self) -> int:
+        """Casts recorded in this slot's history (delayed recipe)."""
+        return self.histories.records[self.slot]
 
-        Delayed scaling knows its scale before reading x, so on CUDA the cast and the amax are one
-        fused pass (kernels.triton_fp8_cast); current scaling needs the amax first (two passes)."""
-        if self.config.recipe == "tensorwise" or self.uses == 0:
-            amax = x.detach().abs().amax().float()
-            scale = scale_from_amax(amax, self.element, self.config.margin)
-            x_fp8 = quantize(x, scale, self.element)
+    def cast(self, x2d: torch.Tensor, transpose: bool = False) -> Fp8Tensor:
+        """x2d [M, N] -> Fp8Tensor (with the transpose when asked); records x2d's amax for delayed
+        scales. A delayed scale is known before reading x2d, so on CUDA the cast, the transpose and
+        the amax are one pass; current scaling (and a slot's first cast) needs the amax first."""
+        histories, slot, element = self.histories, self.slot, self.element
+        delayed = self.config.recipe == "delayed"
+        if not delayed or not histories.initialized[slot]:
+            amax = x2d.detach().abs().amax().float()
+            scale = scale_from_amax(amax, element, self.config.margin)
+            data, data_t = cast_transpose(x2d, scale, element, transpose)
+            scaled = Fp8Tensor(data, scale, scale.reciprocal(), data_t)
+            if delayed:
+                histories.record(slot, amax)
         else:
-            scale = scale_from_amax(self._history_amax(), self.element, self.config.margin)
-            x_fp8, amax = quantize_with_amax(x, scale, self.element)
-        self._record(amax)
-        return x_fp8, scale
+            scale, scale_inv = (histories.cell(name, slot, x2d.device) for name in ("scale", "scale_inv"))
+            if not histories.active:  # the advance below rewrites the cells; keep the ones used here
+                scale, scale_inv = scale.clone(), scale_inv.clone()
+            data, data_t = cast_transpose(x2d, scale, element, transpose,
+                                          amax=histories.cell("pending", slot, x2d.device))
+            histories.note(slot)
+            scaled = Fp8Tensor(data, scale, scale_inv, data_t)
+        if delayed and not histories.active:
+            histories.advance(slot)
+        return scaled
 
-    def _history_amax(self) -> torch.Tensor:
-        if self.config.amax_compute_algo == "most_recent":
-            return self.history[self.newest]
-        return self.history.amax()  # unwritten slots hold 0, which never wins the max
 
-    def _record(self, amax: torch.Tensor) -> None:
-        """Overwrite the oldest entry (a ring: one copy kernel, where rolling the history would
-        add a second kernel and an allocation per cast)."""
-        if self.config.recipe != "delayed":
-            return
-        if self.history is None or self.history.device != amax.device:
-            self.history = torch.zeros(self.config.amax_history_len, device=amax.device)
-            self.newest = -1
-        self.newest = (self.newest + 1) % self.config.amax_history_len
-        self.history[self.newest].copy_(amax)
-        self.uses += 1
+def new_histories(config: ScalingConfig) -> AmaxHistories:
+    return AmaxHistories(config.amax_history_len, most_recent=config.amax_compute_algo == "most_recent")

@@ -1,36 +1,55 @@
-"""One-pass FP8 cast on CUDA: out = saturate(x * scale) in FP8, and optionally amax(|x|) in the same
-read of x (what delayed scaling records), instead of torch's four passes (upcast, multiply, clamp,
-downcast) plus a separate reduction. Each program handles BLOCK elements and folds its block's
-amax into one fp32 cell with an atomic max (amax is non-negative, so float max is order-free)."""
+"""One-pass FP8 cast (and transpose) on CUDA, Transformer Engine's cast_transpose:
+
+    out   = saturate(x * scale)   in FP8, row-major [M, N]
+    out_t = out^T                 row-major [N, M]  (optional: the layout the backward GEMMs want)
+    amax  = max(amax, max|x|)     (optional: what delayed scaling records)
+
+in a single read of x, where torch takes four passes for the cast (upcast, multiply, clamp,
+downcast), one for the amax and one for the transpose. `scale` and `amax` are one-element device
+tensors (views into a layer's scaling state), so the scale never travels through the host.
+Each program handles a [BM, BN] tile: coalesced loads along x's rows, coalesced stores along
+out's rows and (after an in-register transpose) along out_t's rows, and one atomic max of the
+tile's amax (amax is non-negative, so float max is order-free).
+"""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096
+TILE = 64
 
 
 @triton.jit
-def _scaled_cast_kernel(x_ptr, out_ptr, scale_ptr, amax_ptr, n_elements, limit,
-                        WITH_AMAX: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    scaled = tl.minimum(tl.maximum(x * tl.load(scale_ptr), -limit), limit)
-    tl.store(out_ptr + offsets, scaled.to(out_ptr.dtype.element_ty), mask=mask)
+def _cast_transpose_kernel(X, OUT, OUT_T, SCALE, AMAX, M, N, stride_x, limit,
+                           TRANSPOSE: tl.constexpr, WITH_AMAX: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scaled = tl.minimum(tl.maximum(x * tl.load(SCALE), -limit), limit)
+    q = scaled.to(OUT.dtype.element_ty)  # [BM, BN]
+    tl.store(OUT + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+    if TRANSPOSE:  # moved as bytes: the transpose does not care what the bits mean
+        q_bytes = q.to(tl.uint8, bitcast=True)
+        out_t = OUT_T + cols[:, None].to(tl.int64) * M + rows[None, :]  # [BN, BM]: out_t[c, r] = out[r, c]
+        tl.store(out_t, tl.trans(q_bytes), mask=tl.trans(mask))
     if WITH_AMAX:
-        tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0))
+        tl.atomic_max(AMAX, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
 
 
-def scaled_cast(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, limit: float,
-                with_amax: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x (any float dtype, any shape) -> (x * scale saturated to +-limit in fp8_dtype, amax or None)."""
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-    amax = torch.zeros((), dtype=torch.float32, device=x.device)
-    n = x.numel()
-    grid = (triton.cdiv(n, BLOCK),)
-    _scaled_cast_kernel[grid](x, out, scale.reshape(1).float(), amax, n, limit,
-                              WITH_AMAX=with_amax, BLOCK=BLOCK)
-    return out, (amax if with_amax else None)
+def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, limit: float,
+                   transpose: bool, amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, N] (any float dtype, unit stride along N) -> (x * scale saturated to +-limit in fp8_dtype,
+    its transpose [N, M] or None); folds max|x| into the fp32 cell `amax` when given."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        x = x.reshape(-1, x.shape[-1]).contiguous()
+    m, n = x.shape
+    out = torch.empty((m, n), dtype=fp8_dtype, device=x.device)
+    out_t = torch.empty((n, m), dtype=fp8_dtype, device=x.device) if transpose else None
+    grid = (triton.cdiv(m, TILE), triton.cdiv(n, TILE))
+    _cast_transpose_kernel[grid](
+        x, out, out_t.view(torch.uint8) if transpose else out, scale, amax if amax is not None else scale,
+        m, n, x.stride(0), limit, TRANSPOSE=transpose, WITH_AMAX=amax is not None, BM=TILE, BN=TILE, num_warps=4)
+    return out, out_t

@@ -5,10 +5,13 @@ import pytest
 import torch
 
 from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
-from kernels.fp8_scaling import FP8_MAX, ScalingConfig, TensorScaling, dequantize, quantize, scale_from_amax
+from kernels.fp8_scaling import (
+    FP8_MAX, ScalingConfig, TensorScaling, cast_transpose, dequantize, new_histories, quantize, scale_from_amax,
+)
 from megatron_code.errors import ConfigError
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.gpt import GPTModel
+from megatron_code.parallel.fused_wgrad import cached_weight_casts
 
 
 def test_scale_maps_amax_to_format_max_with_margin():
@@ -35,8 +38,18 @@ def test_quantize_round_trip_error_is_within_half_an_ulp():
     assert relative.max() <= 2.0 ** -4 + 1e-6  # 3 mantissa bits
 
 
+def test_cast_transpose_writes_both_layouts_and_folds_the_amax():
+    x = torch.tensor([[1.0, -6.0, 2.5], [0.5, 3.0, -1.0]])
+    amax = torch.tensor(4.0)  # earlier casts of the step; the larger one wins
+    data, data_t = cast_transpose(x, torch.tensor(2.0), "e4m3", transpose=True, amax=amax)
+    assert torch.equal(data.float(), quantize(x, torch.tensor(2.0), "e4m3").float())
+    assert torch.equal(data_t.float(), data.float().t()) and data_t.is_contiguous()
+    assert amax.item() == 6.0
+    assert cast_transpose(x, torch.tensor(2.0), "e4m3", transpose=False)[1] is None
+
+
 def _scales(slot: TensorScaling, amaxes):
-    return [slot.cast(torch.tensor([a, -a / 2]))[1].item() for a in amaxes]
+    return [slot.cast(torch.tensor([[a, -a / 2]])).scale.item() for a in amaxes]
 
 
 def test_delayed_scaling_uses_history_max_and_lags_one_use():
@@ -54,15 +67,39 @@ def test_delayed_most_recent_and_tensorwise():
     assert TensorScaling(ScalingConfig(fp8_format="hybrid"), is_gradient=True).element == "e5m2"
 
 
+def test_inside_a_step_delayed_scales_stay_fixed_and_histories_advance_once():
+    """What the trainer's step context does (cached_weight_casts sets `active`, advances at exit)."""
+    histories = new_histories(ScalingConfig(amax_history_len=4))
+    slot = TensorScaling(ScalingConfig(amax_history_len=4), is_gradient=False, histories=histories)
+    other = TensorScaling(ScalingConfig(amax_history_len=4), is_gradient=True, histories=histories)
+
+    def step(amaxes):
+        histories.active = True
+        scales = [slot.cast(torch.tensor([[a, -a / 4]])).scale.item() for a in amaxes]
+        histories.active = False
+        histories.advance()
+        return scales
+
+    assert step([4.0, 2.0]) == [448 / 4, 448 / 2]  # no history yet: each cast uses its own amax
+    assert step([8.0, 1.0]) == [448 / 4, 448 / 4]  # fixed for the step: the max of step 1
+    assert step([1.0, 1.0]) == [448 / 8, 448 / 8]  # max over the history (8, 4)
+    assert histories.history[slot.slot].tolist() == [1.0, 8.0, 4.0, 0.0]  # newest first
+    assert histories.history[other.slot].tolist() == [0.0] * 4 and not histories.initialized[other.slot]
+    assert slot.uses == 6
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 @pytest.mark.parametrize("fp8_format", ["hybrid", "e4m3"])
-def test_fp8_linear_equals_dequantized_reference(fp8_format):
+def test_fp8_linear_equals_dequantized_reference(fp8_format, recipe):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 32, generator=gen, requires_grad=True)
     w = torch.randn(48, 32, generator=gen, requires_grad=True)
     grad_y = torch.randn(2, 8, 48, generator=gen)
-    scaling = Fp8LinearScaling(ScalingConfig(fp8_format=fp8_format, recipe="tensorwise"))
-    y = fp8_linear(x, w, scaling)
-    y.backward(grad_y)
+    scaling = Fp8LinearScaling(ScalingConfig(fp8_format=fp8_format, recipe=recipe))
+    for _ in range(2):  # delayed: the second call casts with the first call's amaxes, the same ones
+        x.grad = w.grad = None
+        y = fp8_linear(x, w, scaling)
+        y.backward(grad_y)
 
     def fake_quant(t, element):  # the values FP8 can hold, in fp32
         scale = scale_from_amax(t.abs().amax(), element, 0)
@@ -87,10 +124,11 @@ def train_tiny(config: ModelConfig, tokens: torch.Tensor, steps: int, lr: float,
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
         optimizer.zero_grad()
-        loss.backward()
+        with cached_weight_casts(model):  # the trainer's step context: FP8 scales advance once per step
+            with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+            loss.backward()
         optimizer.step()
         losses.append(loss.item())
     return losses

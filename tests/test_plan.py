@@ -113,11 +113,13 @@ def test_rank_parameters_count_what_the_model_builds(tp, pp, stage):
 
 def saved_activation_bytes(config: ModelConfig, tp: int, bf16: bool, seq: int = 64, batch: int = 2) -> int:
     """Bytes of the distinct storages one layer saves for backward (parameters, their autocast
-    copies and the shared RoPE tables excluded), as one TP rank of a single-process layer."""
+    copies and the shared RoPE tables excluded), as one TP rank of a single-process layer fed the
+    residual stream in the dtype the embedding gives it."""
     layer = TransformerLayer(config, ParallelState(tp=tp))
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(seq, batch, config.hidden_size, requires_grad=True)
+    residual_dtype = torch.bfloat16 if bf16 and not config.fp32_residual_connection else torch.float32
+    x = torch.randn(seq, batch, config.hidden_size, dtype=residual_dtype, requires_grad=True)
     cos, sin = RotaryEmbedding(config)(torch.arange(seq).expand(batch, seq))
     saved = {}
 
@@ -132,15 +134,15 @@ def saved_activation_bytes(config: ModelConfig, tp: int, bf16: bool, seq: int = 
     return sum(n for ptr, (n, _) in saved.items() if ptr not in skip) - gemm_copies
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("bf16, fp32_residual", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("recompute", [None, "selective"])
-def test_layer_formula_equals_bytes_autograd_saves(bf16, tp, recompute):
+def test_layer_formula_equals_bytes_autograd_saves(bf16, fp32_residual, tp, recompute):
     config = ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
                          group_query_attention=True, num_query_groups=2, vocab_size=256,
                          recompute_granularity=recompute, rmsnorm_impl="reference", rope_impl="reference",
-                         swiglu_impl="reference")
-    mb = act.MicroBatch(2, 64, tensor_parallel=tp, bf16=bf16, fused_kernels=False)
+                         swiglu_impl="reference", fp32_residual_connection=fp32_residual)
+    mb = act.MicroBatch(2, 64, tensor_parallel=tp, bf16=bf16, fused_kernels=False, fp32_residual=fp32_residual)
     assert saved_activation_bytes(config, tp, bf16) == act.layer_bytes(config, mb, recompute_core=recompute is not None)
 
 

@@ -68,3 +68,22 @@ def test_clip_gradients_scales_to_max_norm():
     assert norm.item() == pytest.approx(math.sqrt(7 * 4))
     clipped = torch.cat([p.grad for p in params]).norm().item()
     assert clipped == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 100.0])
+def test_clipping_inside_fused_adamw_equals_clipping_before_it(max_norm):
+    """A fused AdamW (what CUDA runs get; CPU has one too) clips inside its step through
+    `grad_scale`; the parameters after the step equal an explicit clip then a plain step."""
+    def step(fold: bool):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 3
+        optimizer = torch.optim.AdamW(params, lr=0.1, fused=fold or None)
+        norm = global_grad_norm(params, ParallelState())
+        clip_grads_by_norm(params, max_norm, norm, optimizer)
+        assert (getattr(optimizer, "grad_scale", None) is not None) == fold
+        optimizer.step()
+        return torch.cat([p.detach().flatten() for p in params])
+
+    torch.testing.assert_close(step(fold=True), step(fold=False), rtol=1e-6, atol=1e-6)

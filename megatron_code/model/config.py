@@ -110,6 +110,11 @@ class ModelConfig:
     """Loss head: unfused (full logits, then vocab-parallel cross-entropy); triton or reference (output
     GEMM fused with the cross-entropy in token chunks, never holding [tokens, vocab] logits; the
     backward recomputes each chunk's logits); auto = triton on CUDA when triton imports, else unfused."""
+    fp32_residual_connection: bool = False
+    """Keep the residual stream (embedding output, the sums of the blocks' outputs, the norms'
+    inputs) in fp32 under bf16 autocast. Off (Megatron-LM's default): it stays in bf16, halving
+    its memory traffic and the layer inputs that activation recompute keeps; the norms still
+    reduce in fp32."""
     gradient_accumulation_fusion: bool = True
     """Under bf16 autocast, the attention and MLP linears' weight-gradient GEMMs write fp32 straight
     into the master gradient, and each weight's bf16 copy is made once per step rather than per

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from kernels.fp8_linear import Fp8LinearScaling
-from kernels.fp8_scaling import ScalingConfig
+from kernels.fp8_scaling import ScalingConfig, new_histories
 from megatron_code.model.config import ModelConfig
 
 FP8_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
@@ -34,7 +34,9 @@ def enable_fp8(layers: nn.ModuleDict, config: ModelConfig) -> int:
     if config.fp8_format is None:
         return 0
     chosen = [layer for index, layer in layers.items() if int(index) in fp8_layer_indices(config)]
+    scaling = scaling_config(config)
+    histories = new_histories(scaling)  # one set of buffers: a step advances every slot at once
     for layer in chosen:
         for path in FP8_LINEARS:
-            layer.get_submodule(path).fp8 = Fp8LinearScaling(scaling_config(config))
+            layer.get_submodule(path).fp8 = Fp8LinearScaling(scaling, histories)
     return len(chosen)

@@ -92,13 +92,20 @@ def _run_layers(layers, x, *args):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelState = SINGLE):
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelState = SINGLE,
+                 fp32_residual_connection: bool = False):
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(vocab_size, hidden_size, parallel)
+        self.fp32_residual_connection = fp32_residual_connection
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [b, s] -> [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
-        return self.word_embeddings(tokens)
+        """tokens: [b, s] -> [s, b, h] ([s/tp, b, h] under sequence parallelism). This starts the
+        residual stream: under autocast it is kept in the autocast dtype (the blocks' outputs
+        have it, so the adds stay in it) unless fp32_residual_connection."""
+        hidden = self.word_embeddings(tokens)
+        if torch.is_autocast_enabled(hidden.device.type) and not self.fp32_residual_connection:
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        return hidden
 
 
 class GPTModel(nn.Module):
@@ -116,7 +123,8 @@ class GPTModel(nn.Module):
         self.config, self.parallel = config, parallel
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = config.padded_vocab_size(parallel.tp)
-        self.embedding = Embedding(self.vocab_size, config.hidden_size, parallel) if pre_process else None
+        self.embedding = (Embedding(self.vocab_size, config.hidden_size, parallel, config.fp32_residual_connection)
+                          if pre_process else None)
         self.rotary_pos_emb = RotaryEmbedding(config)
         layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
         self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)

@@ -40,7 +40,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from megatron_code.parallel.grads import BucketTrigger, sum_of_squares
+from megatron_code.parallel.grads import BucketTrigger, clip_in_optimizer_step, sum_of_squares
 from megatron_code.parallel.state import ParallelState
 from megatron_code.training.config import OptimizerConfig
 from megatron_code.training.optimizer import adamw, parameter_groups
@@ -266,7 +266,7 @@ class DistributedOptimizer(BucketTrigger):
         (0: only measure) with torch's clip_grads_with_norm_ formula."""
         self._reduce_sequence_parallel_grads()
         total_norm = self.global_grad_norm()
-        if max_norm > 0:
+        if max_norm > 0 and not clip_in_optimizer_step(self.optimizer, max_norm, total_norm):
             coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
             for b in self.buckets:
                 b.grad_shard.mul_(coef.to(b.grad_shard.device))

@@ -11,7 +11,8 @@ training step of the 7B shape (docs/benchmarks.md). Here
   fp32 with beta = 1; on CPU a bf16 product added in fp32, as autograd would);
 - inside `cached_weight_casts(model)` (the trainer wraps each step in it) a weight's bf16 copy is
   made by its first micro-batch and reused by the others; outside it, every call casts (FP8
-  layers use the same cache for their weight's FP8 cast);
+  layers use the same cache for their weight's FP8 cast, and advance their delayed scales once
+  per step);
 - the backward returns no weight gradient, so autograd's AccumulateGrad has nothing to add, but
   it still runs the weight's post-accumulate-grad hooks after this backward (pinned by
   tests/test_fused_wgrad.py): the data-parallel buckets launch as before.
@@ -52,18 +53,25 @@ class StepWeightCasts:
 
 @contextmanager
 def cached_weight_casts(model: nn.Module):
-    """Cast each fused linear's weight once for the micro-batches run inside (weights must not
-    change inside: the optimizer steps after)."""
+    """One training step's forwards and backwards: each fused linear's weight is cast once for the
+    micro-batches run inside (weights must not change inside: the optimizer steps after), and FP8
+    delayed scales stay fixed inside, their amax histories advancing once at the end
+    (kernels.fp8_history)."""
     caches = {id(m.weight_casts): m.weight_casts for m in model.modules()
               if getattr(m, "weight_casts", None) is not None}.values()
-    for cache in caches:
-        cache.active = True
+    histories = {id(m.fp8.histories): m.fp8.histories for m in model.modules()
+                 if getattr(m, "fp8", None) is not None}.values()
+    for item in (*caches, *histories):
+        item.active = True
     try:
         yield
     finally:
         for cache in caches:
             cache.active = False
             cache.copies.clear()
+        for scales in histories:
+            scales.active = False
+            scales.advance()
 
 
 def _accumulate_wgrad(target: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, fresh: bool) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cross_entropy
-from kernels.fp8_linear import Fp8LinearScaling, Fp8Tensor, fp8_linear
+from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
 from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable, fused_wgrad_linear
 from megatron_code.parallel.mappings import (
     copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
@@ -46,7 +46,8 @@ def fp8_weight_cast(fp8: Fp8LinearScaling, weight_casts: StepWeightCasts | None)
     layer's scaling state: the weight may be a fresh view, as GateUpLinear's flattened one)."""
     if weight_casts is None:
         return None
-    return lambda w: weight_casts.memo(fp8, "fp8", lambda: Fp8Tensor(*fp8.weight.cast(w)))
+    # W^T (for the input gradient) comes from the same pass as W: one cast per weight per step.
+    return lambda w: weight_casts.memo(fp8, "fp8", lambda: fp8.weight.cast(w, transpose=torch.is_grad_enabled()))
 
 
 def gemm_input(x: torch.Tensor, parallel: ParallelState) -> torch.Tensor:

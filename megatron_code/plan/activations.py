@@ -17,9 +17,6 @@ from kernels.linear_cross_entropy import default_blocking
 from megatron_code.model.config import ModelConfig
 
 FP32 = 4
-# The residual stream stays fp32 under bf16 autocast: the embedding output is fp32 (fp32 master
-# weights, no autocast for embedding lookups) and fp32 + bf16 block outputs add up to fp32.
-RESIDUAL_BYTES = FP32
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,9 @@ class MicroBatch:
     fused_kernels: bool = True
     """Triton RMSNorm/SwiGLU and the fused linear-cross-entropy loss head (`auto` on CUDA), rather
     than the plain-torch reference kernels (CPU)."""
+    fp32_residual: bool = False
+    """--fp32-residual-connection: the residual stream (norm inputs, layer inputs, their
+    gradients) in fp32 under bf16; by default it has the compute dtype."""
     cp_mask_element_bytes: int | None = None
     """Bytes per element of the attention masks SDPA keeps under context parallelism off CUDA
     (torch converts bool masks to the query dtype; None: that dtype)."""
@@ -58,6 +58,10 @@ class MicroBatch:
     def compute_bytes(self) -> int:
         return 2 if self.bf16 else FP32
 
+    @property
+    def residual_bytes(self) -> int:
+        return FP32 if self.fp32_residual else self.compute_bytes
+
 
 def _local(config: ModelConfig, mb: MicroBatch) -> tuple[int, int, int, int, int]:
     tp = mb.tensor_parallel
@@ -66,10 +70,12 @@ def _local(config: ModelConfig, mb: MicroBatch) -> tuple[int, int, int, int, int
 
 
 def norm_bytes(config: ModelConfig, mb: MicroBatch) -> int:
-    """One RMSNorm: its input (the fp32 residual stream) and rstd; the reference kernel also
-    keeps x * rstd in fp32 (for the weight multiply's backward)."""
-    normalized = 0 if mb.fused_kernels else FP32 * config.hidden_size
-    return mb.norm_tokens * (RESIDUAL_BYTES * config.hidden_size + normalized + FP32)
+    """One RMSNorm: its input (the residual stream) and rstd; the reference kernel keeps its fp32
+    upcast of the input (the input itself when already fp32) and x * rstd in fp32 (for the weight
+    multiply's backward)."""
+    saved_input = mb.residual_bytes if mb.fused_kernels else FP32
+    normalized = 0 if mb.fused_kernels else FP32
+    return mb.norm_tokens * ((saved_input + normalized) * config.hidden_size + FP32)
 
 
 def gemm_input_bytes(config: ModelConfig, mb: MicroBatch) -> int:
@@ -120,7 +126,7 @@ def layer_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = Fals
 
 def layer_input_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     """What a fully recomputed group of layers keeps: its input (the residual stream)."""
-    return mb.norm_tokens * RESIDUAL_BYTES * config.hidden_size
+    return mb.norm_tokens * mb.residual_bytes * config.hidden_size
 
 
 def rope_table_bytes(config: ModelConfig, mb: MicroBatch) -> int:
@@ -142,15 +148,14 @@ def output_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) -> int:
 def loss_transient_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) -> int:
     """Extra bytes at the peak of the loss forward, on top of `output_bytes`. Unfused: the logits
     in the compute dtype and, under bf16, their fp32 copy. Fused: a bf16 copy of the output weight
-    and one block of logits (and their fp32 statistics pass). Under bf16 both also still reference
-    the final norm's fp32 output (in fp32 it is the loss head's saved input)."""
+    and one block of logits (and their fp32 statistics pass). (The final norm writes the compute
+    dtype, so the head's input, counted in `output_bytes`, is the only copy of the hidden states.)"""
     vocab = padded_vocab // mb.tensor_parallel
-    fp32_hidden = mb.norm_tokens * FP32 * config.hidden_size if mb.bf16 else 0
     if mb.fused_kernels:
-        return vocab * config.hidden_size * mb.compute_bytes + _logits_block(mb, vocab) + fp32_hidden
+        return vocab * config.hidden_size * mb.compute_bytes + _logits_block(mb, vocab)
     if not mb.bf16:
         return mb.tokens * vocab * FP32
-    return mb.tokens * vocab * (mb.compute_bytes + FP32) + fp32_hidden
+    return mb.tokens * vocab * (mb.compute_bytes + FP32)
 
 
 def _logits_block(mb: MicroBatch, vocab: int) -> int:
@@ -180,4 +185,4 @@ def loss_backward_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) 
 def backward_workspace_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     """Gradients alive at once inside one layer's backward: the incoming residual-stream gradient
     and two FFN-wide activation gradients (SwiGLU's backward)."""
-    return mb.norm_tokens * RESIDUAL_BYTES * config.hidden_size + 2 * mb.tokens * mb.compute_bytes * _local(config, mb)[4]
+    return mb.norm_tokens * mb.residual_bytes * config.hidden_size + 2 * mb.tokens * mb.compute_bytes * _local(config, mb)[4]

@@ -37,6 +37,8 @@ class Execution:
     fused_kernels: bool = True
     """The kernels `auto` picks on CUDA (Triton RMSNorm/SwiGLU, fused linear-cross-entropy), else
     the plain-torch reference kernels (CPU)."""
+    fp32_residual: bool = False
+    """--fp32-residual-connection: the residual stream in fp32 under bf16 (else in bf16)."""
     step_weight_copies: bool = True
     """--gradient-accumulation-fusion (the default): one bf16 copy of every layer weight, made by
     the first micro-batch and held for the whole forward-backward of the step, instead of
@@ -111,7 +113,7 @@ def recompute_split(layout: Layout, layers: int) -> tuple[int, int, int]:
 
 def micro_batch(layout: Layout, seq_length: int, execution: Execution) -> act.MicroBatch:
     return act.MicroBatch(layout.micro_batch_size, seq_length, layout.tp, layout.cp, layout.sequence_parallel,
-                          execution.bf16, execution.fused_kernels)
+                          execution.bf16, execution.fused_kernels, execution.fp32_residual)
 
 
 def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatch, micro_batches: int,

@@ -154,7 +154,7 @@ class Trainer:
             return self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
         reduce_sequence_parallel_grads(self.params, self.parallel)
         grad_norm = global_grad_norm(self.params, self.parallel)
-        clip_grads_by_norm(self.params, self.cfg.optimizer.clip_grad, grad_norm)
+        clip_grads_by_norm(self.params, self.cfg.optimizer.clip_grad, grad_norm, self.optimizer)
         return grad_norm
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, float]:
