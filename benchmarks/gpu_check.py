@@ -42,6 +42,7 @@ from megatron_code.plan.memory import estimate_memory  # noqa: E402
 from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
 
 VOCAB = 49152
+VARIANTS = ("ours:bf16", "ours-unfused:bf16", "ours-fp32-resid:bf16", "ours:fp8")
 # A lent GPU comes with minutes, not hours: a hung subprocess must not take the other sections' time.
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_kernels_cuda.py",
@@ -167,6 +168,8 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
         variants = (("ours", False, True, False), ("ours-unfused", False, False, False),
                     ("ours-fp32-resid", False, True, True), ("ours", True, True, False))
         for name, fp8, fusion, fp32_residual in variants:
+            if f"{name}:{'fp8' if fp8 else 'bf16'}" not in args.variants:
+                continue
             set_fp8(model, config, fp8)
             model.set_gradient_accumulation_fusion(fusion)  # all variants on the same weights
             model.embedding.fp32_residual_connection = fp32_residual
@@ -243,6 +246,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=4,
                         help="Micro-batches (of one sequence) per optimizer step, as in real pretraining.")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="Which of our model's rows to time (default all).")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "ours", "transformers", "profile", "profile_fp8", "kernels"])
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

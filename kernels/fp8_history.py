@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 FP32_MAX = torch.finfo(torch.float32).max
+CELL_STRIDE = 4  # fp32 elements between two slots' scale cells (16 bytes)
 
 
 def scale_for_target(amax: torch.Tensor, target) -> torch.Tensor:
@@ -64,8 +65,10 @@ class AmaxHistories:
             return
         self.history = torch.zeros(slots, self.history_len, device=device)
         self.pending = torch.zeros(slots, device=device)
-        self.scale = torch.ones(slots, device=device)
-        self.scale_inv = torch.ones(slots, device=device)
+        # One 16-byte row per slot, column 0 used: cuBLASLt refuses FP8 scale pointers that are not
+        # 16-byte aligned (CUBLAS_STATUS_NOT_SUPPORTED on an H200 for 4-byte-spaced cells).
+        self.scale = torch.ones(slots, CELL_STRIDE, device=device)[:, 0]
+        self.scale_inv = torch.ones(slots, CELL_STRIDE, device=device)[:, 0]
         self.target = torch.tensor(self.targets, device=device)
         self.initialized = [False] * slots
         self.recorded.clear()

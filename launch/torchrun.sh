@@ -26,6 +26,9 @@
 set -euo pipefail
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/signals.sh
+source "$REPO_DIR/launch/signals.sh"
+reexec_with_default_signals "$0" "$@"  # before the USR1/USR2 traps below
 PY=${PYTHON:-python}
 # The repo's package without installing it; relative paths in the arguments keep the caller's cwd.
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"

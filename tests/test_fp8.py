@@ -86,6 +86,9 @@ def test_inside_a_step_delayed_scales_stay_fixed_and_histories_advance_once():
     assert histories.history[slot.slot].tolist() == [1.0, 8.0, 4.0, 0.0]  # newest first
     assert histories.history[other.slot].tolist() == [0.0] * 4 and not histories.initialized[other.slot]
     assert slot.uses == 6
+    # cuBLASLt refuses FP8 scale pointers that are not 16-byte aligned: each slot's cell starts a row
+    cells = [histories.cell("scale_inv", i, torch.device("cpu")) for i in (slot.slot, other.slot)]
+    assert all(cell.data_ptr() % 16 == 0 for cell in cells)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])

@@ -94,6 +94,30 @@ def test_triton_rope_on_strided_q_k_matches_reference(dtype):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv, q_per_kv", [(2, 3), (1, 1), (3, 4)])
+def test_triton_split_qkv_rotary_matches_split_then_reference_rope(dtype, kv, q_per_kv):
+    """Megatron's grouped QKV output split into rotated q, k and v in one pass, and its gradient
+    written back into the grouped layout, against the split copies + the torch RoPE."""
+    from kernels.rotary import split_qkv_rotary
+
+    torch.manual_seed(0)
+    s, b, d = 5, 2, 10
+    mixed = torch.randn(s, b, kv * (q_per_kv + 2) * d, dtype=dtype)  # the QKV GEMM's output
+    angles = torch.randn(s, b, 1, d // 2).repeat(1, 1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+
+    def run(impl):
+        return lambda t: split_qkv_rotary(t.view(s, b, kv, q_per_kv + 2, d), cos, sin, impl)
+
+    got = forward_and_grads(run("triton"), (mixed,))
+    want = forward_and_grads(run("reference"), (mixed,))
+    assert [t.shape for t in got] == [t.shape for t in want] and all(t.is_contiguous() for t in got[:3])
+    assert torch.equal(got[2], want[2])  # v is copied, not rotated
+    assert_all_close(got, want, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_swiglu_on_gemm_output_halves_matches_reference(dtype):
     """gate/up as the strided halves of one [.., 2 * ffn] output; ffn 1100 > one 1024-column block."""
     torch.manual_seed(0)

@@ -415,3 +415,23 @@ def test_exit_signal_is_delivered_even_if_the_launcher_blocked_it(fixture_data, 
                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}))
     assert code == 0, out[-3000:]
     assert 2 <= stopped_iteration(out, 40) < 40
+
+
+def test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored(fixture_data, tmp_path):
+    """A shell cannot trap a signal ignored when it started (its trap is silently void), and the lent
+    GPU machines start jobs that way: USR1 sent to launch/torchrun.sh was lost there. The launcher
+    re-executes itself with default handling first (launch/signals.sh)."""
+    ckpt = str(tmp_path / "ckpt")
+    env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("MCODE_SIGNALS_RESET", None)
+
+    def ignore_exit_signals():
+        for number in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(number, signal.SIG_IGN)
+
+    code, out = run_and_signal(signal_run_args(fixture_data, ckpt, 40), env,
+                               lambda proc: proc.send_signal(signal.SIGUSR1), preexec_fn=ignore_exit_signals)
+    assert code == 0, out[-3000:]
+    assert "were ignored when this shell started" in out and "SIGUSR1 forwarded to 1 worker(s)" in out
+    assert 2 <= stopped_iteration(out, 40) < 40

@@ -13,7 +13,11 @@
 # finish their step, save to CKPT_DIR and exit 0; then this shell runs `scontrol requeue` (unless
 # training is complete), and the requeued job (same job id and CKPT_DIR) resumes with --load.
 
+# shellcheck source=launch/signals.sh
+source "$REPO_DIR/launch/signals.sh"
+
 slurm_parse_args() {
+    reexec_with_default_signals "$0" "$@"  # the batch shell traps USR1 in slurm_launch
     DRY_RUN=${DRY_RUN:-0}
     EXTRA_TRAIN_ARGS=()
     local arg

@@ -5,36 +5,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.rotary import apply_rotary_emb_qk
+from kernels.rotary import SplitGroupedQKV, split_qkv_rotary
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.core_attention import build_core_attention
 from megatron_code.parallel.context import gather_sequence
 from megatron_code.parallel.layers import SINGLE, ColumnParallelLinear, RowParallelLinear
 from megatron_code.parallel.state import ParallelState
-
-
-class _SplitGroupedQKV(torch.autograd.Function):
-    """grouped [s, b, nkv, q_per_kv + 2, d] -> contiguous q [s, b, nkv * q_per_kv, d], k and v
-    [s, b, nkv, d]. Autograd's backward of slicing views would build three zero-filled
-    [s, b, nkv, q_per_kv + 2, d] gradients and add them up; this one writes dq, dk and dv into
-    their places of a single buffer."""
-
-    @staticmethod
-    def forward(ctx, grouped):
-        s, b, nkv, width, d = grouped.shape
-        q_per_kv = width - 2
-        q = grouped[:, :, :, :q_per_kv].reshape(s, b, nkv * q_per_kv, d)  # a copy: the slice is strided
-        return q, grouped[:, :, :, q_per_kv].contiguous(), grouped[:, :, :, q_per_kv + 1].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k, grad_v):
-        s, b, nkv, d = grad_k.shape
-        q_per_kv = grad_q.shape[2] // nkv
-        grad = grad_q.new_empty(s, b, nkv, q_per_kv + 2, d)
-        grad[:, :, :, :q_per_kv].copy_(grad_q.reshape(s, b, nkv, q_per_kv, d))
-        grad[:, :, :, q_per_kv].copy_(grad_k)
-        grad[:, :, :, q_per_kv + 1].copy_(grad_v)
-        return grad
 
 
 class SelfAttention(nn.Module):
@@ -59,18 +35,19 @@ class SelfAttention(nn.Module):
         self.recompute_core_attention = config.recompute_granularity == "selective"
         self.linear_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, parallel)
 
-    def split_qkv(self, mixed: torch.Tensor):
-        """[s, b, nkv * (q_per_kv + 2) * d] -> q [s, b, nq, d], k and v [s, b, nkv, d]."""
+    def grouped_qkv(self, mixed: torch.Tensor) -> torch.Tensor:
+        """[s, b, nkv * (q_per_kv + 2) * d] -> the view [s, b, nkv, q_per_kv + 2, d]."""
         s, b, _ = mixed.shape
-        q_per_kv = self.num_heads // self.num_kv_heads
-        grouped = mixed.view(s, b, self.num_kv_heads, q_per_kv + 2, self.head_dim)
-        return _SplitGroupedQKV.apply(grouped)
+        return mixed.view(s, b, self.num_kv_heads, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+
+    def split_qkv(self, mixed: torch.Tensor):
+        """[s, b, nkv * (q_per_kv + 2) * d] -> q [s, b, nq, d], k and v [s, b, nkv, d] (no RoPE)."""
+        return SplitGroupedQKV.apply(self.grouped_qkv(mixed))
 
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism; s is
         this rank's s/cp tokens under context parallelism)."""
-        q, k, v = self.split_qkv(self.linear_qkv(x))
-        q, k = apply_rotary_emb_qk(q, k, rotary_cos, rotary_sin, self.rope_impl)
+        q, k, v = split_qkv_rotary(self.grouped_qkv(self.linear_qkv(x)), rotary_cos, rotary_sin, self.rope_impl)
         if self.parallel.cp > 1:  # every rank's keys/values, in sequence order: [s, b, nkv, d]
             k = gather_sequence(k, self.parallel.cp, self.parallel.cp_group)
             v = gather_sequence(v, self.parallel.cp, self.parallel.cp_group)
