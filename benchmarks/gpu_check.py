@@ -48,6 +48,7 @@ SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_kernels_cuda.py",
              "tests/test_context_attention.py", "tests/test_fused_wgrad.py")
 EXIT_SIGNAL_TESTS = "tests/test_launch.py::test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one " \
+                    "tests/test_launch.py::test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored " \
                     "tests/test_launch.py::test_exit_signal_is_delivered_even_if_the_launcher_blocked_it"
 
 

@@ -147,12 +147,15 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
         out.copy_(a @ b)
 
 
-def _vocab_chunks(weight: torch.Tensor, shard: VocabShard, blocking: Blocking, dtype: torch.dtype):
-    """(vocab rows, W rows in the GEMM dtype, how many of them are real ids) per chunk. Casting
-    chunk by chunk keeps the low-precision copy of W at one chunk (128K x 4096: 1 GiB otherwise)."""
+def _vocab_chunks(weight: torch.Tensor, shard: VocabShard, blocking: Blocking, dtype: torch.dtype,
+                  weight_lp: torch.Tensor | None = None):
+    """(vocab rows, W rows in the GEMM dtype, how many of them are real ids) per chunk: rows of
+    weight_lp (W already in the GEMM dtype) when given, else cast chunk by chunk, which keeps the
+    low-precision copy of W at one chunk (128K x 4096: 1 GiB otherwise)."""
     for v0 in range(0, shard.size, blocking.vocab):
         cols = slice(v0, min(v0 + blocking.vocab, shard.size))
-        yield cols, weight[cols].to(dtype), min(max(shard.valid - v0, 0), cols.stop - v0)
+        rows = weight_lp[cols] if weight_lp is not None else weight[cols].to(dtype)
+        yield cols, rows, min(max(shard.valid - v0, 0), cols.stop - v0)
 
 
 def _token_blocks(n_tokens: int, blocking: Blocking):
@@ -160,43 +163,56 @@ def _token_blocks(n_tokens: int, blocking: Blocking):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """hidden [N, h], weight [V_local, h], targets [N] -> loss [N] fp32 (see the module docstring)."""
+    """hidden [N, h], weight [V_local, h], targets [N] -> loss [N] fp32 (see the module docstring).
+
+    weight_lp: weight already in the compute dtype (a per-step copy), used instead of casting it
+    chunk by chunk in every forward and backward. accumulate_wgrad: the fp32 weight's gradient is
+    accumulated into weight.grad by the GEMMs themselves (gradient-accumulation fusion, as in
+    megatron_code/parallel/fused_wgrad.py) instead of returned for autograd to add."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, shard: VocabShard, ops, compute_dtype, blocking: Blocking):
+    def forward(ctx, hidden, weight, targets, shard: VocabShard, ops, compute_dtype, blocking: Blocking,
+                weight_lp=None, accumulate_wgrad=False):
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.to(compute_dtype)
             local = _chunk_targets(targets, shard.start, shard.size)
             stats = torch.zeros(3, h.shape[0], dtype=torch.float32, device=h.device)
             stats[0] = float("-inf")
-            for cols, w, valid in _vocab_chunks(weight, shard, blocking, compute_dtype):
+            for cols, w, valid in _vocab_chunks(weight, shard, blocking, compute_dtype, weight_lp):
                 for rows in _token_blocks(h.shape[0], blocking):
                     chunk_targets = _chunk_targets(local[rows], cols.start, cols.stop - cols.start)
                     _merge_stats(stats[:, rows], ops.stats(h[rows] @ w.t(), chunk_targets, valid))
             lse, target_logit = _combine_shards(*stats, shard.group)
-        ctx.save_for_backward(h, weight, local, lse)
+        ctx.save_for_backward(h, weight, local, lse, weight_lp)
         ctx.shard, ctx.ops, ctx.blocking, ctx.hidden_dtype = shard, ops, blocking, hidden.dtype
+        ctx.accumulate_wgrad = accumulate_wgrad
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, local, lse = ctx.saved_tensors
+        h, weight, local, lse, weight_lp = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[:2]
+        fresh_w = True  # the first token block writes each chunk of grad_w, the others add
         with torch.autocast(h.device.type, enabled=False):
             grad_loss = grad_loss.float().contiguous()
             grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
-            for cols, w, valid in _vocab_chunks(weight, ctx.shard, ctx.blocking, h.dtype):
+            if want_w and ctx.accumulate_wgrad:  # into the fp32 .grad itself (no add by autograd)
+                fresh_w = weight.grad is None
+                if fresh_w:
+                    weight.grad = grad_w
+                grad_w = weight.grad
+            for cols, w, valid in _vocab_chunks(weight, ctx.shard, ctx.blocking, h.dtype, weight_lp):
                 for rows in _token_blocks(h.shape[0], ctx.blocking):
                     chunk_targets = _chunk_targets(local[rows], cols.start, cols.stop - cols.start)
                     grad_logits = ctx.ops.grad(h[rows] @ w.t(), chunk_targets, valid, lse[rows], grad_loss[rows])
                     if want_h:
                         _matmul_into(grad_h[rows], grad_logits, w, accumulate=cols.start > 0)
                     if want_w:
-                        _matmul_into(grad_w[cols], grad_logits.t(), h[rows], accumulate=rows.start > 0)
+                        _matmul_into(grad_w[cols], grad_logits.t(), h[rows], accumulate=rows.start > 0 or not fresh_w)
         grad_h = grad_h.to(ctx.hidden_dtype) if want_h else None
-        grad_w = grad_w.to(weight.dtype) if want_w else None
-        return grad_h, grad_w, None, None, None, None, None
+        grad_w = None if not want_w or ctx.accumulate_wgrad else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_loss_impl(impl: str, device: torch.device) -> str | None:
@@ -220,14 +236,17 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          vocab_size: int | None = None, vocab_start: int = 0, group=None, impl: str = "auto",
-                         chunk_tokens: int | None = None, chunk_vocab: int | None = None) -> torch.Tensor:
+                         chunk_tokens: int | None = None, chunk_vocab: int | None = None,
+                         weight_lp: torch.Tensor | None = None, accumulate_wgrad: bool = False) -> torch.Tensor:
     """Per-token cross-entropy of softmax(hidden @ weight^T) without materializing the logits.
 
     hidden [..., h]: the full sequence on every TP rank (after column_parallel_input);
     weight [V_local, h]: this rank's vocabulary rows, global ids vocab_start ... + V_local;
     targets [...]: global token ids (ids on no rank contribute a target logit of 0);
     vocab_size: ids >= this are padding (zero probability); group: the TP group (None: one process);
-    chunk_tokens / chunk_vocab: block shape (default_blocking when None).
+    chunk_tokens / chunk_vocab: block shape (default_blocking when None); weight_lp: the weight
+    already in the compute dtype (e.g. cast once per step); accumulate_wgrad: add the weight gradient
+    into weight.grad in fp32 inside the backward (weight must be an fp32 leaf).
     Returns loss [...] in fp32. Under TP the gradient of hidden is this rank's partial sum: the
     caller's column_parallel_input (copy_to_tensor_parallel) all-reduces it, as for any column-parallel GEMM.
     """
@@ -241,7 +260,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     shard = vocab_shard(weight.shape[0], vocab_start, vocab_size, group)
     default = default_blocking(h.shape[0], weight.shape[0])
     blocking = Blocking(chunk_tokens or default.tokens, chunk_vocab or default.vocab)
-    losses = LinearCrossEntropy.apply(h, weight, flat_targets, shard, ops, _compute_dtype(hidden), blocking)
+    compute_dtype = _compute_dtype(hidden)
+    if weight_lp is not None and (weight_lp.shape != weight.shape or weight_lp.dtype != compute_dtype):
+        raise ValueError(f"linear_cross_entropy: weight_lp must be the weight {tuple(weight.shape)} in {compute_dtype}, "
+                         f"got {tuple(weight_lp.shape)} in {weight_lp.dtype}.")
+    losses = LinearCrossEntropy.apply(h, weight, flat_targets, shard, ops, compute_dtype, blocking,
+                                      weight_lp, accumulate_wgrad)
     return losses.view(targets.shape)
 
 

@@ -2,7 +2,8 @@
 
 `rms_norm(..., impl=)` picks the implementation (kernels/dispatch.py): the plain-torch reference
 below, the Triton kernels (kernels/triton_rmsnorm.py), or Transformer Engine's / apex's fused
-RMSNorm modules applied to our weight.
+RMSNorm modules applied to our weight. `add_rms_norm` is the residual add followed by the norm,
+one kernel each way with Triton.
 """
 from __future__ import annotations
 
@@ -50,3 +51,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "aut
     module = _library_norm(chosen, weight.shape[0], eps, weight.dtype, weight.device)
     y = functional_call(module, {"weight": weight}, (x,))
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto",
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h)) with h = x + delta (the residual add before a pre-norm block), h in the
+    promoted dtype of x and delta, the norm in out_dtype (default: h's dtype). Triton fuses the add
+    into the norm both ways; the other implementations add, then normalize."""
+    chosen = select("rmsnorm", impl, x.device, RMSNORM_IMPLS)
+    if chosen == "triton":
+        return triton_module("triton_rmsnorm").add_rms_norm_triton(x, delta, weight, eps, out_dtype)
+    h = x + delta
+    return h, rms_norm(h, weight, eps, chosen, out_dtype)

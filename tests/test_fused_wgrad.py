@@ -212,3 +212,28 @@ def test_fused_weight_gradients_under_activation_recompute(recompute):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("untie", [True, False])
+def test_fused_loss_head_uses_the_step_copy_and_accumulates_the_output_weight_gradient(untie):
+    """The fused output GEMM + cross-entropy takes the output weight's per-step bf16 copy and adds
+    its fp32 gradient into .grad itself (tied: on top of the embedding's); the gradients match the
+    unfused model's, and the bucket hook of the output weight still fires once per micro-batch."""
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(5))
+    grads, calls = {}, {}
+    for fusion in (True, False):
+        base = tiny_model(fusion).config.replace(cross_entropy_impl="reference", untie_embeddings_and_output_weights=untie)
+        model = GPTModel(base, init_seed=3)
+        weight = model.output_weight()
+        calls[fusion] = 0
+        weight.register_post_accumulate_grad_hook(lambda p, f=fusion: calls.__setitem__(f, calls[f] + 1))
+        with cached_weight_casts(model):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+                if fusion:  # the 8 layer weights and the output weight, cast once for both micro-batches
+                    assert len(model.weight_casts.copies) == 9
+        grads[fusion] = {n: p.grad for n, p in model.named_parameters()}
+    assert calls == {True: 2, False: 2}
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], rtol=2e-2, atol=1e-3, msg=name)

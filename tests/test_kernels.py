@@ -60,11 +60,38 @@ def test_triton_rmsnorm_matches_reference(dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("x_dtype, delta_dtype, out_dtype", [
+    (torch.float32, torch.float32, None),
+    (torch.bfloat16, torch.bfloat16, None),  # the bf16 residual stream
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # --fp32-residual-connection under autocast
+])
+def test_triton_add_rms_norm_matches_add_then_reference_norm(x_dtype, delta_dtype, out_dtype):
+    """The residual add fused into the norm: h = x + delta and norm(h), and the gradients of x,
+    delta and the weight when both h (the residual path) and norm(h) are used downstream."""
+    from kernels.rmsnorm import add_rms_norm
+
+    torch.manual_seed(0)
+    x, delta = torch.randn(3, 5, 37, dtype=x_dtype), torch.randn(3, 5, 37, dtype=delta_dtype)
+    weight = 1 + 0.1 * torch.randn(37)
+
+    def run(impl):
+        return lambda x, d, w: add_rms_norm(x, d, w, 1e-5, impl, out_dtype)
+
+    got = forward_and_grads(run("triton"), (x, delta, weight))
+    want = forward_and_grads(run("reference"), (x, delta, weight))
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert got[0].dtype == torch.result_type(x, delta) and got[1].dtype == (out_dtype or got[0].dtype)
+    if got[0].dtype == torch.float32:
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the add itself: exact
+    assert_all_close(got, want, torch.bfloat16 if torch.bfloat16 in (x_dtype, delta_dtype) else torch.float32)
+
+
+@interpreted
 def test_triton_rmsnorm_writes_the_autocast_dtype_as_a_cast_would():
     """fp32 residual in, bf16 out (what the layers' norms do under autocast): the fp32 result cast
     afterwards, and the same gradients (the incoming gradient is bf16). The interpreter truncates
     bf16 stores (docs/install.md), so the Triton output may sit one bf16 ulp below the rounded cast
-    here; tests/test_kernels_cuda.py checks the compiled kernel bit for bit."""
+    here; tests/test_kernels_cuda.py checks the compiled kernel on a GPU."""
     torch.manual_seed(0)
     x, weight = torch.randn(3, 5, 37), 1 + 0.1 * torch.randn(37)
     for impl in ("triton", "reference"):

@@ -40,6 +40,24 @@ def test_rmsnorm(dtype):
     assert_close_to_scale(got, want, 1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_add_rmsnorm_equals_add_then_norm(x_dtype):
+    """The residual add fused into the pre-MLP norm (bf16 residual stream, or fp32 with a bf16 delta)."""
+    from kernels.rmsnorm import add_rms_norm
+
+    x = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=x_dtype)
+    delta = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    weight = 1 + 0.1 * torch.randn(HIDDEN, device="cuda")
+
+    def run(impl):
+        return lambda x, d, w: add_rms_norm(x, d, w, 1e-5, impl, torch.bfloat16)
+
+    got = forward_and_grads(run("triton"), (x, delta, weight))
+    want = forward_and_grads(run("reference"), (x, delta, weight))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # h: the add is exact either way
+    assert_close_to_scale(got[1:], want[1:], 1e-2)
+
+
 def test_rmsnorm_stores_bf16_from_fp32_as_a_cast_would():
     x = torch.randn(TOKENS, HIDDEN, device="cuda")
     weight = 1 + 0.1 * torch.randn(HIDDEN, device="cuda")

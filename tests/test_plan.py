@@ -85,14 +85,16 @@ def test_7b_tp8_state_bytes_match_hand_computation():
 def test_step_weight_copies_replace_autocasts_per_micro_batch_copies():
     """--gradient-accumulation-fusion holds one bf16 copy of every layer weight for the step:
     the same bytes as autocast's without pipelining or recompute; 1F1B's in-flight micro-batches
-    then stop multiplying them, and recompute stops saving them."""
+    then stop multiplying them, and recompute stops saving them. The fused loss head reads the
+    output weight's step copy too and adds its gradient into .grad: no fp32 gradient temporary."""
     gemm_bytes = 2 * 218_103_808 // 8  # one 7B layer's linear weights on a TP8 rank, in bf16
+    output_grad_temporary = 4 * 49152 * 4096 // 8  # fp32 [V / TP, h]
 
     def activations(layout, step_copies):
         return rank_memory(SEVEN_B, layout, 4096, 64, 0, 49152, Execution(step_weight_copies=step_copies)).activations
 
     plain = Layout(8, 1, 1, 1, 8, 1, False)
-    assert activations(plain, True) == activations(plain, False)
+    assert activations(plain, False) - activations(plain, True) == output_grad_temporary
     pp4 = Layout(8, 4, 1, 1, 2, 1, False)  # stage 0 holds 4 micro-batches in flight, 8 layers
     assert activations(pp4, False) - activations(pp4, True) == (4 - 1) * 8 * gemm_bytes
     recompute = Layout(8, 1, 1, 1, 1, 1, False, "full", "uniform", 1)

@@ -21,7 +21,7 @@ from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy
 from megatron_code.model.attention import SelfAttention
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
-from megatron_code.parallel.fused_wgrad import StepWeightCasts
+from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable
 from megatron_code.parallel.param_gather import wait_until_gathered
 from megatron_code.model.mlp import SwiGLUMLP
 from megatron_code.model.norm import RMSNorm
@@ -46,8 +46,12 @@ class TransformerLayer(nn.Module):
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
         attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids, cp_chunks)
-        x = x + F.dropout(attn, self.hidden_dropout, self.training)
-        mlp = self.mlp(self.pre_mlp_layernorm(x))
+        if self.hidden_dropout > 0 and self.training:
+            x = x + F.dropout(attn, self.hidden_dropout, self.training)
+            normed = self.pre_mlp_layernorm(x)
+        else:  # the residual add runs inside the norm kernel
+            x, normed = self.pre_mlp_layernorm.add_and_norm(x, attn)
+        mlp = self.mlp(normed)
         return x + F.dropout(mlp, self.hidden_dropout, self.training)
 
 
@@ -243,6 +247,11 @@ class GPTModel(nn.Module):
         (kernels/linear_cross_entropy.py); the [s, b, V / tp] logits never exist. Padding ids get
         zero probability, as in output_logits."""
         hidden = column_parallel_input(hidden, self.parallel)  # [s, b, h]; backward sums the TP partial grads
-        losses = linear_cross_entropy(hidden, self.output_weight(), labels.t(), vocab_size=self.config.vocab_size,
-                                      vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=impl)
+        weight = self.output_weight()
+        weight_lp, fuse = None, self.weight_casts is not None and fusable(hidden, weight)
+        if fuse:  # the per-step bf16 copy and fp32 gradient accumulation of the other linears (fused_wgrad.py)
+            weight_lp = self.weight_casts.cast(weight, torch.get_autocast_dtype(hidden.device.type))
+        losses = linear_cross_entropy(hidden, weight, labels.t(), vocab_size=self.config.vocab_size,
+                                      vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=impl,
+                                      weight_lp=weight_lp, accumulate_wgrad=fuse)
         return losses.t()

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from kernels import rms_norm
+from kernels.rmsnorm import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -17,10 +17,18 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel_grad = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., h] (the fp32 residual stream) -> normalized [..., h]. Under autocast the output
-        is stored in the autocast dtype: only GEMMs read it, which would cast it anyway, and the
+        """x [..., h] (the residual stream) -> normalized [..., h]. Under autocast the output is
+        stored in the autocast dtype: only GEMMs read it, which would cast it anyway, and the
         kernel rounds its fp32 result once, as that cast would (same values, one pass less)."""
-        out_dtype = None
-        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
-            out_dtype = torch.get_autocast_dtype(x.device.type)
-        return rms_norm(x, self.weight, self.eps, self.impl, out_dtype)
+        return rms_norm(x, self.weight, self.eps, self.impl, self._out_dtype(x.dtype, x.device))
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): the residual add fused into the norm (kernels.add_rms_norm)."""
+        dtype = torch.result_type(x, delta)
+        return add_rms_norm(x, delta, self.weight, self.eps, self.impl, self._out_dtype(dtype, x.device))
+
+    @staticmethod
+    def _out_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+        if torch.is_autocast_enabled(device.type) and dtype == torch.float32:
+            return torch.get_autocast_dtype(device.type)
+        return None

@@ -41,6 +41,10 @@ class MicroBatch:
     fp32_residual: bool = False
     """--fp32-residual-connection: the residual stream (norm inputs, layer inputs, their
     gradients) in fp32 under bf16; by default it has the compute dtype."""
+    step_output_weight: bool = False
+    """--gradient-accumulation-fusion with the fused head under bf16: the head reads the output
+    weight's per-step bf16 copy (counted with the step's weight copies, not here) and adds its
+    gradient into .grad itself (no fp32 gradient temporary)."""
     cp_mask_element_bytes: int | None = None
     """Bytes per element of the attention masks SDPA keeps under context parallelism off CUDA
     (torch converts bool masks to the query dtype; None: that dtype)."""
@@ -152,7 +156,8 @@ def loss_transient_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int)
     dtype, so the head's input, counted in `output_bytes`, is the only copy of the hidden states.)"""
     vocab = padded_vocab // mb.tensor_parallel
     if mb.fused_kernels:
-        return vocab * config.hidden_size * mb.compute_bytes + _logits_block(mb, vocab)
+        weight_copy = 0 if mb.step_output_weight else vocab * config.hidden_size * mb.compute_bytes
+        return weight_copy + _logits_block(mb, vocab)
     if not mb.bf16:
         return mb.tokens * vocab * FP32
     return mb.tokens * vocab * (mb.compute_bytes + FP32)
@@ -171,10 +176,13 @@ def loss_backward_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) 
     block fused; unfused, the [T, V] gradient in the compute dtype: the fp32 softmax buffer is
     released once the cross-entropy node has run), the output weight's new fp32 gradient (before
     it is added to .grad) with, under bf16, the weight's bf16 copy (fused: recast) or the bf16
-    GEMM gradient (unfused), and the fp32 gradient of the head's input."""
+    GEMM gradient (unfused), and the fp32 gradient of the head's input. With `step_output_weight`
+    the fused head has neither the copy nor the new gradient."""
     vocab = padded_vocab // mb.tensor_parallel
     head = norm_bytes(config, mb) + mb.tokens * mb.compute_bytes * config.hidden_size
     weight = vocab * config.hidden_size * (FP32 + (mb.compute_bytes if mb.bf16 else 0))
+    if mb.fused_kernels and mb.step_output_weight:  # the per-step copy, gradient added in place
+        weight = 0
     if mb.fused_kernels:
         logits = _logits_block(mb, vocab)
     else:

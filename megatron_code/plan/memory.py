@@ -113,7 +113,8 @@ def recompute_split(layout: Layout, layers: int) -> tuple[int, int, int]:
 
 def micro_batch(layout: Layout, seq_length: int, execution: Execution) -> act.MicroBatch:
     return act.MicroBatch(layout.micro_batch_size, seq_length, layout.tp, layout.cp, layout.sequence_parallel,
-                          execution.bf16, execution.fused_kernels, execution.fp32_residual)
+                          execution.bf16, execution.fused_kernels, execution.fp32_residual,
+                          step_output_weight=execution.step_weight_copies and execution.bf16 and execution.fused_kernels)
 
 
 def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatch, micro_batches: int,
@@ -140,12 +141,14 @@ def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro
     copy = BF16 if execution.bf16 else 0  # bf16 weight copies (none in fp32)
     # Per-step copies of all this rank's layers, or autocast's, kept per stored layer and in flight.
     step_copies = copy * per_layer.gemm * config.num_layers // layout.pp if execution.step_weight_copies else 0
+    holds_last = pp_rank == layout.pp - 1
+    if holds_last and mb.step_output_weight:  # the fused loss head's per-step bf16 output weight
+        step_copies += BF16 * padded_vocab // layout.tp * config.hidden_size
     copy = 0 if execution.step_weight_copies else copy
     selective = layout.recompute_granularity == "selective"
     full_layer = act.layer_bytes(config, mb, recompute_core=selective) + copy * per_layer.gemm
     chunk = full * full_layer + groups * act.layer_input_bytes(config, mb) + act.rope_table_bytes(config, mb)
     in_flight = in_flight_micro_batches(layout, micro_batches, pp_rank)
-    holds_last = pp_rank == layout.pp - 1
     stored = in_flight * chunk + pipeline_buffer_bytes(config, layout, mb, micro_batches, pp_rank) + step_copies
     if layout.pp > 1:  # the schedule keeps each in-flight chunk's output (sent on) until its backward
         stored += (in_flight - holds_last) * act.layer_input_bytes(config, mb)
@@ -154,7 +157,8 @@ def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro
     forward_end = stored + copy * per_layer.cached * (chunk_layers - full)
     if holds_last:  # the output layer and the loss
         # The unfused head's F.linear keeps autocast's bf16 copy of the output weight; the fused
-        # head casts it inside the loss and recasts in backward (counted in its transient).
+        # head reads the per-step copy (above) or, without it, casts it inside the loss and recasts
+        # in backward (counted in its transient).
         output_weight = 0 if execution.fused_kernels else BF16 * execution.bf16 * padded_vocab // layout.tp * config.hidden_size
         loss_forward = act.output_bytes(config, mb, padded_vocab) + act.loss_transient_bytes(config, mb, padded_vocab)
         forward_end += output_weight + max(loss_forward, act.loss_backward_bytes(config, mb, padded_vocab))
