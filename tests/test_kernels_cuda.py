@@ -65,14 +65,14 @@ def test_rmsnorm_stores_bf16_from_fp32_as_a_cast_would():
     cast = forward_and_grads(lambda x, w: rms_norm(x, w, 1e-5, "triton").to(torch.bfloat16), (x, weight))
     assert fused[0].dtype == torch.bfloat16
     # Not bit-identical on an H200 (2026-11-26): the forward differed by one bf16 step in 123 of
-    # 33.5 M elements and the gradients by up to 1.4e-6 (the kernels compile differently for a
-    # bf16 store and a bf16 incoming gradient; the compiler contracts the fp32 arithmetic
-    # differently). One step of the cast at most, and fp32 round-off in the gradients.
+    # 33.5 M elements, dx by up to 1.4e-6 and dW (sums over 8192 rows) by up to 3.2e-5 (the
+    # kernels compile differently for a bf16 store and a bf16 incoming gradient, and the compiler
+    # contracts the fp32 arithmetic differently). One step of the cast at most, and fp32 round-off
+    # relative to each gradient's scale.
     differs = fused[0] != cast[0]
     assert differs.float().mean() < 1e-4
     torch.testing.assert_close(fused[0].float(), cast[0].float(), rtol=2.0 ** -7, atol=0)
-    for a, b in zip(fused[1:], cast[1:], strict=True):
-        torch.testing.assert_close(a, b)
+    assert_close_to_scale(fused[1:], cast[1:], 1e-5)
 
 
 def test_rope_on_fused_qkv_views():
