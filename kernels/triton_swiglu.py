@@ -66,6 +66,42 @@ class TritonSwiGLU(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 
+class TritonSwiGLUHalves(torch.autograd.Function):
+    """gate_up [.., 2 * ffn] (gate, then up: one GEMM's output) -> silu(gate) * up [.., ffn]. The
+    same kernels on the two halves as strided views; the backward writes dgate and dup into the
+    halves of one [.., 2 * ffn] gradient, where chunking the output first would make autograd
+    concatenate two separate gradients (7.5 ms of an FP8 7B-shape step on an H200)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        rows = as_rows(gate_up)  # [R, 2f]
+        g, u = rows.chunk(2, dim=1)  # [R, f] views, row stride 2f
+        y = torch.empty(g.shape, dtype=gate_up.dtype, device=gate_up.device)
+        grid, block = _grid(g)
+        _swiglu_forward[grid](g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1], BLOCK=block)
+        ctx.save_for_backward(rows)
+        ctx.shape = gate_up.shape
+        return y.view(*gate_up.shape[:-1], g.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (rows,) = ctx.saved_tensors
+        g, u = rows.chunk(2, dim=1)
+        dy = as_rows(grad_y)
+        grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)  # [R, 2f]
+        dg, du = grad.chunk(2, dim=1)
+        grid, block = _grid(g)
+        _swiglu_backward[grid](g, u, dy, dg, du, g.stride(0), u.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
+                               g.shape[1], BLOCK=block)
+        return grad.view(ctx.shape)
+
+
+def swiglu_halves_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu: gate_up's last dim must hold gate and up halves, got {gate_up.shape[-1]}.")
+    return TritonSwiGLUHalves.apply(gate_up)
+
+
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate and up must match, got {tuple(gate.shape)} {gate.dtype} and "

@@ -145,6 +145,21 @@ def test_triton_split_qkv_rotary_matches_split_then_reference_rope(dtype, kv, q_
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_halves_gives_one_gradient_for_the_fused_output(dtype):
+    """swiglu_halves (the FP8 gate/up GEMM's output read as is): the same values and gradient as
+    chunking it and running the reference, the gradient one contiguous [.., 2 * ffn] tensor."""
+    from kernels.swiglu import swiglu_halves
+
+    torch.manual_seed(0)
+    fused = 2 * torch.randn(3, 1, 2 * 1100, dtype=dtype)
+    got = forward_and_grads(lambda t: swiglu_halves(t, "triton"), (fused,))
+    want = forward_and_grads(lambda t: swiglu_halves(t, "reference"), (fused,))
+    assert got[0].shape == (3, 1, 1100) and got[1].shape == fused.shape and got[1].is_contiguous()
+    assert_all_close(got, want, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_swiglu_on_gemm_output_halves_matches_reference(dtype):
     """gate/up as the strided halves of one [.., 2 * ffn] output; ffn 1100 > one 1024-column block."""
     torch.manual_seed(0)

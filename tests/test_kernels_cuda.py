@@ -102,6 +102,15 @@ def test_split_qkv_rotary_on_the_7b_layout():
     assert_close_to_scale(got, want, 1e-2)
 
 
+def test_swiglu_halves_of_one_gemm_output():
+    from kernels.swiglu import swiglu_halves
+
+    fused = torch.randn(TOKENS, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    got = forward_and_grads(lambda t: swiglu_halves(t, "triton"), (fused,))
+    want = forward_and_grads(lambda t: swiglu_halves(t, "reference"), (fused,))
+    assert_close_to_scale(got, want, 1e-2)
+
+
 def test_swiglu_on_gemm_output_halves():
     fused = torch.randn(TOKENS, 2 * 14336, device="cuda", dtype=torch.bfloat16)
 

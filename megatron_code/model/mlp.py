@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.swiglu import swiglu
+from kernels.swiglu import swiglu, swiglu_halves
 from megatron_code.model.config import ModelConfig
 from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable, fused_wgrad_linear
 from megatron_code.parallel.layers import (
@@ -28,12 +28,12 @@ class GateUpLinear(nn.Module):
         self.fp8 = None  # Fp8LinearScaling, set by megatron_code.model.fp8.enable_fp8
         self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel); in FP8 one tensor
+        [s, b, 2 * ffn / tp] holding gate then up (kernels.swiglu_halves reads it as is)."""
         x = gemm_input(x, self.parallel)
         if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
-            gate, up = local_linear(x, self.weight.flatten(0, 1), self.fp8, self.weight_casts).chunk(2, dim=-1)
-            return gate, up
+            return local_linear(x, self.weight.flatten(0, 1), self.fp8, self.weight_casts)
         if self.weight_casts is not None and fusable(x, self.weight):
             return fused_wgrad_linear(x, self.weight, self.weight_casts)  # (gate, up), as below
         # Split the weight, not the output: two GEMMs on the contiguous [ffn/tp, h] halves give
@@ -51,5 +51,7 @@ class SwiGLUMLP(nn.Module):
         self.swiglu_impl = config.swiglu_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear_fc1(x)
-        return self.linear_fc2(swiglu(gate, up, self.swiglu_impl))
+        gate_up = self.linear_fc1(x)
+        if isinstance(gate_up, tuple):
+            return self.linear_fc2(swiglu(*gate_up, self.swiglu_impl))
+        return self.linear_fc2(swiglu_halves(gate_up, self.swiglu_impl))
