@@ -35,9 +35,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused  # noqa: E402
-from kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.rotary import apply_rotary_emb_qk, apply_rotary_emb_reference  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+from kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
+from kernels.rotary import apply_rotary_emb_qk, apply_rotary_emb_reference, split_qkv_rotary  # noqa: E402
+from kernels.swiglu import swiglu, swiglu_halves, swiglu_reference  # noqa: E402
 
 # Per device: rows/tokens, hidden, heads (q, kv), head dim, FFN, vocabulary, loss-head tokens, activation dtype,
 # and optionally a vocabulary chunk smaller than the default block (shows the loss head's memory trade-off).
@@ -68,6 +68,48 @@ def _rope_unfused(q, k, cos, sin):
     return apply_rotary_emb_reference(q, cos, sin), apply_rotary_emb_reference(k, cos, sin)
 
 
+def _split_rope_unfused(grouped, cos, sin):
+    """The attention's code before the fused split: slice copies of q, k, v, then RoPE on q and k."""
+    s, b, groups, width, d = grouped.shape
+    q = grouped[:, :, :, :width - 2].reshape(s, b, groups * (width - 2), d)
+    k, v = grouped[:, :, :, width - 2], grouped[:, :, :, width - 1].contiguous()
+    return apply_rotary_emb_reference(q, cos, sin), apply_rotary_emb_reference(k, cos, sin), v
+
+
+def _add_norm_unfused(x, delta, w):
+    h = x + delta
+    return h, rms_norm_reference(h, w, 1e-5)
+
+
+def _swiglu_halves_unfused(gate_up):
+    return swiglu_reference(*gate_up.chunk(2, dim=-1))
+
+
+def fused_layout_cases(device: torch.device, s: dict, leaf, rope_tables) -> list[Case]:
+    """Kernels that read a layer's tensors in the layout the GEMMs write them (QKV split + RoPE,
+    SwiGLU on the gate/up output) or fuse the residual add into the norm."""
+    n, h, dtype, (nq, nkv), d = s["tokens"], s["hidden"], s["dtype"], s["heads"], s["head_dim"]
+    size, ffn, q_per = torch.finfo(dtype).bits // 8, s["ffn"], nq // nkv
+    return [
+        Case("QKV split + RoPE", f"grouped [{n // 2}, 2, {nkv}, {q_per + 2}, {d}] {dtype}",
+             lambda: (leaf(n // 2, 2, nkv, q_per + 2, d), *rope_tables()), {
+                 "unfused torch": _split_rope_unfused,
+                 "reference": lambda t, c, s_: split_qkv_rotary(t, c, s_, "reference"),
+                 "triton": lambda t, c, s_: split_qkv_rotary(t, c, s_, "triton"),
+             }, bytes_moved=4 * n * (nq + 2 * nkv) * d * size, compiled=_split_rope_unfused),
+        Case("add + RMSNorm", f"[{n}, {h}] {dtype}", lambda: (leaf(n, h), leaf(n, h), leaf(h, dt=torch.float32)), {
+            "unfused torch": _add_norm_unfused,
+            "reference": lambda x, r, w: add_rms_norm(x, r, w, 1e-5, "reference"),
+            "triton": lambda x, r, w: add_rms_norm(x, r, w, 1e-5, "triton"),
+        }, bytes_moved=8 * n * h * size, compiled=_add_norm_unfused),
+        Case("SwiGLU on gate|up", f"[{n}, 2 x {ffn}] {dtype}", lambda: (leaf(n, 2 * ffn),), {
+            "unfused torch": _swiglu_halves_unfused,
+            "reference": lambda t: swiglu_halves(t, "reference"),
+            "triton": lambda t: swiglu_halves(t, "triton"),
+        }, bytes_moved=8 * n * ffn * size, compiled=_swiglu_halves_unfused),
+    ]
+
+
 def build_cases(device: torch.device, s: dict) -> list[Case]:
     n, h, dtype, (nq, nkv), d = s["tokens"], s["hidden"], s["dtype"], s["heads"], s["head_dim"]
     size = torch.finfo(dtype).bits // 8
@@ -75,9 +117,12 @@ def build_cases(device: torch.device, s: dict) -> list[Case]:
     def leaf(*shape, scale=1.0, dt=dtype):
         return (scale * torch.randn(*shape, device=device)).to(dt).requires_grad_()
 
-    def rope_inputs():
+    def rope_tables():
         angles = torch.rand(n // 2, 2, 1, d, device=device) * 100
-        return leaf(n // 2, 2, nq, d), leaf(n // 2, 2, nkv, d), angles.cos(), angles.sin()
+        return angles.cos(), angles.sin()
+
+    def rope_inputs():
+        return leaf(n // 2, 2, nq, d), leaf(n // 2, 2, nkv, d), *rope_tables()
 
     vocab, ce_tokens = s["vocab"], s["ce_tokens"]
     ce_inputs = lambda: (leaf(ce_tokens, h, dt=torch.float32),  # noqa: E731
@@ -114,6 +159,7 @@ def build_cases(device: torch.device, s: dict) -> list[Case]:
             **small_chunk_variant(s, ce, under_autocast),
         }, flops=6 * ce_tokens * vocab * h,
             compiled=under_autocast(lambda x, w, t: linear_cross_entropy_unfused(x, w, t, **ce))),
+        *fused_layout_cases(device, s, leaf, rope_tables),
     ]
 
 
