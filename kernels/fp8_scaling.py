@@ -15,7 +15,6 @@ Two recipes choose which amax:
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,24 +48,19 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, element: str) -> torch.Tensor
     return (x.float() * scale).clamp_(-limit, limit).to(FP8_DTYPES[element])
 
 
-
-@functools.cache
-def _fused_cast():
-    """kernels.triton_fp8_cast on CUDA machines with Triton; None elsewhere (the torch ops serve).
-    Imported on first use so that importing the model never imports Triton."""
-    try:
-        from kernels import triton_fp8_cast
-    except ImportError:
-        return None
-    return triton_fp8_cast
+def _triton_on(t: torch.Tensor) -> bool:
+    """The Triton kernels serve CUDA tensors where Triton imports (imported on first use, so that
+    importing the model never imports Triton); the torch ops serve elsewhere."""
+    return t.is_cuda and package_imports("triton")
 
 
 def cast_transpose(x2d: torch.Tensor, scale: torch.Tensor, element: str, transpose: bool,
                    amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(quantize(x2d, scale), its transpose [N, M] contiguous or None), folding max|x2d| into the
     fp32 cell `amax` when given: one pass over x2d on CUDA (kernels.triton_fp8_cast)."""
-    if x2d.is_cuda and _fused_cast() is not None:
-        return _fused_cast().cast_transpose(x2d, scale, FP8_DTYPES[element], FP8_MAX[element], transpose, amax)
+    if _triton_on(x2d):
+        return triton_module("triton_fp8_cast").cast_transpose(x2d, scale, FP8_DTYPES[element], FP8_MAX[element],
+                                                               transpose, amax)
     data = quantize(x2d, scale, element)
     if amax is not None:
         torch.maximum(amax, x2d.detach().abs().amax().float(), out=amax)
@@ -93,10 +87,9 @@ class ScalingConfig:
     """Delayed scaling's amax: max over the history, or the most recent entry."""
 
 
-
 def transposed(t: torch.Tensor) -> torch.Tensor:
     """t.t().contiguous() for a 2-D FP8 tensor: the tiled Triton kernel on CUDA, torch elsewhere."""
-    if t.is_cuda and package_imports("triton"):
+    if _triton_on(t):
         return triton_module("triton_transpose").transpose_bytes(t)
     return t.t().contiguous()
 

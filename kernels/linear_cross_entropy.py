@@ -196,12 +196,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             grad_loss = grad_loss.float().contiguous()
             grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+            grad_w = None
             if want_w and ctx.accumulate_wgrad:  # into the fp32 .grad itself (no add by autograd)
                 fresh_w = weight.grad is None
                 if fresh_w:
-                    weight.grad = grad_w
+                    weight.grad = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
                 grad_w = weight.grad
+            elif want_w:
+                grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
             for cols, w, valid in _vocab_chunks(weight, ctx.shard, ctx.blocking, h.dtype, weight_lp):
                 for rows in _token_blocks(h.shape[0], ctx.blocking):
                     chunk_targets = _chunk_targets(local[rows], cols.start, cols.stop - cols.start)

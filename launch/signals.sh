@@ -2,11 +2,12 @@
 # launch/slurm/common.sh).
 #
 # A non-interactive shell cannot trap a signal that was ignored when it started (POSIX: the trap is
-# accepted and silently void; `trap -p USR1` then prints "trap -- '' SIGUSR1"). Some job runners
-# start their jobs that way -- the lent GPU machines did (2026-11-26), and a USR1 sent to
-# launch/torchrun.sh never reached training. reexec_with_default_signals re-executes the calling
-# script with SIGUSR1 and SIGUSR2 at their default dispositions when either was ignored, so the
-# trap that follows works.
+# accepted and silently void; `trap -p USR1` then prints "trap -- '' SIGUSR1"), and a job runner
+# that starts jobs that way would lose the save-and-exit signal without a word (reproduced by
+# tests/test_launch.py). reexec_with_default_signals re-executes the calling script with SIGUSR1
+# and SIGUSR2 at their default dispositions when either was ignored, so the trap that follows
+# works. (It was suspected of the signal lost on the lent GPU machines, 2026-11-26, but a launcher
+# started normally lost it there too: that cause is still open, docs/benchmarks.md.)
 
 reexec_with_default_signals() {  # usage: reexec_with_default_signals "$0" "$@"
     [[ -n "${MCODE_SIGNALS_RESET:-}" || ! -r /proc/$$/status ]] && return 0

@@ -220,13 +220,15 @@ def test_fused_loss_head_uses_the_step_copy_and_accumulates_the_output_weight_gr
     its fp32 gradient into .grad itself (tied: on top of the embedding's); the gradients match the
     unfused model's, and the bucket hook of the output weight still fires once per micro-batch."""
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(5))
-    grads, calls = {}, {}
+    grads, calls, returned = {}, {}, {}
     for fusion in (True, False):
         base = tiny_model(fusion).config.replace(cross_entropy_impl="reference", untie_embeddings_and_output_weights=untie)
         model = GPTModel(base, init_seed=3)
         weight = model.output_weight()
-        calls[fusion] = 0
+        calls[fusion], returned[fusion] = 0, []
         weight.register_post_accumulate_grad_hook(lambda p, f=fusion: calls.__setitem__(f, calls[f] + 1))
+        # What autograd hands this weight (the loss head's gradient and, tied, the embedding's, summed)
+        weight.register_hook(lambda g, f=fusion: returned[f].append(None if g is None else g.clone()))
         with cached_weight_casts(model):
             for _ in range(2):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -235,5 +237,12 @@ def test_fused_loss_head_uses_the_step_copy_and_accumulates_the_output_weight_gr
                     assert len(model.weight_casts.copies) == 9
         grads[fusion] = {n: p.grad for n, p in model.named_parameters()}
     assert calls == {True: 2, False: 2}
+    # Fused, the loss head returns no gradient for the weight (it added its own into .grad): untied,
+    # autograd hands it nothing; tied, only the embedding's gradient.
+    assert len(returned[True]) == len(returned[False]) == 2 and all(g is not None for g in returned[False])
+    if untie:
+        assert returned[True] == [None, None]
+    else:
+        assert all(not torch.allclose(f, u, atol=1e-3) for f, u in zip(returned[True], returned[False]))
     for name, grad in grads[True].items():
         torch.testing.assert_close(grad, grads[False][name], rtol=2e-2, atol=1e-3, msg=name)

@@ -75,27 +75,29 @@ def test_rmsnorm_stores_bf16_from_fp32_as_a_cast_would():
     assert_close_to_scale(fused[1:], cast[1:], 1e-5)
 
 
-def test_rope_on_fused_qkv_views():
-    s, b, kv, q_per_kv, d = TOKENS // 2, 2, 8, 4, 128
-    qkv = torch.randn(s, b, kv, q_per_kv + 2, d, device="cuda", dtype=torch.bfloat16)
+Q_PER_KV = 4
+
+
+def fused_qkv_and_tables():
+    """The 7B layout's fused QKV output [s, b, 8 groups, 4 + 2, 128] in bf16, and RoPE tables."""
+    s, b, kv, d = TOKENS // 2, 2, 8, 128
+    qkv = torch.randn(s, b, kv, Q_PER_KV + 2, d, device="cuda", dtype=torch.bfloat16)
     angles = torch.arange(s, device="cuda")[:, None, None, None] * torch.rand(d // 2, device="cuda")
     angles = angles.repeat(1, 1, 1, 2).expand(s, b, 1, d)
-    cos, sin = angles.cos(), angles.sin()
+    return qkv, angles.cos(), angles.sin()
 
-    got = forward_and_grads(rope_on_fused_qkv("triton", q_per_kv, cos, sin), (qkv,))
-    want = forward_and_grads(rope_on_fused_qkv("reference", q_per_kv, cos, sin), (qkv,))
+
+def test_rope_on_fused_qkv_views():
+    qkv, cos, sin = fused_qkv_and_tables()
+    got = forward_and_grads(rope_on_fused_qkv("triton", Q_PER_KV, cos, sin), (qkv,))
+    want = forward_and_grads(rope_on_fused_qkv("reference", Q_PER_KV, cos, sin), (qkv,))
     assert_close_to_scale(got, want, 1e-2)
 
 
 def test_split_qkv_rotary_on_the_7b_layout():
     from kernels.rotary import split_qkv_rotary
 
-    s, b, kv, q_per_kv, d = TOKENS // 2, 2, 8, 4, 128
-    qkv = torch.randn(s, b, kv, q_per_kv + 2, d, device="cuda", dtype=torch.bfloat16)
-    angles = torch.arange(s, device="cuda")[:, None, None, None] * torch.rand(d // 2, device="cuda")
-    angles = angles.repeat(1, 1, 1, 2).expand(s, b, 1, d)
-    cos, sin = angles.cos(), angles.sin()
-
+    qkv, cos, sin = fused_qkv_and_tables()
     got = forward_and_grads(lambda t: split_qkv_rotary(t, cos, sin, "triton"), (qkv,))
     want = forward_and_grads(lambda t: split_qkv_rotary(t, cos, sin, "reference"), (qkv,))
     assert torch.equal(got[2], want[2])  # v: copied

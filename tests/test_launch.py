@@ -423,9 +423,9 @@ def test_exit_signal_is_delivered_even_if_the_launcher_blocked_it(fixture_data, 
 
 
 def test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored(fixture_data, tmp_path):
-    """A shell cannot trap a signal ignored when it started (its trap is silently void), and the lent
-    GPU machines start jobs that way: USR1 sent to launch/torchrun.sh was lost there. The launcher
-    re-executes itself with default handling first (launch/signals.sh)."""
+    """A shell cannot trap a signal ignored when it started (its trap is silently void), so a job
+    runner that starts jobs that way would lose the save-and-exit signal. The launcher re-executes
+    itself with default handling first (launch/signals.sh)."""
     ckpt = str(tmp_path / "ckpt")
     env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}

@@ -235,3 +235,22 @@ def test_padded_vocabulary_rows_get_no_probability():
     assert torch.isinf(logits[..., 300:]).all() and torch.isfinite(logits[..., :300]).all()
     expected = F.cross_entropy(logits[..., :300].flatten(0, 1), tokens.flatten(), reduction="none").view(2, 12)
     torch.testing.assert_close(model(tokens, labels=tokens), expected)
+
+
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_stream_dtype_under_bf16_autocast(fp32_residual):
+    """The residual stream (embedding output, layer outputs) is bf16 under bf16 autocast, as in
+    Megatron-LM, or fp32 with --fp32-residual-connection; the losses of the two stay close."""
+    tokens = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    model = GPTModel(small_config(fp32_residual_connection=fp32_residual), init_seed=1)
+    seen = []
+    for layer in model.decoder.layers.values():
+        layer.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+    want = torch.float32 if fp32_residual else torch.bfloat16
+    assert seen and all(dtypes == (want, want) for dtypes in seen)
+    fp32_model = GPTModel(small_config(fp32_residual_connection=True), init_seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = fp32_model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-2)

@@ -46,11 +46,8 @@ class TransformerLayer(nn.Module):
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
         attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids, cp_chunks)
-        if self.hidden_dropout > 0 and self.training:
-            x = x + F.dropout(attn, self.hidden_dropout, self.training)
-            normed = self.pre_mlp_layernorm(x)
-        else:  # the residual add runs inside the norm kernel
-            x, normed = self.pre_mlp_layernorm.add_and_norm(x, attn)
+        # The residual add runs inside the norm kernel.
+        x, normed = self.pre_mlp_layernorm.add_and_norm(x, F.dropout(attn, self.hidden_dropout, self.training))
         mlp = self.mlp(normed)
         return x + F.dropout(mlp, self.hidden_dropout, self.training)
 

@@ -57,10 +57,13 @@ def cached_weight_casts(model: nn.Module):
     micro-batches run inside (weights must not change inside: the optimizer steps after), and FP8
     delayed scales stay fixed inside, their amax histories advancing once at the end
     (kernels.fp8_history)."""
-    caches = {id(m.weight_casts): m.weight_casts for m in model.modules()
-              if getattr(m, "weight_casts", None) is not None}.values()
-    histories = {id(m.fp8.histories): m.fp8.histories for m in model.modules()
-                 if getattr(m, "fp8", None) is not None}.values()
+    caches, histories = {}, {}
+    for m in model.modules():
+        if getattr(m, "weight_casts", None) is not None:
+            caches[id(m.weight_casts)] = m.weight_casts
+        if getattr(m, "fp8", None) is not None:
+            histories[id(m.fp8.histories)] = m.fp8.histories
+    caches, histories = caches.values(), histories.values()
     for item in (*caches, *histories):
         item.active = True
     try:
