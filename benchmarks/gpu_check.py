@@ -5,7 +5,8 @@
      8192, BF16 and FP8 (torch backend), next to transformers' LlamaForCausalLM of the same shape
      (BF16) in the same process: tokens/s, TFLOP/s (Megatron's causal count), MFU, peak memory;
   3. the profiling command (`python -m megatron_code.profile`) on the same shape: the product's
-     own table with the step-time breakdown, a JSON report and a torch.profiler trace;
+     own table with the step-time breakdown, a JSON report and a torch.profiler trace; also SFT
+     and DPO steps (synthetic conversations; DPO on half the layers, beside its frozen reference);
   4. the kernel benchmark (benchmarks/bench_kernels.py --device cuda) when present.
 
     PYTHONPATH=. python benchmarks/gpu_check.py --out results/   # writes gpu_check.json + logs
@@ -201,24 +202,28 @@ def throughput_hf(num_layers: int, args) -> list[dict]:
     return rows
 
 
-def run_profile_command(num_layers: int, out_dir: str, precision: str) -> dict | None:
+def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str = "pretrain") -> dict | None:
     """`python -m megatron_code.profile` (the trainer's own step) on the cut 7B shape; its log and
-    a gzipped one-step trace go to out_dir, its JSON report into gpu_check.json."""
-    trace_dir = os.path.join(out_dir, f"trace_{precision}")
+    a gzipped one-step trace go to out_dir, its JSON report into gpu_check.json. SFT and DPO run
+    on the profiler's synthetic conversations (DPO's reference: the initial weights)."""
+    name = precision if mode == "pretrain" else f"{mode}_{precision}"
+    trace_dir = os.path.join(out_dir, f"trace_{name}")
     report = os.path.join(trace_dir, "report.json")
     cmd = [sys.executable, "-m", "megatron_code.profile", "--preset", "7b", "--num-layers", str(num_layers),
            "--seq-length", "4096", "--vocab-size", str(VOCAB), "--bf16", "--micro-batch-size", "1",
            "--global-batch-size", "4", "--num-workers", "0", "--profile-steps", "5", "--profile-warmup", "3",
-           "--trace-dir", trace_dir, "--trace-steps", "1", "--report", report]
+           "--trace-dir", trace_dir, "--trace-steps", "1", "--report", report, "--training-mode", mode]
+    if mode != "pretrain":  # as real SFT/DPO runs: conversations packed or padded, attention per conversation
+        cmd += ["--reset-attention-mask", "--reset-position-ids"]
     if precision == "fp8":
         cmd += ["--fp8-format", "hybrid"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECTION_TIMEOUT_S)
-    with open(os.path.join(out_dir, f"profile_{precision}.log"), "w") as fh:
+    with open(os.path.join(out_dir, f"profile_{name}.log"), "w") as fh:
         fh.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")) or proc.stderr[-3000:])
     trace = os.path.join(trace_dir, "trace_rank0.json")
     if os.path.exists(trace):  # gzip: Perfetto opens .json.gz directly
-        with open(trace, "rb") as src, gzip.open(os.path.join(out_dir, f"trace_{precision}.json.gz"), "wb") as dst:
+        with open(trace, "rb") as src, gzip.open(os.path.join(out_dir, f"trace_{name}.json.gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
     result = json.load(open(report)) if os.path.exists(report) else None
     shutil.rmtree(trace_dir, ignore_errors=True)
@@ -248,7 +253,8 @@ def main(argv=None) -> dict:
                         help="Micro-batches (of one sequence) per optimizer step, as in real pretraining.")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="Which of our model's rows to time (default all).")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "ours", "transformers", "profile", "profile_fp8", "kernels"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["tests", "ours", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels"])
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     layers = layers_that_fit(args.max_layers, max(args.seqs))
@@ -261,6 +267,9 @@ def main(argv=None) -> dict:
                 "tests": lambda: run_gpu_tests(args.out),
                 "profile": lambda: run_profile_command(layers, args.out, "bf16"),
                 "profile_fp8": lambda: run_profile_command(layers, args.out, "fp8"),
+                "sft": lambda: run_profile_command(layers, args.out, "bf16", "sft"),
+                # The frozen fp32 reference and pairs of sequences: half the layers keep it in memory.
+                "dpo": lambda: run_profile_command(max(1, layers // 2), args.out, "bf16", "dpo"),
                 "kernels": lambda: run_kernel_bench(args.out) is not None}
     for name, section in sections.items():
         if name in args.skip:

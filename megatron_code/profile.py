@@ -7,7 +7,8 @@ torchrun) trains K steps of any preset and layout and prints where the time goes
 
 It also writes a JSON report (--report), a torch.profiler trace per rank for a few steps
 (--trace-dir; open in Perfetto or chrome://tracing) and NVTX ranges per phase for Nsight Systems
-(--nvtx; run under `nsys profile -t cuda,nvtx`). Without --data-path it uses --mock-data.
+(--nvtx; run under `nsys profile -t cuda,nvtx`). Without --data-path (--sft-data-path,
+--dpo-data-path under --training-mode sft, dpo) it uses --mock-data.
 Phase timing synchronizes the GPU at phase edges, which hides any overlap between phases; the
 step time and tokens/s are measured around whole steps and include that cost only in so far as
 overlap is lost (compare with a plain training run's log line).
@@ -49,8 +50,9 @@ def prepare_config(cfg: RunConfig, args: argparse.Namespace) -> None:
     """A profiling run trains warmup + steps iterations, never evaluates or saves."""
     if args.profile_steps < 1 or args.profile_warmup < 0 or args.trace_steps < 0:
         raise ConfigError("--profile-steps must be >= 1; --profile-warmup and --trace-steps >= 0.")
-    if not cfg.data.data_path:
-        cfg.data.mock_data = True
+    mode = cfg.training.training_mode
+    if not getattr(cfg.data, "data_path" if mode == "pretrain" else f"{mode}_data_path"):
+        cfg.data.mock_data = True  # synthetic documents, or conversations for sft/dpo
     t = cfg.training
     t.train_iters = args.profile_warmup + args.profile_steps
     t.eval_interval, t.exit_interval = 0, None
@@ -103,8 +105,11 @@ def profile(cfg: RunConfig, args: argparse.Namespace) -> dict | None:
     trainer = hooks.trainer
     if not trainer.env.is_main:
         return None
-    full_count = training_flops_per_token(cfg.model, cfg.data.seq_length,
-                                          cfg.model.padded_vocab_size(trainer.parallel.tp), causal=False)
+    vocab = cfg.model.padded_vocab_size(trainer.parallel.tp)
+    # The trainer's count may include more than one model's passes (DPO's reference forward):
+    # the full count keeps the same ratio to the model's own causal count.
+    extra_passes = trainer.flops_per_token / training_flops_per_token(cfg.model, cfg.data.seq_length, vocab)
+    full_count = extra_passes * training_flops_per_token(cfg.model, cfg.data.seq_length, vocab, causal=False)
     return build_report(cfg, trainer, history[args.profile_warmup:], full_count)
 
 

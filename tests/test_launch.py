@@ -326,6 +326,16 @@ def _worker_of_rank(root: int, rank: int) -> int:
     raise AssertionError(f"no training process of rank {rank} under {root}")
 
 
+def _signal_masks(pid: int) -> str:
+    """The Sig* lines of /proc/PID/status (blocked, ignored, caught: hex masks, bit n-1 = signal n)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            fields = [line.split() for line in fh if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+        return " ".join(f"{name}{value}" for name, value in fields)
+    except OSError as err:
+        return f"unreadable ({err})"
+
+
 def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None):
     """Run launch/torchrun.sh ARGS; once step 2 is logged call deliver(process). Returns (exit code,
     output); a run that hangs is killed with everything it started."""
@@ -347,9 +357,10 @@ def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None):
         for line in proc.stdout:
             lines.append(line)
             if not delivered and re.search(r"step\s+2/\d+ \|", line):
+                masks = _signal_masks(proc.pid)  # before: a failure then shows whether bash could trap it
                 deliver(proc)
                 delivered = True
-                lines.append("signal sent after the line above\n")
+                lines.append(f"signal sent after the line above; the launcher's masks then: {masks}\n")
         return proc.wait(), "".join(lines)
     finally:
         watchdog.cancel()

@@ -31,7 +31,8 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes."""
     mock_data: bool = False
-    """Train on megatron-core's synthetic token sequences instead of --data-path (profiling and smoke
+    """Train on megatron-core's synthetic token sequences instead of --data-path, or under
+    --training-mode sft/dpo on synthetic conversations instead of the export (profiling and smoke
     tests; no tokenizer needed when --vocab-size is given)."""
     sft_data_path: list[str] = field(default_factory=list)
     """--training-mode sft: prefixes of the data tools' SFT export, optionally weighted (`0.7 A 0.3 B`);

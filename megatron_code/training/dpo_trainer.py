@@ -2,7 +2,8 @@
 reference model.
 
 The reference is a second GPTModel of the same layout (TP/SP/DP; validation refuses PP and CP),
-loaded from --ref-load (default --load) and kept in eval mode without gradients. Its log-probs are
+loaded from --ref-load (default --load; with --mock-data and neither, the policy's initial weights)
+and kept in eval mode without gradients. Its log-probs are
 computed on the fly, in the same step as the policy's: one extra forward pass per step (about a
 third more compute than training the policy alone) and a second copy of the weights (no gradients,
 no optimizer state). Each sample is a pair; the step's loss is the mean DPO loss over the pairs of
@@ -36,6 +37,8 @@ class DPOTrainer(Trainer):
     def _load_reference(self) -> GPTModel:
         ck = self.cfg.checkpoint
         root, flag = (ck.ref_load, "--ref-load") if ck.ref_load else (ck.load, "--load")
+        if not root:  # --mock-data without a checkpoint (validated): the policy's initial weights
+            return self._initial_weights_reference()
         state = checkpointing.read_train_state(root)
         check_same_model(state, self.cfg, flag)
         reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)
@@ -43,6 +46,14 @@ class DPOTrainer(Trainer):
         reference.eval().requires_grad_(False)
         print_rank0(f"DPO reference model: {root} iteration {state['iteration']} (frozen), beta "
                     f"{self.cfg.training.dpo_beta}", enabled=self.env.is_main)
+        return reference
+
+    def _initial_weights_reference(self) -> GPTModel:
+        """A frozen model built as the policy was (same seed and layout: the same initial weights)."""
+        reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)
+        reference.eval().requires_grad_(False)
+        print_rank0(f"DPO reference model: the policy's initial weights (--mock-data, no checkpoint; frozen), "
+                    f"beta {self.cfg.training.dpo_beta}", enabled=self.env.is_main)
         return reference
 
     def _response_log_probs(self, model: GPTModel, batch: dict) -> torch.Tensor:

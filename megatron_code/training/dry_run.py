@@ -76,7 +76,7 @@ def _file_status(cfg: RunConfig, tokenizer_found: bool) -> list[str]:
     lines = [f"tokenizer  {tokenizer}"]
     mode = cfg.training.training_mode
     if d.mock_data:
-        lines.append("data       --mock-data (synthetic tokens)")
+        lines.append("data       --mock-data (synthetic " + ("tokens)" if mode == "pretrain" else "conversations)"))
     for prefix in ([] if d.mock_data or mode != "pretrain" else parse_blend(d.data_path)[0]):
         state = ("found, token ids checked against the vocabulary" if data_files_exist(prefix)
                  else "MISSING .bin/.idx, not checked (a real run refuses to start)")

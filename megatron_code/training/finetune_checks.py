@@ -40,11 +40,12 @@ def _check_flags_of_mode(cfg: RunConfig) -> None:
         raise ConfigError(f"--ref-load is only read by --training-mode dpo (this run: {mode}); drop it.")
     if mode == "pretrain":
         return
-    for flag, given in (("--data-path", bool(d.data_path)), ("--mock-data", d.mock_data),
-                        ("--eod-mask-loss", d.eod_mask_loss)):
+    for flag, given in (("--data-path", bool(d.data_path)), ("--eod-mask-loss", d.eod_mask_loss)):
         if given:
             raise ConfigError(f"{flag} belongs to pretraining; --training-mode {mode} reads {FLAGS[mode]} "
                               "(its loss covers the response tokens, each response's EOD included). Drop it.")
+    if d.mock_data and getattr(d, f"{mode}_data_path"):
+        raise ConfigError(f"--mock-data (synthetic conversations) and {FLAGS[mode]} exclude each other: drop one.")
 
 
 def _check_resumed_mode(cfg: RunConfig) -> None:
@@ -72,9 +73,12 @@ def _check_dpo_setup(cfg: RunConfig, require_files: bool) -> None:
     if cfg.training.dpo_beta <= 0:
         raise ConfigError(f"--dpo-beta must be positive, got {cfg.training.dpo_beta}.")
     reference = ck.ref_load or ck.load
+    if not reference and cfg.data.mock_data:
+        return  # the reference is the policy's initial weights (DPOTrainer)
     if not reference:
         raise ConfigError("--training-mode dpo needs a frozen reference model: --ref-load CKPT, or --load "
-                          "CKPT --finetune (its weights are then both the starting policy and the reference).")
+                          "CKPT --finetune (its weights are then both the starting policy and the reference); "
+                          "with --mock-data (profiling) the reference may be the initial weights.")
     if not ck.ref_load and not ck.finetune and saved_training_mode(ck.load) == "dpo":
         raise ConfigError(
             f"--load {ck.load} resumes a DPO run: its weights are the partly trained policy, not the "
@@ -110,7 +114,7 @@ def check_training_mode(cfg: RunConfig, tokenizer, require_files: bool) -> None:
         return
     if mode == "dpo":
         _check_dpo_setup(cfg, require_files)
-    for prefix in mode_blend(cfg)[0]:
+    for prefix in [] if cfg.data.mock_data else mode_blend(cfg)[0]:
         if not require_files and not files_exist(prefix, mode):
             continue
         check_files(prefix, mode)

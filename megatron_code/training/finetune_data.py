@@ -1,4 +1,5 @@
-"""Train/valid datasets of --training-mode sft and dpo, from the data tools' export prefixes.
+"""Train/valid datasets of --training-mode sft and dpo, from the data tools' export prefixes (or,
+with --mock-data, from synthetic conversations: mock_conversations.py).
 
 Each prefix's records are cut into train/valid/test by --split the way megatron-core cuts
 documents (contiguous ranges, data.documents_per_split); records whose conversation does not fit in
@@ -17,8 +18,11 @@ from megatron_code.errors import ConfigError
 from megatron_code.training.chat_format import ChatFormat
 from megatron_code.training.config import RunConfig
 from megatron_code.training.conversations import FLAGS, Conversations
-from megatron_code.training.data import Datasets, documents_per_split, parse_blend, split_weights
+from megatron_code.training.data import (
+    Datasets, SyntheticVocabulary, documents_per_split, parse_blend, split_weights,
+)
 from megatron_code.training.dpo_data import PreferencePairDataset
+from megatron_code.training.mock_conversations import MockConversations, synthetic_chat_format
 from megatron_code.training.sft_data import PackedSFTDataset
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -95,14 +99,26 @@ def _one_split(cfg: RunConfig, sources: list[Conversations], weights, split_inde
     return BlendedSamples(datasets, dataset_index, sample_index)
 
 
+def conversation_sources(cfg: RunConfig, tokenizer) -> tuple[list, list[float] | None, ChatFormat]:
+    """(sources, blend weights, chat format): the export prefixes of the mode, or with --mock-data
+    one synthetic source (and, without a tokenizer, the synthetic chat format)."""
+    mode = cfg.training.training_mode
+    if not cfg.data.mock_data:
+        prefixes, weights = mode_blend(cfg)
+        return [Conversations(prefix, mode) for prefix in prefixes], weights, ChatFormat.from_tokenizer(tokenizer)
+    chat = synthetic_chat_format() if isinstance(tokenizer, SyntheticVocabulary) else ChatFormat.from_tokenizer(tokenizer)
+    source = MockConversations(mode, cfg.model.vocab_size, tokenizer.eod, cfg.data.seq_length, chat.overhead,
+                               cfg.training.seed)
+    return [source], None, chat
+
+
 def build_finetune_datasets(cfg: RunConfig, tokenizer, num_samples: list[int], need_valid: bool,
                             log=lambda message: None) -> Datasets:
     """Train (and, when needed, validation) datasets of num_samples[split] samples each; the test
     split is never read by the trainer and is not built."""
-    prefixes, weights = mode_blend(cfg)
-    sources = [Conversations(prefix, cfg.training.training_mode) for prefix in prefixes]
-    chat = ChatFormat.from_tokenizer(tokenizer)
-    pad_id = tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod
+    sources, weights, chat = conversation_sources(cfg, tokenizer)
+    pad = getattr(tokenizer, "pad", -1)  # a SyntheticVocabulary (--mock-data, no tokenizer) has none
+    pad_id = pad if pad >= 0 else tokenizer.eod
     wanted = (True, need_valid and split_weights(cfg.data.split)[1] > 0)
     train, valid = (_one_split(cfg, sources, weights, i, num_samples[i], chat, pad_id, log) if want else None
                     for i, want in enumerate(wanted))

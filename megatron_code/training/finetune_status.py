@@ -10,6 +10,8 @@ from megatron_code.training.finetune_data import mode_blend
 def finetune_file_status(cfg: RunConfig) -> list[str]:
     """One line per export prefix of --sft-data-path / --dpo-data-path."""
     mode = cfg.training.training_mode
+    if cfg.data.mock_data:
+        return []  # the dry run's data line says --mock-data
     lines = []
     for prefix in mode_blend(cfg)[0]:
         datasets = ", ".join(field_path(prefix, f).rsplit("/", 1)[-1] for f in FIELDS[mode])
@@ -22,6 +24,8 @@ def finetune_file_status(cfg: RunConfig) -> list[str]:
 def reference_status(ck: CheckpointConfig) -> str:
     """Where DPO's frozen reference model comes from."""
     root = ck.ref_load or ck.load
+    if not root:  # validation allows this with --mock-data only
+        return "the policy's initial weights (--mock-data, no checkpoint), frozen"
     source = "--ref-load" if ck.ref_load else "--load"
     latest = latest_iteration(root) if root else None
     if latest is None:

@@ -8,7 +8,8 @@ import torch
 
 from megatron_code.training.config import RunConfig
 
-PHASE_ORDER = ("data-wait", "forward", "backward", "forward-backward", "grad-sync", "grad-clip", "optimizer")
+PHASE_ORDER = ("data-wait", "forward", "reference-forward", "backward", "forward-backward", "grad-sync", "grad-clip",
+               "optimizer")  # reference-forward: DPO's frozen reference model
 
 
 def _device_name(device: torch.device) -> str:
@@ -31,7 +32,8 @@ def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_to
     """records: the measured steps' metric records (warmup excluded)."""
     world = trainer.env.world_size
     step_ms = statistics.median(r["ms_per_step"] for r in records)
-    tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
+    # A DPO sample is a pair: two sequences (the trainer's log line counts both too).
+    tokens_per_step = cfg.training.global_batch_size * trainer.sequences_per_sample * cfg.data.seq_length
     tokens_per_gpu = tokens_per_step / (step_ms / 1000) / world
     tflops = trainer.flops_per_token * tokens_per_gpu / 1e12
     tflops_full = full_flops_per_token * tokens_per_gpu / 1e12
@@ -46,6 +48,7 @@ def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_to
         "model": {"num_layers": cfg.model.num_layers, "hidden_size": cfg.model.hidden_size,
                   "ffn_hidden_size": cfg.model.ffn_hidden_size, "heads": cfg.model.num_attention_heads,
                   "kv_heads": cfg.model.num_kv_heads, "parameters": cfg.model.num_parameters(p.tp)},
+        "training_mode": cfg.training.training_mode, "mock_data": cfg.data.mock_data,
         "seq_length": cfg.data.seq_length, "micro_batch_size": cfg.training.micro_batch_size,
         "global_batch_size": cfg.training.global_batch_size, "precision": trainer.precision,
         "measured_steps": len(records),
@@ -74,6 +77,7 @@ def format_report(report: dict) -> str:
                   f"{report['model']['parameters'] / 1e6:,.1f} M params"),
         ("batch", f"seq {report['seq_length']} x micro {report['micro_batch_size']} "
                   f"(global {report['global_batch_size']}), {report['precision']}"),
+        ("training", f"{report['training_mode']}{', mock data' if report['mock_data'] else ''}"),
         ("step time (median)", f"{report['step_ms_median']:.1f} ms over {report['measured_steps']} steps"),
         ("tokens/s/GPU", f"{report['tokens_per_sec_per_gpu']:,.0f}"),
         ("TFLOP/s/GPU (causal | full)", f"{report['tflops_per_gpu']:.1f} | {report['tflops_per_gpu_full_count']:.1f}"),

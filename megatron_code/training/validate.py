@@ -26,7 +26,9 @@ def load_tokenizer(cfg: RunConfig) -> SentencePieceTokenizer | SyntheticVocabula
     if cfg.data.mock_data and not cfg.data.tokenizer_model:
         if cfg.model.vocab_size is None:
             raise ConfigError("--mock-data without --tokenizer-model needs --vocab-size (e.g. 49152).")
-        if cfg.data.reset_attention_mask or cfg.data.reset_position_ids:
+        # megatron-core's mock documents carry no EOD; the synthetic SFT/DPO responses end with id 2.
+        pretrain = cfg.training.training_mode == "pretrain"
+        if pretrain and (cfg.data.reset_attention_mask or cfg.data.reset_position_ids):
             raise ConfigError("--reset-attention-mask/--reset-position-ids need the tokenizer's EOD id: "
                               "give --tokenizer-model with --mock-data.")
         return SyntheticVocabulary(cfg.model.vocab_size)
