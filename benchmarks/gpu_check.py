@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
                 "profile": lambda: run_profile_command(layers, args.out, "bf16"),
                 "profile_fp8": lambda: run_profile_command(layers, args.out, "fp8"),
                 "sft": lambda: run_profile_command(layers, args.out, "bf16", "sft"),
-                # The frozen fp32 reference and pairs of sequences: half the layers keep it in memory.
+                # The frozen reference and pairs of sequences: half the layers keep them in memory.
                 "dpo": lambda: run_profile_command(max(1, layers // 2), args.out, "bf16", "dpo"),
                 "kernels": lambda: run_kernel_bench(args.out) is not None}
     for name, section in sections.items():

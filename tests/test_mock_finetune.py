@@ -107,3 +107,32 @@ def test_profile_runs_sft_on_an_export_and_dpo_on_mock_data(tmp_path):
     assert {"forward", "reference-forward", "backward"} <= dpo["phase_ms"].keys()
     pair_tokens = 4 * 2 * SEQ  # global batch of 4 pairs, two sequences each
     assert dpo["tokens_per_sec_per_gpu"] == pytest.approx(pair_tokens / (dpo["step_ms_median"] / 1000))
+
+
+@pytest.mark.parametrize("flags", [{}, {"cross_entropy_impl": "reference", "untie_embeddings_and_output_weights": False},
+                                   {"fp32_residual_connection": True}], ids=["default", "fused-head-tied", "fp32-residual"])
+def test_dpo_reference_keeps_its_gemm_weights_in_bf16_with_the_same_log_probs(flags):
+    """Under --bf16 the reference stores what autocast casts anyway in bf16: the first DPO loss is
+    still exactly log 2 (its log-probs equal the policy's), whatever the loss head and residual dtype."""
+    from megatron_code.training import trainer as trainer_module
+
+    kept = {}
+    original = trainer_module.Trainer.run
+
+    def run(self):
+        kept.update({name: p.dtype for name, p in self.reference.named_parameters()})
+        return original(self)
+
+    trainer_module.Trainer.run = run
+    try:
+        history = run_training(mock_values("dpo", train_iters=2, bf16=True, **flags))
+    finally:
+        trainer_module.Trainer.run = original
+    # Rewards are beta x (policy - reference) log-probs: exactly zero only if the two are identical.
+    assert (history[0]["reward_chosen"], history[0]["reward_rejected"]) == (0.0, 0.0)
+    assert history[0]["loss"] == torch.tensor(math.log(2)).item()  # log 2 in fp32
+    assert kept["decoder.layers.0.self_attention.linear_qkv.weight"] == torch.bfloat16
+    assert kept["decoder.layers.0.mlp.linear_fc1.weight"] == torch.bfloat16
+    assert kept["decoder.layers.0.input_layernorm.weight"] == torch.float32
+    table = kept["embedding.word_embeddings.weight"]
+    assert table == (torch.float32 if flags.get("fp32_residual_connection") else torch.bfloat16)

@@ -3,7 +3,7 @@ reference model.
 
 The reference is a second GPTModel of the same layout (TP/SP/DP; validation refuses PP and CP),
 loaded from --ref-load (default --load; with --mock-data and neither, the policy's initial weights)
-and kept in eval mode without gradients. Its log-probs are
+and kept in eval mode without gradients (under --bf16, its GEMM weights in bf16: _freeze). Its log-probs are
 computed on the fly, in the same step as the policy's: one extra forward pass per step (about a
 third more compute than training the policy alone) and a second copy of the weights (no gradients,
 no optimizer state). Each sample is a pair; the step's loss is the mean DPO loss over the pairs of
@@ -43,7 +43,7 @@ class DPOTrainer(Trainer):
         check_same_model(state, self.cfg, flag)
         reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)
         checkpointing.load_checkpoint(root, reference, None, self.parallel, restore_rng=False)
-        reference.eval().requires_grad_(False)
+        self._freeze(reference)
         print_rank0(f"DPO reference model: {root} iteration {state['iteration']} (frozen), beta "
                     f"{self.cfg.training.dpo_beta}", enabled=self.env.is_main)
         return reference
@@ -51,10 +51,24 @@ class DPOTrainer(Trainer):
     def _initial_weights_reference(self) -> GPTModel:
         """A frozen model built as the policy was (same seed and layout: the same initial weights)."""
         reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)
-        reference.eval().requires_grad_(False)
+        self._freeze(reference)
         print_rank0(f"DPO reference model: the policy's initial weights (--mock-data, no checkpoint; frozen), "
                     f"beta {self.cfg.training.dpo_beta}", enabled=self.env.is_main)
         return reference
+
+    def _freeze(self, reference: GPTModel) -> None:
+        """Eval mode, no gradients; under --bf16 (without FP8) the weights that only feed GEMMs are
+        stored in bf16, as autocast would cast them at every forward: half the memory, no casts,
+        the same log-probs. Norm weights stay fp32 (the norms compute with them in fp32), and so
+        does the embedding table when the residual stream is fp32 (its rows would be rounded)."""
+        reference.eval().requires_grad_(False)
+        if not self.cfg.training.bf16 or self.cfg.model.fp8_format is not None:
+            return  # FP8 casts from the fp32 weight: rounding to bf16 first could change the result
+        table = reference.embedding.word_embeddings.weight  # DPO runs without PP: rank has the embedding
+        keep = {id(table)} if self.cfg.model.fp32_residual_connection else set()
+        for param in reference.parameters():
+            if param.dim() >= 2 and id(param) not in keep:
+                param.data = param.data.to(torch.bfloat16)
 
     def _response_log_probs(self, model: GPTModel, batch: dict) -> torch.Tensor:
         """[b, 2, s] pairs -> [b, 2] summed response log-probs (column 0 chosen, 1 rejected)."""
