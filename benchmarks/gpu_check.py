@@ -51,9 +51,10 @@ VARIANTS = {"ours:bf16": (False, True, False), "ours-unfused:bf16": (False, Fals
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_kernels_cuda.py",
              "tests/test_context_attention.py", "tests/test_fused_wgrad.py")
-EXIT_SIGNAL_TESTS = "tests/test_launch.py::test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one " \
-                    "tests/test_launch.py::test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored " \
-                    "tests/test_launch.py::test_exit_signal_is_delivered_even_if_the_launcher_blocked_it"
+EXIT_SIGNAL_TESTS = tuple(f"tests/test_launch.py::{name}" for name in (
+    "test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one",
+    "test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored_or_blocked",
+    "test_exit_signal_is_delivered_even_if_the_launcher_blocked_it"))
 
 
 def seven_b_config(num_layers: int, seq: int) -> ModelConfig:
@@ -80,7 +81,7 @@ def run_gpu_tests(out_dir: str) -> dict:
     """The GPU-only test files, then the save-and-exit-on-signal tests (CPU training, but the GPU
     machine's process setup is where the signal once went missing) as a separate run, so one
     group's collection error cannot hide the other's results. One log for both."""
-    groups = {"gpu": [t for t in GPU_TESTS if os.path.exists(t)], "exit_signal": EXIT_SIGNAL_TESTS.split()}
+    groups = {"gpu": [t for t in GPU_TESTS if os.path.exists(t)], "exit_signal": list(EXIT_SIGNAL_TESTS)}
     results, logs = {}, []
     for name, targets in groups.items():
         start = time.time()

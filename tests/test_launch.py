@@ -422,10 +422,11 @@ def test_all_ranks_stop_together_when_only_one_rank_gets_the_signal(fixture_data
 
 
 def test_exit_signal_is_delivered_even_if_the_launcher_blocked_it(fixture_data, tmp_path):
-    """Signal masks survive fork and exec: a trainer started with SIGUSR1 blocked must unblock it."""
+    """Signal masks survive fork and exec: a trainer started with SIGUSR1 blocked must unblock it.
+    (MCODE_SIGNALS_RESET keeps the launcher from unblocking it first, as it otherwise would.)"""
     ckpt = str(tmp_path / "ckpt")
     env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "MCODE_SIGNALS_RESET": "1"}
     code, out = run_and_signal(signal_run_args(fixture_data, ckpt, 40), env,
                                lambda proc: os.kill(_worker_of_rank(proc.pid, 0), signal.SIGUSR1),
                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}))
@@ -433,21 +434,28 @@ def test_exit_signal_is_delivered_even_if_the_launcher_blocked_it(fixture_data, 
     assert 2 <= stopped_iteration(out, 40) < 40
 
 
-def test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored(fixture_data, tmp_path):
-    """A shell cannot trap a signal ignored when it started (its trap is silently void), so a job
-    runner that starts jobs that way would lose the save-and-exit signal. The launcher re-executes
-    itself with default handling first (launch/signals.sh)."""
+def _ignore_exit_signals():
+    for number in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def _block_exit_signals():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+
+
+@pytest.mark.parametrize("start_state", [_ignore_exit_signals, _block_exit_signals], ids=["ignored", "blocked"])
+def test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored_or_blocked(
+        fixture_data, tmp_path, start_state):
+    """A shell cannot trap a signal ignored when it started (its trap is silently void), and keeps
+    a signal blocked at its start pending forever (bash does not unblock what it traps), so a job
+    runner that starts jobs either way would lose the save-and-exit signal. The launcher
+    re-executes itself with default handling, unblocked, first (launch/signals.sh)."""
     ckpt = str(tmp_path / "ckpt")
     env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
     env.pop("MCODE_SIGNALS_RESET", None)
-
-    def ignore_exit_signals():
-        for number in (signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(number, signal.SIG_IGN)
-
     code, out = run_and_signal(signal_run_args(fixture_data, ckpt, 40), env,
-                               lambda proc: proc.send_signal(signal.SIGUSR1), preexec_fn=ignore_exit_signals)
+                               lambda proc: proc.send_signal(signal.SIGUSR1), preexec_fn=start_state)
     assert code == 0, out[-3000:]
-    assert "were ignored when this shell started" in out and "SIGUSR1 forwarded to 1 worker(s)" in out
+    assert "were ignored or blocked when this shell started" in out and "SIGUSR1 forwarded to 1 worker(s)" in out
     assert 2 <= stopped_iteration(out, 40) < 40
