@@ -1,5 +1,6 @@
 """The parallelism planner: its CLI ranks valid, fitting layouts; its memory model matches hand
 computation, the models it describes, the bytes autograd saves and a real training step."""
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from megatron_code.plan import activations as act
 from megatron_code.plan.cli import main
 from megatron_code.plan.layout import Layout, check_layout
 from megatron_code.plan.measure import StepMemoryProbe
+from megatron_code.plan.search import PlanRequest, evaluate, layout_memory, plan
 from megatron_code.plan.memory import Execution, in_flight_micro_batches, rank_memory, rank_parameters
 from megatron_code.plan.timing import TimeModelConfig, estimate_time
 from megatron_code.plan.hardware import GPUS
@@ -194,3 +196,55 @@ def test_predicted_peak_matches_a_real_cpu_training_step(fixture_data, recompute
     assert measured["grads"] == pytest.approx(predicted.grads, rel=1e-3)
     assert predicted.total == pytest.approx(measured["peak_before_step"], rel=0.05)
 
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dpo_plan_matches_a_real_cpu_dpo_step(bf16):
+    """--training-mode dpo: the planner counts a micro-batch of b pairs as 2b sequences and adds the
+    frozen reference's weights (bf16 GEMM weights under --bf16, DPOTrainer._freeze): its weights
+    and its total are checked against a real one-process DPO step on synthetic conversations."""
+    values = tiny_run("", data_path=[], tokenizer_model=None, vocab_size=2048, mock_data=True,
+                      training_mode="dpo", seq_length=128, micro_batch_size=2, global_batch_size=4,
+                      train_iters=2, lr_warmup_iters=0, bf16=bf16, cross_entropy_impl="reference")
+    probe = StepMemoryProbe()
+    train(run_config_from_values(values), prepare=probe)
+    cfg = run_config_from_values(values)
+    request = PlanRequest(model=cfg.model, gpus=1, gpu=GPUS["h100-sxm"], seq_length=128, global_batch_size=4,
+                          micro_batch_sizes=(2,), execution=Execution(bf16=bf16, fused_kernels=False),
+                          training_mode="dpo")
+    layout = Layout(1, 1, 1, 1, 1, 2, False)
+    predicted = layout_memory(request, layout, TimeModelConfig())
+    measured = probe.result
+    assert measured["reference"] == predicted.reference
+    assert measured["reference"] < measured["weights"] if bf16 else measured["reference"] == measured["weights"]
+    assert predicted.total == pytest.approx(measured["peak_before_step"], rel=0.05)
+
+
+def test_dpo_plan_lists_tp_dp_layouts_and_adds_the_reference_forward():
+    request = PlanRequest(model=SEVEN_B, gpus=64, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=128,
+                          micro_batch_sizes=(2,), training_mode="dpo")
+    pretrain = PlanRequest(model=SEVEN_B, gpus=64, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=256,
+                           micro_batch_sizes=(4,))
+    candidates = plan(request).candidates
+    assert candidates and all(c.layout.pp == 1 and c.layout.cp == 1 for c in candidates)
+    tm = TimeModelConfig()
+    for c in candidates:
+        sequences = dataclasses.replace(c.layout, micro_batch_size=4)  # 2 pairs = 4 sequences
+        policy = evaluate(pretrain, sequences, tm)
+        assert c.memory.total == policy.memory.total + c.memory.reference
+        assert c.time.reference > 0 and c.time.step == pytest.approx(policy.time.step + c.time.reference)
+        # The reference's forward is about a third of the policy's compute (and half its TP traffic).
+        assert c.time.reference == pytest.approx((policy.time.compute + policy.time.tp_comm) / 3, rel=0.25)
+
+
+def test_cli_plans_dpo_in_pairs_and_recommends_a_dpo_command(tmp_path, capsys):
+    out = tmp_path / "dpo.json"
+    code = main(["--preset", "7b", "--gpus", "64", "--seq-length", "4096", "--training-mode", "dpo",
+                 "--global-batch-size", "128", "--micro-batch-sizes", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "batch: 128 pairs = 256 sequences" in printed
+    record = json.loads(out.read_text())
+    assert record["request"]["training_mode"] == "dpo"
+    best = record["candidates"][0]
+    assert best["train_flags"][:2] == ["--training-mode", "dpo"] and " ".join(best["train_flags"]) in printed
+    assert best["memory_bytes"]["reference"] > 0 and best["time_s"]["reference"] > 0

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help=f"tokenizer size (default {DEFAULT_VOCAB})")
     p.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="micro-batch sizes to try")
     p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="GEMM precision (default bf16)")
+    p.add_argument("--training-mode", choices=("pretrain", "sft", "dpo"), default="pretrain",
+                   help="pretrain and sft plan alike; dpo: batch sizes count preference pairs (two sequences "
+                        "each), TP x DP only, plus the frozen reference's weights and forward passes")
     p.add_argument("--compute-efficiency", type=float, default=TimeModelConfig.compute_efficiency,
                    help="fraction of dense peak the layers reach (default %(default)s, measured on H200)")
     p.add_argument("--link-efficiency", type=float, default=TimeModelConfig.link_efficiency,
@@ -69,7 +72,7 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
                          precision=args.precision)
     gpu.peak_tflops(args.precision)  # FP8 on a GPU without it is refused here, before the search
     request = PlanRequest(model=run.model, gpus=args.gpus, gpu=gpu, seq_length=seq, global_batch_size=batch,
-                          micro_batch_sizes=tuple(args.micro_batch_sizes))
+                          micro_batch_sizes=tuple(args.micro_batch_sizes), training_mode=args.training_mode)
     return request, tm
 
 
@@ -77,16 +80,21 @@ def header(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
     m, g = request.model, request.gpu
     params = m.num_parameters() / 1e9
     flops = training_flops_per_token(m, request.seq_length, m.padded_vocab_size()) / 1e9
-    tokens = request.global_batch_size * request.seq_length
+    sequences = request.global_batch_size * request.sequences_per_sample
+    tokens = sequences * request.seq_length
+    batch = (f"{request.global_batch_size} pairs = {sequences} sequences" if request.training_mode == "dpo"
+             else f"{request.global_batch_size}")
+    dpo = ("\nDPO: TP x DP only; `wts` includes the frozen reference's weights, `step s` its forward passes, "
+           "MFU its FLOPs" if request.training_mode == "dpo" else "")
     return (f"model {preset}: {params:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads}/{m.num_kv_heads} heads, vocab {m.vocab_size}); {flops:.1f} GFLOP/token\n"
-            f"batch: {request.global_batch_size} x {request.seq_length} tokens = {tokens / 1e6:.2f}M tokens/step\n"
+            f"batch: {batch} x {request.seq_length} tokens = {tokens / 1e6:.2f}M tokens/step\n"
             f"cluster: {request.gpus} x {g.name} ({g.peak_tflops(tm.precision):.0f} dense {tm.precision} TFLOP/s, "
             f"{g.memory_gb:.0f} GB, {g.gpus_per_node}/node, {g.intra_node_gb_per_s:.0f} GB/s intra-node, "
             f"{g.inter_node_gb_per_s:.0f} GB/s/GPU inter-node)\n"
             f"assumed: compute at {100 * tm.compute_efficiency:.0f}% of peak, links at {100 * tm.link_efficiency:.0f}%, "
             f"{request.memory_budget / GIB:.1f} GiB usable per GPU\n"
-            f"searched {result.parallel_layouts} layouts: {result.valid} valid, {len(result.candidates)} fit")
+            f"searched {result.parallel_layouts} layouts: {result.valid} valid, {len(result.candidates)} fit{dpo}")
 
 
 COLUMNS = ("  #  TP PP VP CP   DP mb recompute        zero1 |  wts  grad  optim  activ  total GiB |"
@@ -95,7 +103,7 @@ COLUMNS = ("  #  TP PP VP CP   DP mb recompute        zero1 |  wts  grad  optim 
 
 def row(rank: int, c: Candidate) -> str:
     lay, mem, t = c.layout, c.memory, c.time
-    gib = [x / GIB for x in (mem.weights, mem.grads, mem.optimizer, mem.activations, mem.total)]
+    gib = [x / GIB for x in (mem.weights + mem.reference, mem.grads, mem.optimizer, mem.activations, mem.total)]
     ms = [1000 * x for x in (t.tp_comm, t.cp_comm, t.pp_comm, t.dp_comm)]
     return (f"{rank:3d} {lay.tp:3d} {lay.pp:2d} {lay.vp:2d} {lay.cp:2d} {lay.dp:4d} {lay.micro_batch_size:2d} "
             f"{lay.recompute_label:16s} {'yes' if lay.distributed_optimizer else 'no':>5s} | "
@@ -109,14 +117,19 @@ def candidate_record(c: Candidate, request: PlanRequest) -> dict:
             "memory_bytes": {**dataclasses.asdict(c.memory), "total": c.memory.total},
             "time_s": {**dataclasses.asdict(c.time), "step": c.time.step},
             "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu, "mfu": c.mfu,
-            "train_flags": c.layout.train_flags(request.global_batch_size)}
+            "train_flags": train_flags(c, request)}
+
+
+def train_flags(c: Candidate, request: PlanRequest) -> list[str]:
+    mode = ["--training-mode", request.training_mode] if request.training_mode != "pretrain" else []
+    return mode + c.layout.train_flags(request.global_batch_size)
 
 
 def write_json(path: str, request: PlanRequest, tm: TimeModelConfig, result: PlanResult) -> None:
     """Atomically (temp file + rename): an interrupted run never leaves a truncated file."""
     record = {"request": {"model": dataclasses.asdict(request.model), "gpus": request.gpus,
                           "gpu": dataclasses.asdict(request.gpu), "seq_length": request.seq_length,
-                          "global_batch_size": request.global_batch_size,
+                          "global_batch_size": request.global_batch_size, "training_mode": request.training_mode,
                           "memory_budget_bytes": request.memory_budget},
               "assumptions": dataclasses.asdict(tm),
               "candidates": [candidate_record(c, request) for c in result.candidates]}
@@ -134,7 +147,7 @@ def report(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
         return "\n".join(lines)
     lines += [COLUMNS] + [row(i + 1, c) for i, c in enumerate(result.candidates[:top])]
     best = result.candidates[0]
-    flags = shlex.join(best.layout.train_flags(request.global_batch_size))
+    flags = shlex.join(train_flags(best, request))
     lines += ["", f"recommended (rank 1): torchrun ... -m megatron_code.train --preset {preset} "
                   f"--seq-length {request.seq_length} {flags}"]
     return "\n".join(lines)

@@ -76,15 +76,21 @@ def state_tensors(model: torch.nn.Module, optimizer) -> dict[str, list[torch.Ten
     return {"weights": params, "grads": grads, "optimizer": adam, "buffers": list(model.buffers())}
 
 
+def _reference_weights(trainer) -> list[torch.Tensor]:
+    """DPO's frozen reference model's parameters (none in other modes)."""
+    reference = getattr(trainer, "reference", None)
+    return list(reference.parameters()) if reference is not None else []
+
+
 class StepMemoryProbe:
     """Measures one training step of a real run: pass it as `train(cfg, prepare=probe)`. It
     counts live tensor bytes (LiveTensorBytes) from before the first step, so that what the run
     allocates once and keeps (Adam state, pipeline receive buffers) is counted, and reports the
     peak of step `step` (default 2: step 1 creates the Adam state), which covers loading the
     step's batch, forward, backward, gradient reduction, clipping and the optimizer step.
-    `result`: the bytes of weights, gradients and optimizer state held after the step, the peak
-    before the optimizer step (`peak_before_step`) and during it (`peak_in_step`), and this
-    process's rank and pipeline rank."""
+    `result`: the bytes of weights, gradients, optimizer state (and DPO's reference weights) held
+    after the step, the peak before the optimizer step (`peak_before_step`) and during it
+    (`peak_in_step`), and this process's rank and pipeline rank."""
 
     def __init__(self, step: int = 2):
         self.step = step
@@ -98,7 +104,7 @@ class StepMemoryProbe:
         self._trainer = trainer
         trainer.after_step.append(self._after_step)
         self._handle = _torch_optimizer(trainer.optimizer).register_step_pre_hook(self._before_optimizer_step)
-        self._tracker.track(*state_tensors(trainer.model, trainer.optimizer).values())
+        self._tracker.track(*state_tensors(trainer.model, trainer.optimizer).values(), *_reference_weights(trainer))
         self._tracker.__enter__()
 
     def _after_step(self, record: dict) -> None:
@@ -119,5 +125,6 @@ class StepMemoryProbe:
         self._measuring = False
         trainer = self._trainer
         held = {name: _storage_bytes(ts) for name, ts in state_tensors(trainer.model, trainer.optimizer).items()}
+        held["reference"] = _storage_bytes(_reference_weights(trainer))
         self.result = {**held, "peak_before_step": self._peak_before_step, "peak_in_step": self._tracker.peak,
                        "pp_rank": trainer.parallel.rank("pp"), "rank": trainer.env.rank}

@@ -77,10 +77,12 @@ class MemoryEstimate:
     """Which pipeline rank this is (ranks differ: embedding, output layer, in-flight micro-batches)."""
     in_flight: int
     """Micro-batches (chunk micro-batches under interleaving) whose activations that rank holds."""
+    reference: int = 0
+    """DPO: the frozen reference model's weights (reference_weight_bytes); 0 otherwise."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.reference
 
 
 def in_flight_micro_batches(layout: Layout, micro_batches: int, pp_rank: int) -> int:
@@ -192,3 +194,17 @@ def estimate_memory(config: ModelConfig, layout: Layout, seq_length: int, global
     ranks = [rank_memory(config, layout, seq_length, global_batch_size, r, padded_vocab, execution)
              for r in range(layout.pp)]
     return max(ranks, key=lambda estimate: estimate.total)
+
+
+def reference_weight_bytes(config: ModelConfig, tp: int, padded_vocab: int, bf16_weights: bool,
+                           fp32_embedding: bool = False) -> int:
+    """DPO's frozen reference on one TP rank (DPO runs without PP): a second copy of the weights,
+    without gradients or optimizer state. Under bf16 without FP8 the trainer keeps its GEMM weights
+    and embedding table in bf16, the norm weights (and, with an fp32 residual stream, the
+    embedding table) in fp32 (DPOTrainer._freeze); else everything in fp32."""
+    params = rank_parameters(config, tp, config.num_layers, True, True, padded_vocab)
+    if not bf16_weights:
+        return FP32 * params
+    fp32 = (2 * config.num_layers + 1) * config.hidden_size  # the norm weights
+    fp32 += padded_vocab // tp * config.hidden_size if fp32_embedding else 0
+    return BF16 * (params - fp32) + FP32 * fp32

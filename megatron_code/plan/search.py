@@ -10,8 +10,11 @@ from megatron_code.errors import ConfigError
 from megatron_code.model.config import ModelConfig
 from megatron_code.plan.hardware import GpuSpec
 from megatron_code.plan.layout import Layout, check_layout
-from megatron_code.plan.memory import Execution, MemoryEstimate, estimate_memory
-from megatron_code.plan.timing import TimeEstimate, TimeModelConfig, estimate_time, model_flops_per_step
+from megatron_code.plan.memory import Execution, MemoryEstimate, estimate_memory, reference_weight_bytes
+from megatron_code.plan.timing import (
+    TimeEstimate, TimeModelConfig, estimate_time, model_flops_per_step, reference_forward_seconds,
+)
+from megatron_code.training.flops import REFERENCE_FLOPS_SHARE
 
 GIB = 2**30
 
@@ -42,10 +45,18 @@ class PlanRequest:
     """Memory the tensors never get: CUDA context, NCCL buffers, cuBLAS workspaces."""
     execution: Execution = field(default_factory=Execution)
     """bf16 autocast and the fused CUDA kernels (what the trainer runs on GPUs)."""
+    training_mode: str = "pretrain"
+    """pretrain and sft plan alike; dpo: a sample (and the batch sizes) counts preference pairs of
+    two sequences, the layout is TP x DP only (the trainer refuses PP and CP for DPO), and the
+    frozen reference model's weights and forward passes are added."""
 
     @property
     def memory_budget(self) -> float:
         return self.gpu.memory_gb * 1e9 * self.usable_memory_fraction - self.reserved_gib * GIB
+
+    @property
+    def sequences_per_sample(self) -> int:
+        return 2 if self.training_mode == "dpo" else 1
 
 
 @dataclass(frozen=True)
@@ -70,11 +81,12 @@ def _powers_of_two(limit: int) -> Iterator[int]:
 def parallel_shapes(request: PlanRequest) -> Iterator[tuple[int, int, int, int, int]]:
     """(TP, PP, VP, CP, DP) whose product is the GPU count; TP within a node, PP dividing the layers."""
     layers, n = request.model.num_layers, request.gpus
+    dpo = request.training_mode == "dpo"  # TP x DP only
     for tp in _powers_of_two(min(request.gpu.gpus_per_node, n)):
-        for cp in _powers_of_two(n // tp):
+        for cp in _powers_of_two(1 if dpo else n // tp):
             if request.seq_length // cp < request.min_tokens_per_cp_rank:
                 break
-            for pp in (p for p in range(1, layers + 1) if layers % p == 0 and n % (tp * cp * p) == 0):
+            for pp in (p for p in range(1, 1 + (1 if dpo else layers)) if layers % p == 0 and n % (tp * cp * p) == 0):
                 virtual = [1] + [v for v in range(2, request.max_virtual_stages + 1) if pp > 1 and layers % (pp * v) == 0]
                 for vp in virtual:
                     yield tp, pp, vp, cp, n // (tp * cp * pp)
@@ -91,13 +103,36 @@ def recompute_options(request: PlanRequest, tp: int, pp: int, vp: int) -> Iterat
     yield dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
+def _in_sequences(request: PlanRequest, layout: Layout) -> tuple[Layout, int]:
+    """(layout, global batch) counted in sequences: a DPO micro-batch of b pairs runs 2b sequences."""
+    k = request.sequences_per_sample
+    return dataclasses.replace(layout, micro_batch_size=k * layout.micro_batch_size), k * request.global_batch_size
+
+
+def layout_memory(request: PlanRequest, layout: Layout, tm: TimeModelConfig) -> MemoryEstimate:
+    model = layout.model_config(request.model)
+    vocab = model.padded_vocab_size(layout.tp)
+    sequences, batch = _in_sequences(request, layout)
+    memory = estimate_memory(model, sequences, request.seq_length, batch, vocab, request.execution)
+    if request.training_mode != "dpo":
+        return memory
+    bf16_weights = request.execution.bf16 and tm.precision != "fp8"
+    return dataclasses.replace(memory, reference=reference_weight_bytes(
+        model, layout.tp, vocab, bf16_weights, fp32_embedding=request.execution.fp32_residual))
+
+
 def evaluate(request: PlanRequest, layout: Layout, tm: TimeModelConfig) -> Candidate:
     model = layout.model_config(request.model)
     vocab = model.padded_vocab_size(layout.tp)
-    memory = estimate_memory(model, layout, request.seq_length, request.global_batch_size, vocab, request.execution)
-    time = estimate_time(model, layout, request.seq_length, request.global_batch_size, vocab, request.gpu, tm)
-    tokens = request.global_batch_size * request.seq_length
-    flops = model_flops_per_step(request.model, request.seq_length, request.global_batch_size, vocab)
+    sequences, batch = _in_sequences(request, layout)
+    memory = layout_memory(request, layout, tm)
+    time = estimate_time(model, sequences, request.seq_length, batch, vocab, request.gpu, tm)
+    flops = model_flops_per_step(request.model, request.seq_length, batch, vocab)
+    if request.training_mode == "dpo":  # + the reference's forward passes, counted as the trainer does
+        time = dataclasses.replace(time, reference=reference_forward_seconds(
+            request.model, sequences, request.seq_length, batch, vocab, request.gpu, tm))
+        flops *= 1 + REFERENCE_FLOPS_SHARE
+    tokens = batch * request.seq_length
     peak = request.gpu.peak_tflops(tm.precision) * 1e12
     return Candidate(layout, memory, time, tokens / time.step / request.gpus, flops / time.step / request.gpus / peak)
 
@@ -109,10 +144,7 @@ def best_recompute(request: PlanRequest, base: Layout, tm: TimeModelConfig) -> C
     fitting = []
     for option in recompute_options(request, base.tp, base.pp, base.vp):
         layout = dataclasses.replace(base, **option)
-        model = layout.model_config(request.model)
-        memory = estimate_memory(model, layout, request.seq_length, request.global_batch_size,
-                                 model.padded_vocab_size(layout.tp), request.execution)
-        if memory.total <= request.memory_budget:
+        if layout_memory(request, layout, tm).total <= request.memory_budget:
             fitting.append(evaluate(request, layout, tm))
             if layout.recompute_granularity in (None, "full"):  # nothing cheaper is left to try
                 break

@@ -11,7 +11,7 @@ What is exposed, and why (our code, not Megatron-LM's):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_code.model.config import ModelConfig
 from megatron_code.plan.hardware import GpuSpec
@@ -64,10 +64,13 @@ class TimeEstimate:
     """Gradient norm, clipping and the AdamW update (HBM-bound)."""
     bubble_fraction: float
     """(PP - 1) / (VP x micro-batches), the bubble relative to the ideal compute time."""
+    reference: float = 0.0
+    """DPO: the frozen reference model's forward passes (reference_forward_seconds); 0 otherwise."""
 
     @property
     def step(self) -> float:
-        return self.compute + self.tp_comm + self.cp_comm + self.pp_comm + self.bubble + self.dp_comm + self.optimizer
+        return (self.compute + self.tp_comm + self.cp_comm + self.pp_comm + self.bubble + self.dp_comm
+                + self.optimizer + self.reference)
 
 
 def _link(gpu: GpuSpec, span: int) -> float:
@@ -147,6 +150,21 @@ def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_b
         pp_comm=_pipeline_p2p(config, layout, seq_length, m, gpu, tm), bubble=bubble_fraction * m * per_micro_batch,
         dp_comm=_data_parallel(config, layout, padded_vocab, gpu, tm, backward=2 / 3 * slowest[0]),
         optimizer=_optimizer(config, layout, padded_vocab, gpu, tm), bubble_fraction=bubble_fraction)
+
+
+def reference_forward_seconds(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
+                              padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig = TimeModelConfig()) -> float:
+    """DPO's reference model: one forward per micro-batch (no_grad: no recompute, no backward) in
+    the layout of the policy (TP x DP, no PP or CP): a third of the training FLOPs (its unfused
+    loss-head count: the fused head recomputes only in backward) and the forward half of the TP
+    collectives, all exposed like the policy's."""
+    plain = Layout(layout.tp, 1, 1, 1, layout.dp, layout.micro_batch_size, layout.distributed_optimizer)
+    work = _rank_work(config, plain, seq_length, padded_vocab, replace(tm, fused_loss_head=False), True, True)
+    bf16_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency
+    gemm_peak = 1e12 * gpu.peak_tflops(tm.precision) * tm.compute_efficiency
+    compute = (work.fp8_flops / gemm_peak + (work.gemm_flops - work.fp8_flops + work.attention_flops) / bf16_peak) / 3
+    tp_comm = work.tp_bytes / 2 / (_link(gpu, layout.tp) * tm.link_efficiency)
+    return layout.micro_batches(global_batch_size) * (compute + tp_comm)
 
 
 def _pipeline_p2p(config: ModelConfig, layout: Layout, seq_length: int, m: int, gpu: GpuSpec,

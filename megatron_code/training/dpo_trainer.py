@@ -19,11 +19,10 @@ from megatron_code.model import GPTModel
 from megatron_code.training import checkpointing
 from megatron_code.training.data import segment_ids_from_eod
 from megatron_code.training.dpo_loss import PairLosses, dpo_losses, sequence_log_probs
+from megatron_code.training.flops import REFERENCE_FLOPS_SHARE
 from megatron_code.training.metrics import print_rank0
 from megatron_code.training.trainer import Trainer, check_same_model
 
-# One pass of the reference (forward) per forward + backward (3 forward passes) of the policy.
-REFERENCE_FLOPS_SHARE = 1.0 / 3.0
 
 
 class DPOTrainer(Trainer):

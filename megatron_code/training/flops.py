@@ -17,6 +17,9 @@ PEAK_TFLOPS = (
     ("A100", {"bf16": 312.0}),
 )
 
+# DPO: one forward of the frozen reference per forward + backward of the policy (3 forward passes).
+REFERENCE_FLOPS_SHARE = 1.0 / 3.0
+
 
 def training_flops_per_token(config: ModelConfig, seq_length: int, padded_vocab_size: int,
                              causal: bool = True) -> float:
