@@ -6,7 +6,8 @@
      (BF16) in the same process: tokens/s, TFLOP/s (Megatron's causal count), MFU, peak memory;
   3. the profiling command (`python -m megatron_code.profile`) on the same shape: the product's
      own table with the step-time breakdown, a JSON report and a torch.profiler trace; also SFT
-     and DPO steps (synthetic conversations; DPO on half the layers, beside its frozen reference);
+     and DPO steps (synthetic conversations; DPO on as many layers as fit beside its frozen
+     reference), each with the planner's predicted peak memory beside the measured one;
   4. the kernel benchmark (benchmarks/bench_kernels.py --device cuda) when present.
 
     PYTHONPATH=. python benchmarks/gpu_check.py --out results/   # writes gpu_check.json + logs
@@ -39,7 +40,10 @@ from megatron_code.model.gpt import GPTModel  # noqa: E402
 from megatron_code.parallel.fused_wgrad import cached_weight_casts  # noqa: E402
 from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
+from megatron_code.plan.hardware import GPUS  # noqa: E402
 from megatron_code.plan.memory import estimate_memory  # noqa: E402
+from megatron_code.plan.search import PlanRequest, layout_memory  # noqa: E402
+from megatron_code.plan.timing import TimeModelConfig  # noqa: E402
 from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
 
 VOCAB = 49152
@@ -75,6 +79,13 @@ def layers_that_fit(max_layers: int, seq: int) -> int:
         return estimate_memory(config, one_gpu, seq, 1, config.padded_vocab_size()).total <= budget
 
     return max([n for n in range(1, max_layers + 1) if fits(n)], default=1)
+
+
+def dpo_layers_that_fit(max_layers: int) -> int:
+    """The most layers whose one-GPU DPO profiling step (policy, frozen reference, pairs of 4096
+    tokens) the planner puts within 85% of the card."""
+    budget = 0.85 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    return max([n for n in range(1, max_layers + 1) if planner_peak_gib(n, "dpo", "bf16") <= budget], default=1)
 
 
 def run_gpu_tests(out_dir: str) -> dict:
@@ -228,7 +239,21 @@ def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str
             shutil.copyfileobj(src, dst)
     result = json.load(open(report)) if os.path.exists(report) else None
     shutil.rmtree(trace_dir, ignore_errors=True)
+    if result is not None:  # the planner's view of the same run, for docs/planner.md's GPU table
+        result["planner_peak_gib"] = planner_peak_gib(num_layers, mode, precision)
+        print(f"peak memory: measured {result['peak_memory_gib_max_rank']:.2f} GiB, planner "
+              f"{result['planner_peak_gib']:.2f} GiB ({mode}, {precision})", flush=True)
     return result
+
+
+def planner_peak_gib(num_layers: int, mode: str, precision: str) -> float:
+    """megatron_code.plan's peak for the profiling run's layout: one GPU, micro-batches of one
+    sample (a DPO pair: two sequences), four per step, seq 4096 (memory does not depend on the
+    GPU model; FP8 activations are modeled as bf16)."""
+    request = PlanRequest(model=seven_b_config(num_layers, 4096), gpus=1, gpu=GPUS["h100-sxm"], seq_length=4096,
+                          global_batch_size=4, micro_batch_sizes=(1,), training_mode=mode)
+    layout = Layout(tp=1, pp=1, vp=1, cp=1, dp=1, micro_batch_size=1, distributed_optimizer=False)
+    return layout_memory(request, layout, TimeModelConfig(precision=precision)).total / 2**30
 
 
 def run_kernel_bench(out_dir: str) -> str | None:
@@ -269,8 +294,8 @@ def main(argv=None) -> dict:
                 "profile": lambda: run_profile_command(layers, args.out, "bf16"),
                 "profile_fp8": lambda: run_profile_command(layers, args.out, "fp8"),
                 "sft": lambda: run_profile_command(layers, args.out, "bf16", "sft"),
-                # The frozen reference and pairs of sequences: half the layers keep them in memory.
-                "dpo": lambda: run_profile_command(max(1, layers // 2), args.out, "bf16", "dpo"),
+                # The frozen reference and pairs of sequences: as many layers as the planner fits.
+                "dpo": lambda: run_profile_command(dpo_layers_that_fit(args.max_layers), args.out, "bf16", "dpo"),
                 "kernels": lambda: run_kernel_bench(args.out) is not None}
     for name, section in sections.items():
         if name in args.skip:
