@@ -109,8 +109,9 @@ def test_profile_runs_sft_on_an_export_and_dpo_on_mock_data(tmp_path):
     assert dpo["tokens_per_sec_per_gpu"] == pytest.approx(pair_tokens / (dpo["step_ms_median"] / 1000))
 
 
-@pytest.mark.parametrize("flags", [{}, {"cross_entropy_impl": "reference", "untie_embeddings_and_output_weights": False},
-                                   {"fp32_residual_connection": True}], ids=["default", "fused-head-tied", "fp32-residual"])
+@pytest.mark.parametrize("flags", [
+    {}, {"cross_entropy_impl": "reference", "untie_embeddings_and_output_weights": False},
+    {"fp32_residual_connection": True}], ids=["default", "fused-head-tied", "fp32-residual"])
 def test_dpo_reference_keeps_its_gemm_weights_in_bf16_with_the_same_log_probs(flags):
     """Under --bf16 the reference stores what autocast casts anyway in bf16: the first DPO loss is
     still exactly log 2 (its log-probs equal the policy's), whatever the loss head and residual dtype."""

@@ -86,7 +86,8 @@ def parallel_shapes(request: PlanRequest) -> Iterator[tuple[int, int, int, int, 
         for cp in _powers_of_two(1 if dpo else n // tp):
             if request.seq_length // cp < request.min_tokens_per_cp_rank:
                 break
-            for pp in (p for p in range(1, 1 + (1 if dpo else layers)) if layers % p == 0 and n % (tp * cp * p) == 0):
+            pipelines = range(1, 1 + (1 if dpo else layers))
+            for pp in (p for p in pipelines if layers % p == 0 and n % (tp * cp * p) == 0):
                 virtual = [1] + [v for v in range(2, request.max_virtual_stages + 1) if pp > 1 and layers % (pp * v) == 0]
                 for vp in virtual:
                     yield tp, pp, vp, cp, n // (tp * cp * pp)

@@ -3,8 +3,8 @@ reference model.
 
 The reference is a second GPTModel of the same layout (TP/SP/DP; validation refuses PP and CP),
 loaded from --ref-load (default --load; with --mock-data and neither, the policy's initial weights)
-and kept in eval mode without gradients (under --bf16, its GEMM weights in bf16: _freeze). Its log-probs are
-computed on the fly, in the same step as the policy's: one extra forward pass per step (about a
+and kept in eval mode without gradients (under --bf16 its GEMM weights in bf16: _freeze). Its
+log-probs are computed on the fly, in the same step as the policy's: one extra forward pass per step (about a
 third more compute than training the policy alone) and a second copy of the weights (no gradients,
 no optimizer state). Each sample is a pair; the step's loss is the mean DPO loss over the pairs of
 the global batch, so gradients do not depend on how the batch is cut into micro-batches and ranks.

@@ -106,7 +106,8 @@ def conversation_sources(cfg: RunConfig, tokenizer) -> tuple[list, list[float] |
     if not cfg.data.mock_data:
         prefixes, weights = mode_blend(cfg)
         return [Conversations(prefix, mode) for prefix in prefixes], weights, ChatFormat.from_tokenizer(tokenizer)
-    chat = synthetic_chat_format() if isinstance(tokenizer, SyntheticVocabulary) else ChatFormat.from_tokenizer(tokenizer)
+    synthetic = isinstance(tokenizer, SyntheticVocabulary)  # --vocab-size without a tokenizer
+    chat = synthetic_chat_format() if synthetic else ChatFormat.from_tokenizer(tokenizer)
     source = MockConversations(mode, cfg.model.vocab_size, tokenizer.eod, cfg.data.seq_length, chat.overhead,
                                cfg.training.seed)
     return [source], None, chat
