@@ -225,7 +225,7 @@ def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str
            "--seq-length", "4096", "--vocab-size", str(VOCAB), "--bf16", "--micro-batch-size", "1",
            "--global-batch-size", "4", "--num-workers", "0", "--profile-steps", "5", "--profile-warmup", "3",
            "--trace-dir", trace_dir, "--trace-steps", "1", "--report", report, "--training-mode", mode]
-    if mode != "pretrain":  # as real SFT/DPO runs: conversations packed or padded, attention per conversation
+    if mode == "sft":  # as launch/slurm/sft_7b.sbatch: packed conversations attend within themselves
         cmd += ["--reset-attention-mask", "--reset-position-ids"]
     if precision == "fp8":
         cmd += ["--fp8-format", "hybrid"]
