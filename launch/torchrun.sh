@@ -21,6 +21,8 @@
 #                   (default $SLURM_NODEID, else 0)
 #   TORCHRUN_LOG_DIR  also write each rank's output under this directory (torchrun --log-dir --tee 3)
 #   PYTHON          interpreter (default python)
+#   MCODE_MODULE    what each rank runs: megatron_code.train (default) or megatron_code.profile
+#                   (a profiling run: the same flags plus the profiler's; launch/slurm/profile_7b.sbatch)
 #   DRY_RUN=1 or --dry-run: print the torchrun command, the environment and the trainer's
 #                   --dry-run (resolved config + rank layout of the whole job); start nothing.
 set -euo pipefail
@@ -30,6 +32,11 @@ REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$REPO_DIR/launch/signals.sh"
 reexec_with_default_signals "$0" "$@"  # before the USR1/USR2 traps below
 PY=${PYTHON:-python}
+MODULE=${MCODE_MODULE:-megatron_code.train}
+case "$MODULE" in
+    megatron_code.train|megatron_code.profile) ;;
+    *) echo "torchrun.sh: MCODE_MODULE=$MODULE: expected megatron_code.train or megatron_code.profile" >&2; exit 2 ;;
+esac
 # The repo's package without installing it; relative paths in the arguments keep the caller's cwd.
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -61,19 +68,19 @@ else
     torchrun_cmd+=(--standalone)
 fi
 [[ -n "${TORCHRUN_LOG_DIR:-}" ]] && torchrun_cmd+=(--log-dir="$TORCHRUN_LOG_DIR" --tee=3)
-torchrun_cmd+=(-m megatron_code.train "${train_args[@]}")
+torchrun_cmd+=(-m "$MODULE" "${train_args[@]}")
 
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "== torchrun command on node $NODE_RANK of $NNODES (nothing is started in a dry run) =="
     printf '%q ' "${torchrun_cmd[@]}"; echo
     echo "== launch environment (see docs/launch.md) =="
-    for name in NNODES NPROC_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT RDZV_ID TORCHRUN_LOG_DIR \
+    for name in MCODE_MODULE NNODES NPROC_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT RDZV_ID TORCHRUN_LOG_DIR \
                 CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG \
                 NCCL_IB_HCA NCCL_SOCKET_IFNAME NCCL_IB_GID_INDEX NCCL_NVLS_ENABLE PYTHONPATH; do
         printf '%s=%s\n' "$name" "${!name-(unset: library default)}"
     done
     echo
-    exec "$PY" -m megatron_code.train "${train_args[@]}" --dry-run \
+    exec "$PY" -m "$MODULE" "${train_args[@]}" --dry-run \
         --world-size $(( NNODES * NPROC_PER_NODE )) --nproc-per-node "$NPROC_PER_NODE"
 fi
 

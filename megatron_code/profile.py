@@ -25,6 +25,7 @@ import torch
 from megatron_code.errors import ConfigError
 from megatron_code.training.arguments import parse_args
 from megatron_code.training.config import RunConfig
+from megatron_code.training.dry_run import dry_run_report
 from megatron_code.training.flops import training_flops_per_token
 from megatron_code.training.profile_report import build_report, format_report
 from megatron_code.training.trainer import Trainer, train
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--profile-warmup", type=int, default=3, help="Unmeasured steps first (allocator, autotuning).")
     group.add_argument("--trace-dir", default=None, help="Write a torch.profiler trace per rank here.")
     group.add_argument("--trace-steps", type=int, default=2, help="How many measured steps the trace covers.")
+    group.add_argument("--trace-ranks", type=int, nargs="+", default=None,
+                       help="Only these global ranks write a trace (default: every rank; on hundreds of GPUs "
+                            "a few ranks, e.g. 0, say as much at a fraction of the files).")
     group.add_argument("--report", default=None, help="Write the report as JSON to this file.")
     group.add_argument("--nvtx", action="store_true", help="Mark phases as NVTX ranges (for nsys).")
     group.add_argument("--no-phase-timing", action="store_true",
@@ -73,7 +77,8 @@ class ProfilerHooks:
         self.trainer = trainer
         trainer.timers.timed = not self.args.no_phase_timing
         trainer.timers.nvtx = self.args.nvtx and trainer.env.device.type == "cuda"
-        if self.args.trace_dir and self.args.trace_steps:
+        ranks = self.args.trace_ranks
+        if self.args.trace_dir and self.args.trace_steps and (ranks is None or trainer.env.rank in ranks):
             self.profiler = self._start_profiler(trainer)
             trainer.after_step.append(lambda record: self.profiler.step())
 
@@ -113,6 +118,15 @@ def profile(cfg: RunConfig, args: argparse.Namespace) -> dict | None:
     return build_report(cfg, trainer, history[args.profile_warmup:], full_count)
 
 
+def profiling_plan(args: argparse.Namespace) -> str:
+    traces = "none"
+    if args.trace_dir and args.trace_steps:
+        ranks = "every rank" if args.trace_ranks is None else "ranks " + ", ".join(map(str, args.trace_ranks))
+        traces = f"{args.trace_steps} measured step(s) from {ranks} -> {args.trace_dir}"
+    return (f"== profiling ==\n{args.profile_warmup} warmup + {args.profile_steps} measured steps; "
+            f"report -> {args.report or 'printed only'}; traces: {traces}; NVTX ranges: {'on' if args.nvtx else 'off'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv is None:
@@ -123,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args, rest = parser.parse_known_args(argv)
     try:
-        report = profile(parse_args(rest), args)
+        cfg = parse_args(rest)
+        if cfg.launch.dry_run:  # the job as it would run, started nowhere (launch scripts' dry runs)
+            prepare_config(cfg, args)
+            print(dry_run_report(cfg))
+            print(profiling_plan(args))
+            return 0
+        report = profile(cfg, args)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -167,7 +167,7 @@ def script_runs(tmp_path_factory):
     """Every script's dry run, started together (each spends seconds importing torch), as
     name -> (output, run root)."""
     roots = {name: tmp_path_factory.mktemp(name)
-             for name in ("pretrain", "extend", "extend_again", "single", "sft", "dpo_again")}
+             for name in ("pretrain", "extend", "extend_again", "single", "sft", "dpo_again", "profile")}
     resumable = roots["extend_again"] / "checkpoints" / "extend-7b-128k"
     resumable.mkdir(parents=True)
     (resumable / checkpointing.LATEST_MARKER).write_text("40\n")  # the stage's own checkpoint, as after a requeue
@@ -187,6 +187,8 @@ def script_runs(tmp_path_factory):
             roots["sft"], "sft-7b", SFT_DATA_PATH="0.7 exp/a/sft 0.3 exp/b/sft", BASE_CKPT=pre, **eight_nodes)),
         "dpo_again": ("launch/slurm/dpo_7b.sbatch", ["--dpo-beta", "0.2"], _slurm_env(
             roots["dpo_again"], "dpo-7b", DRY_RUN="1", DPO_DATA_PATH="exp/a/dpo", SFT_CKPT=pre, **eight_nodes)),
+        "profile": ("launch/slurm/profile_7b.sbatch", ["--dry-run", "--use-distributed-optimizer"],
+                    _slurm_env(roots["profile"], "profile-7b-4k", PROFILE_STEPS="8")),
         "single": ("launch/torchrun.sh", ["--dry-run", "--preset", "1b", "--tokenizer-model", TOKENIZER,
                                           "--data-path", "data/x", "--train-iters", "3000",
                                           "--tensor-model-parallel-size", "4"],
@@ -282,6 +284,26 @@ def test_requeued_dpo_script_resumes_its_policy_against_the_sft_reference(script
     assert cfg["checkpoint"]["ref_load"].endswith("/pre") and cfg["data"]["dpo_data_path"] == ["exp/a/dpo"]
     assert f"load       {own}: resumes at iteration 20" in out
     assert "reference  " in out and "(--ref-load): MISSING checkpoint" in out
+
+
+def test_profile_script_dry_run_profiles_the_pretraining_layout_on_synthetic_tokens(script_runs):
+    out, root = script_runs["profile"]
+    check_full_job(out, tp=4, cp=1, pp=1)
+    assert "-m torch.distributed.run --nproc-per-node=8 --nnodes=64" in out and " -m megatron_code.profile " in out
+    cfg = resolved_config(out)
+    assert cfg["data"]["mock_data"] and cfg["checkpoint"]["save"] is None
+    assert cfg["training"]["train_iters"] == 5 + 8 and cfg["training"]["global_batch_size"] == 1024
+    assert cfg["parallel"]["use_distributed_optimizer"]  # extra arguments reach the profiler too
+    logs = f"{root}/logs/profile-7b-4k-4242"
+    assert (f"5 warmup + 8 measured steps; report -> {logs}/profile.json; traces: 2 measured step(s) "
+            f"from ranks 0 -> {logs}/traces; NVTX ranges: on") in out
+
+
+def test_launcher_refuses_an_unknown_module(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": sys.executable, "MCODE_MODULE": "os"}
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--dry-run"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "MCODE_MODULE=os: expected megatron_code.train or" in result.stderr
 
 
 def test_single_node_script_dry_run(script_runs):

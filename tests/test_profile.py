@@ -49,11 +49,13 @@ def test_profile_command_prints_table_writes_report_and_trace(tmp_path):
 def test_profile_under_torchrun_tensor_parallel(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "megatron_code.profile", *SMALL, "--tensor-model-parallel-size", "2",
-           "--profile-steps", "2", "--profile-warmup", "1", "--report", "r.json"]
+           "--profile-steps", "2", "--profile-warmup", "1", "--report", "r.json",
+           "--trace-dir", "trace", "--trace-steps", "1", "--trace-ranks", "1"]
     _run(cmd, tmp_path)
     report = json.loads((tmp_path / "r.json").read_text())
     _check_report(report, world_size=2, steps=2)
     assert report["layout"]["tp"] == 2
+    assert sorted(os.listdir(tmp_path / "trace")) == ["trace_rank1.json"]  # --trace-ranks 1 only
 
 
 def test_flop_count_of_the_7b_preset_by_hand():
