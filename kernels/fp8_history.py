@@ -16,8 +16,9 @@ advances its own slot at once, so a plain training loop still gets delayed scali
 
 A slot's first cast has no history; it uses its own amax (current scaling) until its first advance.
 The buffers live on the device of the first tensor cast; they are not module buffers, so
-`model.to(bfloat16)` never degrades them and checkpoints do not carry them (after a resume the
-first step runs on current scaling and refills the histories).
+`model.to(bfloat16)` never degrades them; checkpoints carry them per rank (state_dict /
+load_state_dict, megatron_code.training.checkpointing), so a resumed run continues with the scales
+the uninterrupted one has.
 """
 from __future__ import annotations
 
@@ -104,3 +105,28 @@ class AmaxHistories:
         for done in (self.recorded if slot is None else [slot]):
             self.initialized[done] = True
         self.recorded = set() if slot is None else self.recorded - {slot}
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on with the same scales: the histories, the scales and
+        which slots have been advanced. Pending amaxes are empty between steps, where checkpoints
+        are taken. CPU tensors; `history` None when nothing was cast yet."""
+        state = {"slots": len(self.targets), "history_len": self.history_len, "history": None}
+        if self.history is not None:
+            state.update(history=self.history.cpu().clone(), scale=self.scale.cpu().clone(),
+                         initialized=list(self.initialized))
+        return state
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Restore state_dict()'s output onto `device` (where the casts will run)."""
+        mine = (len(self.targets), self.history_len)
+        if (state["slots"], state["history_len"]) != mine:
+            raise ValueError(f"FP8 amax histories of {state['slots']} slots x {state['history_len']} steps "
+                             f"cannot be loaded into {mine[0]} slots x {mine[1]} steps")
+        if state["history"] is None:
+            return
+        self._allocate(device)
+        self.history.copy_(state["history"])
+        self.scale.copy_(state["scale"])
+        torch.reciprocal(self.scale, out=self.scale_inv)
+        self.pending.zero_()
+        self.initialized = list(state["initialized"])

@@ -12,6 +12,7 @@ from megatron_code.errors import ConfigError
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.gpt import GPTModel
 from megatron_code.parallel.fused_wgrad import cached_weight_casts
+from tests.conftest import run_training, tiny_run
 
 
 def test_scale_maps_amax_to_format_max_with_margin():
@@ -169,3 +170,28 @@ def test_first_and_last_layers_stay_in_bf16_and_state_dict_is_unchanged():
 def test_bad_fp8_settings_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         _tiny(**change).validate()
+
+
+def test_fp8_run_resumes_exactly_with_its_amax_histories(fixture_data, tmp_path):
+    """Delayed scaling's amax histories are part of the state: a run saved at step 3 and resumed
+    continues with the scales the uninterrupted run has (else its first resumed step would fall
+    back to current scaling and every later loss would drift)."""
+    values = tiny_run(fixture_data, fp8_format="hybrid", train_iters=6, lr_warmup_iters=1, micro_batch_size=2,
+                      global_batch_size=4, seq_length=64)
+    full = run_training(values)
+    ckpt = str(tmp_path / "ckpt")
+    first = run_training({**values, "save": ckpt, "exit_interval": 3})
+    resumed = run_training({**values, "save": ckpt, "load": ckpt})
+    assert [r["step"] for r in first + resumed] == list(range(1, 7))
+    assert [r["loss"] for r in first + resumed] == [r["loss"] for r in full]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[3:]]
+
+
+def test_fp8_run_resumed_from_a_bf16_checkpoint_starts_its_histories_afresh(fixture_data, tmp_path, capsys):
+    values = tiny_run(fixture_data, train_iters=4, lr_warmup_iters=1, micro_batch_size=2, global_batch_size=4,
+                      seq_length=64, save=str(tmp_path / "ckpt"))
+    run_training({**values, "exit_interval": 3})
+    capsys.readouterr()
+    resumed = run_training({**values, "load": values["save"], "fp8_format": "hybrid"})
+    assert [r["step"] for r in resumed] == [4]
+    assert "FP8 amax histories not restored (the checkpoint has none)" in capsys.readouterr().out

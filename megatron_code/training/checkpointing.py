@@ -5,6 +5,7 @@ Layout of --save DIR:
     DIR/iter_0000200/            DCP shards of {"model": ..., "optimizer": ...} (FQN keyed)
     DIR/iter_0000200/train_state.json   iteration, consumed samples, the run config
     DIR/iter_0000200/rng/rank_00000.pt  each rank's RNG states
+    DIR/iter_0000200/fp8/rank_00000.pt  each rank's FP8 amax histories and scales (FP8 runs only)
     DIR/latest_checkpointed_iteration.txt   written last
 
 A checkpoint is written under a temporary name and renamed when complete, and the `latest`
@@ -193,6 +194,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, parallel: Paral
     state = sharded_state(model, optimizer, parallel)
     # Small files first: once DCP has finished, the directory is complete.
     torch.save(rng_state(), os.path.join(tmp_dir, "rng", f"rank_{_rank():05d}.pt"))
+    _save_fp8_state(tmp_dir, model, parallel)
     if _rank() == 0:
         with open(os.path.join(tmp_dir, "train_state.json"), "w") as fh:
             json.dump({**train_state, "iteration": iteration}, fh, indent=2, default=_json_default)
@@ -342,9 +344,63 @@ def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restor
     state = sharded_state(model, optimizer, parallel, gather_optimizer=False)
     dcp.load(state, checkpoint_id=ckpt)
     _copy_loaded(state, model, optimizer)
-    if restore_rng:
+    if restore_rng:  # a full resume: the run goes on as if never stopped
         set_rng_state(torch.load(_rng_file(ckpt), weights_only=False))
+        _restore_fp8_state(ckpt, model, parallel)
     return train_state
+
+
+def _fp8_histories(model) -> list:
+    """The model's FP8 delayed-scaling state objects (kernels.fp8_history.AmaxHistories), in module
+    order: one per model, or one per layer given its own."""
+    found = {}
+    for module in model.modules():
+        fp8 = getattr(module, "fp8", None)
+        if fp8 is not None:
+            found.setdefault(id(fp8.histories), fp8.histories)
+    return list(found.values())
+
+
+def _parallel_layout(parallel: ParallelState) -> dict:
+    return {"tp": parallel.tp, "pp": parallel.pp, "cp": parallel.cp, "dp": parallel.dp}
+
+
+def _fp8_file(ckpt: str) -> str:
+    return os.path.join(ckpt, "fp8", f"rank_{_rank():05d}.pt")
+
+
+def _save_fp8_state(tmp_dir: str, model, parallel: ParallelState) -> None:
+    """Per rank, like the RNG states: each rank's amaxes come from its own shards and batches."""
+    histories = _fp8_histories(model)
+    if histories:
+        os.makedirs(os.path.join(tmp_dir, "fp8"), exist_ok=True)
+        torch.save({"layout": _parallel_layout(parallel), "histories": [h.state_dict() for h in histories]},
+                   _fp8_file(tmp_dir))
+
+
+def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
+    """This rank's saved histories when the layout is the one that saved them; otherwise (another
+    layout, or a checkpoint from a BF16 run) the histories start empty: the first step casts
+    with current scaling and refills them, as in a new FP8 run."""
+    histories = _fp8_histories(model)
+    if not histories:
+        return
+    path = _fp8_file(ckpt)
+    saved = torch.load(path, weights_only=False) if os.path.exists(path) else None
+    fits = (saved is not None and saved["layout"] == _parallel_layout(parallel)
+            and [s["slots"] for s in saved["histories"]] == [len(h.targets) for h in histories]
+            and all(s["history_len"] == h.history_len for s, h in zip(saved["histories"], histories)))
+    if not fits:
+        if _rank() == 0:
+            layout = _parallel_layout(parallel)
+            why = ("the checkpoint has none" if saved is None else
+                   f"saved under {saved['layout']}, this run is {layout}" if saved["layout"] != layout else
+                   "saved with another --fp8-amax-history-len or other layers in FP8")
+            print(f"FP8 amax histories not restored ({why}): the first step uses current scaling", flush=True)
+        return
+    device = next(model.parameters()).device
+    for history, state in zip(histories, saved["histories"]):
+        history.load_state_dict(state, device)
 
 
 def read_train_state(root: str) -> dict | None:
