@@ -231,6 +231,7 @@ def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
     assert cfg["checkpoint"]["save"] == cfg["checkpoint"]["load"] == f"{root}/checkpoints/pretrain-7b-4k"
     assert cfg["logging"]["metrics_file"] == f"{root}/logs/pretrain-7b-4k-4242/metrics.jsonl"
     assert cfg["training"]["exit_signal"] == "SIGUSR1" and not os.path.exists(root / "logs")
+    assert re.search(r"^fullest GPU \(pipeline rank 0\): weights .* GiB$", out, re.M) and "h100-sxm fits" in out
 
 
 def test_extension_script_starts_from_pretraining_weights(script_runs):
@@ -284,6 +285,7 @@ def test_requeued_dpo_script_resumes_its_policy_against_the_sft_reference(script
     assert cfg["checkpoint"]["ref_load"].endswith("/pre") and cfg["data"]["dpo_data_path"] == ["exp/a/dpo"]
     assert f"load       {own}: resumes at iteration 20" in out
     assert "reference  " in out and "(--ref-load): MISSING checkpoint" in out
+    assert re.search(r"^fullest GPU .* \+ DPO reference \d+\.\d = ", out, re.M)
 
 
 def test_profile_script_dry_run_profiles_the_pretraining_layout_on_synthetic_tokens(script_runs):

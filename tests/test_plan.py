@@ -23,6 +23,7 @@ from megatron_code.presets import get_preset
 from megatron_code.training.arguments import run_config_from_values
 from megatron_code.training.flops import training_flops_per_token
 from megatron_code.tokenizer import SentencePieceTokenizer
+from megatron_code.training.memory_forecast import memory_forecast
 from megatron_code.training.trainer import train
 from tests.conftest import TOKENIZER, tiny_run
 
@@ -248,3 +249,16 @@ def test_cli_plans_dpo_in_pairs_and_recommends_a_dpo_command(tmp_path, capsys):
     best = record["candidates"][0]
     assert best["train_flags"][:2] == ["--training-mode", "dpo"] and " ".join(best["train_flags"]) in printed
     assert best["memory_bytes"]["reference"] > 0 and best["time_s"]["reference"] > 0
+
+
+def test_dry_run_memory_forecast_is_the_planners_estimate_of_the_run():
+    values = {**get_preset("7b"), "vocab_size": 49152, "seq_length": 4096, "bf16": True, "micro_batch_size": 4,
+              "global_batch_size": 1024, "tensor_model_parallel_size": 4, "sequence_parallel": True}
+    lines = memory_forecast(run_config_from_values(values), 512)
+    planned = evaluate(PlanRequest(model=run_config_from_values(values).model, gpus=512, gpu=GPUS["h100-sxm"],
+                                   seq_length=4096, global_batch_size=1024), Layout(4, 1, 1, 1, 128, 4, False),
+                       TimeModelConfig())
+    assert lines[0].endswith(f"= {planned.memory.total / 2**30:.1f} GiB") and "h100-sxm fits" in lines[1]
+    single = memory_forecast(run_config_from_values({**values, "tensor_model_parallel_size": 1,
+                                                     "sequence_parallel": False}), 8)
+    assert "h100-sxm DOES NOT FIT" in single[1] and "activations" in single[0]

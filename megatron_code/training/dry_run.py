@@ -15,6 +15,7 @@ from megatron_code.training.checkpointing import latest_iteration
 from megatron_code.training.config import CheckpointConfig, RunConfig
 from megatron_code.training.data import parse_blend
 from megatron_code.training.finetune_status import finetune_file_status, reference_status
+from megatron_code.training.memory_forecast import memory_forecast
 from megatron_code.training.validate import data_files_exist, validate_job
 from megatron_code.training.world import JobWorld, planned_world
 
@@ -27,6 +28,9 @@ def dry_run_report(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> s
     return "\n".join([
         "== mcode-train --dry-run: nothing started (no torch.distributed, no GPU, no files written) ==",
         *_summary(cfg, world),
+        "",
+        "== memory per GPU (the planner's model of this run; GiB) ==",
+        *memory_forecast(cfg, world.world_size),
         "",
         "== files (a dry run does not need them; those present were checked) ==",
         *_file_status(cfg, tokenizer is not None),

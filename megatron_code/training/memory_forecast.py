@@ -1,0 +1,55 @@
+"""The planner's memory model (megatron_code.plan) applied to one resolved run, for the dry run:
+what the fullest GPU of the job will hold, by component, against the usable memory of the
+GPUs the planner knows, so that a layout that cannot fit is seen before the job is queued.
+(Megatron-LM prints a theoretical memory report at startup for the same reason.)"""
+from __future__ import annotations
+
+from megatron_code.parallel.state import virtual_stages
+from megatron_code.plan.hardware import GPUS
+from megatron_code.plan.layout import Layout
+from megatron_code.plan.memory import Execution
+from megatron_code.plan.search import GIB, PlanRequest, layout_memory
+from megatron_code.plan.timing import TimeModelConfig
+from megatron_code.training.config import RunConfig
+
+MODELED_SCHEDULES = ("1f1b", "interleaved-1f1b")
+
+
+def run_layout(cfg: RunConfig, world_size: int) -> Layout:
+    p, m = cfg.parallel, cfg.model
+    tp, cp, pp = p.tensor_model_parallel_size, p.context_parallel_size, p.pipeline_model_parallel_size
+    return Layout(tp=tp, pp=pp, vp=virtual_stages(p, m.num_layers), cp=cp, dp=world_size // (tp * cp * pp),
+                  micro_batch_size=cfg.training.micro_batch_size, distributed_optimizer=p.use_distributed_optimizer,
+                  recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
+                  recompute_num_layers=m.recompute_num_layers)
+
+
+def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
+    """Lines for the dry run: the fullest GPU's predicted bytes and which GPUs they fit."""
+    execution = Execution(bf16=cfg.training.bf16, fused_kernels=True,
+                          fp32_residual=cfg.model.fp32_residual_connection,
+                          step_weight_copies=cfg.model.gradient_accumulation_fusion)
+    request = PlanRequest(model=cfg.model, gpus=world_size, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
+                          global_batch_size=cfg.training.global_batch_size,
+                          micro_batch_sizes=(cfg.training.micro_batch_size,), execution=execution,
+                          training_mode=cfg.training.training_mode)
+    precision = "fp8" if cfg.model.fp8_format else "bf16"
+    memory = layout_memory(request, run_layout(cfg, world_size), TimeModelConfig(precision=precision))
+    parts = [("weights", memory.weights), ("grads", memory.grads), ("optimizer", memory.optimizer),
+             ("activations", memory.activations), ("DPO reference", memory.reference)]
+    lines = [f"fullest GPU (pipeline rank {memory.pipeline_rank}): "
+             + " + ".join(f"{name} {size / GIB:.1f}" for name, size in parts if size)
+             + f" = {memory.total / GIB:.1f} GiB"]
+    fits = []
+    for name, gpu in GPUS.items():
+        budget = PlanRequest(model=cfg.model, gpus=1, gpu=gpu, seq_length=1, global_batch_size=1).memory_budget
+        fits.append(f"{name} {'fits' if memory.total <= budget else 'DOES NOT FIT'} ({budget / GIB:.1f} usable)")
+    lines.append("; ".join(fits))
+    notes = ["bf16 autocast" if cfg.training.bf16 else "fp32", "the fused CUDA kernels"]
+    if cfg.model.fp8_format:
+        notes.append("FP8 activations counted as bf16")
+    schedule = cfg.parallel.pipeline_schedule
+    if cfg.parallel.pipeline_model_parallel_size > 1 and schedule not in MODELED_SCHEDULES:
+        notes.append(f"{schedule}'s in-flight micro-batches taken as interleaved 1F1B's")
+    lines.append(f"(as on CUDA: {', '.join(notes)}; docs/planner.md)")
+    return lines
