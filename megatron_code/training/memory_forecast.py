@@ -45,6 +45,10 @@ def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
         budget = PlanRequest(model=cfg.model, gpus=1, gpu=gpu, seq_length=1, global_batch_size=1).memory_budget
         fits.append(f"{name} {'fits' if memory.total <= budget else 'DOES NOT FIT'} ({budget / GIB:.1f} usable)")
     lines.append("; ".join(fits))
+    if any("DOES NOT FIT" in fit for fit in fits):
+        lines.append(f"to fit: --use-distributed-optimizer, --recompute-granularity, more TP/PP/CP; "
+                     f"`python -m megatron_code.plan --gpus {world_size} --seq-length {cfg.data.seq_length} "
+                     "--preset ...` lists the layouts that fit, fastest first")
     notes = ["bf16 autocast" if cfg.training.bf16 else "fp32", "the fused CUDA kernels"]
     if cfg.model.fp8_format:
         notes.append("FP8 activations counted as bf16")
