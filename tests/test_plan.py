@@ -24,7 +24,7 @@ from megatron_code.training.arguments import run_config_from_values
 from megatron_code.training.flops import training_flops_per_token
 from megatron_code.tokenizer import SentencePieceTokenizer
 from megatron_code.training.memory_forecast import memory_forecast
-from megatron_code.training.trainer import train
+from megatron_code.training.trainer import startup_memory_forecast, train
 from tests.conftest import TOKENIZER, tiny_run
 
 SEVEN_B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
@@ -262,3 +262,12 @@ def test_dry_run_memory_forecast_is_the_planners_estimate_of_the_run():
     single = memory_forecast(run_config_from_values({**values, "tensor_model_parallel_size": 1,
                                                      "sequence_parallel": False}), 8)
     assert "h100-sxm DOES NOT FIT" in single[1] and "activations" in single[0]
+
+
+def test_trainer_prints_the_forecast_on_gpus_only():
+    values = {**get_preset("7b"), "vocab_size": 49152, "seq_length": 4096, "bf16": True, "micro_batch_size": 1,
+              "global_batch_size": 4}
+    cfg = run_config_from_values(values)
+    line = startup_memory_forecast(cfg, 1, "cuda")
+    assert line.startswith("memory forecast (planner): fullest GPU (pipeline rank 0): weights ")
+    assert memory_forecast(cfg, 1)[0] in line and startup_memory_forecast(cfg, 1, "cpu") is None

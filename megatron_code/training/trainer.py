@@ -37,6 +37,7 @@ from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.timers import PhaseTimers
 from megatron_code.training.exit_signal import ExitSignal
 from megatron_code.training.finetune_data import build_finetune_datasets
+from megatron_code.training.memory_forecast import memory_forecast
 from megatron_code.training.validate import validate_job
 from megatron_code.training.world import launched_world_size
 
@@ -439,3 +440,14 @@ def _print_summary(trainer: Trainer) -> None:
     )
     if isinstance(trainer.optimizer, DistributedOptimizer):
         print_rank0(f"memory: {trainer.optimizer.memory_summary()}", enabled=trainer.env.is_main)
+    forecast = startup_memory_forecast(cfg, trainer.parallel.world_size, trainer.env.device.type)
+    if forecast:
+        print_rank0(forecast, enabled=trainer.env.is_main)
+
+
+def startup_memory_forecast(cfg: RunConfig, world_size: int, device_type: str) -> str | None:
+    """On GPUs, the planner's forecast of the fullest GPU's memory (what the dry run prints), to
+    read against the peak the log lines report. None elsewhere: the model assumes CUDA kernels."""
+    if device_type != "cuda":
+        return None
+    return f"memory forecast (planner): {memory_forecast(cfg, world_size)[0]}; log lines report the measured peak"
