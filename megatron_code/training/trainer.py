@@ -450,4 +450,8 @@ def startup_memory_forecast(cfg: RunConfig, world_size: int, device_type: str) -
     read against the peak the log lines report. None elsewhere: the model assumes CUDA kernels."""
     if device_type != "cuda":
         return None
-    return f"memory forecast (planner): {memory_forecast(cfg, world_size)[0]}; log lines report the measured peak"
+    try:
+        forecast = memory_forecast(cfg, world_size)[0]
+    except Exception as exc:  # a diagnostic must never stop a job; say why it is missing
+        return f"memory forecast (planner) unavailable for this run: {type(exc).__name__}: {exc}"
+    return f"memory forecast (planner): {forecast}; log lines report the measured peak"
