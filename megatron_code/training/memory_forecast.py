@@ -7,7 +7,7 @@ from __future__ import annotations
 from megatron_code.parallel.state import virtual_stages
 from megatron_code.plan.hardware import GPUS
 from megatron_code.plan.layout import Layout
-from megatron_code.plan.memory import Execution
+from megatron_code.plan.memory import Execution, MemoryEstimate
 from megatron_code.plan.search import GIB, PlanRequest, layout_memory
 from megatron_code.plan.timing import TimeModelConfig
 from megatron_code.training.config import RunConfig
@@ -24,8 +24,8 @@ def run_layout(cfg: RunConfig, world_size: int) -> Layout:
                   recompute_num_layers=m.recompute_num_layers)
 
 
-def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
-    """Lines for the dry run: the fullest GPU's predicted bytes and which GPUs they fit."""
+def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
+    """The planner's estimate of the fullest GPU of this run, as it runs on CUDA."""
     execution = Execution(bf16=cfg.training.bf16, fused_kernels=True,
                           fp32_residual=cfg.model.fp32_residual_connection,
                           step_weight_copies=cfg.model.gradient_accumulation_fusion)
@@ -34,7 +34,12 @@ def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
                           micro_batch_sizes=(cfg.training.micro_batch_size,), execution=execution,
                           training_mode=cfg.training.training_mode)
     precision = "fp8" if cfg.model.fp8_format else "bf16"
-    memory = layout_memory(request, run_layout(cfg, world_size), TimeModelConfig(precision=precision))
+    return layout_memory(request, run_layout(cfg, world_size), TimeModelConfig(precision=precision))
+
+
+def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
+    """Lines for the dry run: the fullest GPU's predicted bytes and which GPUs they fit."""
+    memory = forecast(cfg, world_size)
     parts = [("weights", memory.weights), ("grads", memory.grads), ("optimizer", memory.optimizer),
              ("activations", memory.activations), ("DPO reference", memory.reference)]
     lines = [f"fullest GPU (pipeline rank {memory.pipeline_rank}): "

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import datetime
 import statistics
+import sys
 
 import torch
 
 from megatron_code.training.config import RunConfig
+from megatron_code.training.memory_forecast import forecast
 
 PHASE_ORDER = ("data-wait", "forward", "reference-forward", "backward", "forward-backward", "grad-sync", "grad-clip",
                "optimizer")  # reference-forward: DPO's frozen reference model
@@ -59,8 +61,21 @@ def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_to
         "mfu_full_count": tflops_full / peak if peak else None,
         "phase_ms": _mean_phases(records, step_ms),
         "peak_memory_gib_max_rank": max((m["peak_mem_gib"] for m in memory), default=None),
+        "planner_peak_gib": planner_peak_gib(cfg, world, trainer.env.device.type),
         "final_loss": records[-1]["loss"],
     }
+
+
+def planner_peak_gib(cfg: RunConfig, world_size: int, device_type: str) -> float | None:
+    """The planner's forecast of the fullest GPU (docs/planner.md), beside the measured peak: on
+    CUDA only (the model assumes the CUDA kernels; CPU memory is reported as RSS)."""
+    if device_type != "cuda":
+        return None
+    try:
+        return forecast(cfg, world_size).total / 2**30
+    except Exception as exc:  # never lose the measured numbers over the comparison
+        print(f"planner forecast unavailable for this run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 def _fmt(value, spec: str) -> str:
@@ -83,7 +98,9 @@ def format_report(report: dict) -> str:
         ("TFLOP/s/GPU (causal | full)", f"{report['tflops_per_gpu']:.1f} | {report['tflops_per_gpu_full_count']:.1f}"),
         ("MFU (causal | full)", f"{_fmt(report['mfu'], '.1%')} | {_fmt(report['mfu_full_count'], '.1%')}"
                                 f" of {_fmt(report['peak_tflops'], '.0f')} TFLOP/s"),
-        ("peak memory (max rank)", f"{_fmt(report['peak_memory_gib_max_rank'], '.2f')} GiB"),
+        ("peak memory (max rank)", f"{_fmt(report['peak_memory_gib_max_rank'], '.2f')} GiB"
+                                   + (f" (planner: {report['planner_peak_gib']:.2f})"
+                                      if report.get("planner_peak_gib") is not None else "")),
     ]
     for name, ms in report["phase_ms"].items():
         rows.append((f"  {name}", f"{ms:.1f} ms ({ms / report['step_ms_median']:.0%})"))
