@@ -27,7 +27,10 @@ sys.path.insert(0, REPO)
 from data_tools.preprocess_data import preprocess_data  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
 from megatron_code.plan.measure import StepMemoryProbe  # noqa: E402
+from megatron_code.plan.hardware import GPUS  # noqa: E402
 from megatron_code.plan.memory import Execution, rank_memory  # noqa: E402
+from megatron_code.plan.search import PlanRequest, layout_memory  # noqa: E402
+from megatron_code.plan.timing import TimeModelConfig  # noqa: E402
 from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.tokenizer import SentencePieceTokenizer  # noqa: E402
 from megatron_code.training.arguments import run_config_from_values  # noqa: E402
@@ -49,6 +52,10 @@ LAYOUTS = [  # (name, processes, overrides)
     ("DP2", 2, {}),
     ("DP2 + ZeRO-1", 2, dict(use_distributed_optimizer=True)),
     ("CP2", 2, dict(context_parallel_size=2)),
+    # DPO on synthetic conversations: micro-batches of 2 pairs (4 sequences) beside the frozen
+    # reference, whose weights the "weights" columns include.
+    ("DPO, 1 process", 1, dict(training_mode="dpo", data_path=[], mock_data=True)),
+    ("DPO, 1 process, bf16 autocast", 1, dict(training_mode="dpo", data_path=[], mock_data=True, bf16=True)),
 ]
 MIB = 2**20
 
@@ -65,16 +72,24 @@ def predict(values: dict, processes: int, pp_rank: int) -> dict:
     cfg = run_config_from_values(values)
     cfg.model.vocab_size = SentencePieceTokenizer(TOKENIZER).vocab_size
     layout = layout_of(values, processes)
-    estimate = rank_memory(layout.model_config(cfg.model), layout, cfg.data.seq_length,
-                           cfg.training.global_batch_size, pp_rank, cfg.model.padded_vocab_size(layout.tp),
-                           Execution(bf16=values.get("bf16", False), fused_kernels=False))
-    return {"weights": estimate.weights, "grads": estimate.grads, "optimizer": estimate.optimizer,
-            "activations": estimate.activations, "total": estimate.total}
+    execution = Execution(bf16=values.get("bf16", False), fused_kernels=False)
+    if cfg.training.training_mode == "dpo":  # pairs as sequences plus the reference (no PP in DPO)
+        request = PlanRequest(model=cfg.model, gpus=processes, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
+                              global_batch_size=cfg.training.global_batch_size, execution=execution,
+                              training_mode="dpo")
+        estimate = layout_memory(request, layout, TimeModelConfig())
+    else:
+        estimate = rank_memory(layout.model_config(cfg.model), layout, cfg.data.seq_length,
+                               cfg.training.global_batch_size, pp_rank, cfg.model.padded_vocab_size(layout.tp),
+                               execution)
+    return {"weights": estimate.weights + estimate.reference, "grads": estimate.grads,
+            "optimizer": estimate.optimizer, "activations": estimate.activations, "total": estimate.total}
 
 
 def measured(result: dict) -> dict:
-    static = result["weights"] + result["grads"] + result["optimizer"]
-    return {"weights": result["weights"], "grads": result["grads"], "optimizer": result["optimizer"],
+    weights = result["weights"] + result["reference"]  # DPO's frozen reference (0 otherwise)
+    static = weights + result["grads"] + result["optimizer"]
+    return {"weights": weights, "grads": result["grads"], "optimizer": result["optimizer"],
             "activations": result["peak_before_step"] - static, "total": result["peak_before_step"],
             "optimizer_step_peak": result["peak_in_step"]}
 

@@ -40,10 +40,9 @@ from megatron_code.model.gpt import GPTModel  # noqa: E402
 from megatron_code.parallel.fused_wgrad import cached_weight_casts  # noqa: E402
 from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
-from megatron_code.plan.hardware import GPUS  # noqa: E402
 from megatron_code.plan.memory import estimate_memory  # noqa: E402
-from megatron_code.plan.search import PlanRequest, layout_memory  # noqa: E402
-from megatron_code.plan.timing import TimeModelConfig  # noqa: E402
+from megatron_code.training.arguments import parse_args  # noqa: E402
+from megatron_code.training.memory_forecast import forecast  # noqa: E402
 from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
 
 VOCAB = 49152
@@ -214,21 +213,36 @@ def throughput_hf(num_layers: int, args) -> list[dict]:
     return rows
 
 
+def profile_training_flags(num_layers: int, precision: str, mode: str) -> list[str]:
+    """The training flags of a profiling run of the cut 7B shape: micro-batches of one sample (a DPO
+    pair: two sequences), four per step, seq 4096; SFT/DPO on synthetic conversations."""
+    flags = ["--preset", "7b", "--num-layers", str(num_layers), "--seq-length", "4096", "--vocab-size", str(VOCAB),
+             "--bf16", "--micro-batch-size", "1", "--global-batch-size", "4", "--num-workers", "0",
+             "--training-mode", mode]
+    if mode == "sft":  # as launch/slurm/sft_7b.sbatch: packed conversations attend within themselves
+        flags += ["--reset-attention-mask", "--reset-position-ids"]
+    if precision == "fp8":
+        flags += ["--fp8-format", "hybrid"]
+    return flags
+
+
+def planner_peak_gib(num_layers: int, mode: str, precision: str) -> float:
+    """The planner's forecast for that run on one GPU (what its profiling report prints beside the
+    measured peak; memory does not depend on the GPU model)."""
+    return forecast(parse_args(profile_training_flags(num_layers, precision, mode) + ["--mock-data"]), 1).total / 2**30
+
+
 def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str = "pretrain") -> dict | None:
     """`python -m megatron_code.profile` (the trainer's own step) on the cut 7B shape; its log and
-    a gzipped one-step trace go to out_dir, its JSON report into gpu_check.json. SFT and DPO run
-    on the profiler's synthetic conversations (DPO's reference: the initial weights)."""
+    a gzipped one-step trace go to out_dir, its JSON report (with the planner's peak beside the
+    measured one) into gpu_check.json. SFT and DPO run on the profiler's synthetic conversations
+    (DPO's reference: the initial weights)."""
     name = precision if mode == "pretrain" else f"{mode}_{precision}"
     trace_dir = os.path.join(out_dir, f"trace_{name}")
     report = os.path.join(trace_dir, "report.json")
-    cmd = [sys.executable, "-m", "megatron_code.profile", "--preset", "7b", "--num-layers", str(num_layers),
-           "--seq-length", "4096", "--vocab-size", str(VOCAB), "--bf16", "--micro-batch-size", "1",
-           "--global-batch-size", "4", "--num-workers", "0", "--profile-steps", "5", "--profile-warmup", "3",
-           "--trace-dir", trace_dir, "--trace-steps", "1", "--report", report, "--training-mode", mode]
-    if mode == "sft":  # as launch/slurm/sft_7b.sbatch: packed conversations attend within themselves
-        cmd += ["--reset-attention-mask", "--reset-position-ids"]
-    if precision == "fp8":
-        cmd += ["--fp8-format", "hybrid"]
+    cmd = [sys.executable, "-m", "megatron_code.profile", *profile_training_flags(num_layers, precision, mode),
+           "--profile-steps", "5", "--profile-warmup", "3", "--trace-dir", trace_dir, "--trace-steps", "1",
+           "--report", report]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECTION_TIMEOUT_S)
     with open(os.path.join(out_dir, f"profile_{name}.log"), "w") as fh:
         fh.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
@@ -239,21 +253,7 @@ def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str
             shutil.copyfileobj(src, dst)
     result = json.load(open(report)) if os.path.exists(report) else None
     shutil.rmtree(trace_dir, ignore_errors=True)
-    if result is not None:  # the planner's view of the same run, for docs/planner.md's GPU table
-        result["planner_peak_gib"] = planner_peak_gib(num_layers, mode, precision)
-        print(f"peak memory: measured {result['peak_memory_gib_max_rank']:.2f} GiB, planner "
-              f"{result['planner_peak_gib']:.2f} GiB ({mode}, {precision})", flush=True)
     return result
-
-
-def planner_peak_gib(num_layers: int, mode: str, precision: str) -> float:
-    """megatron_code.plan's peak for the profiling run's layout: one GPU, micro-batches of one
-    sample (a DPO pair: two sequences), four per step, seq 4096 (memory does not depend on the
-    GPU model; FP8 activations are modeled as bf16)."""
-    request = PlanRequest(model=seven_b_config(num_layers, 4096), gpus=1, gpu=GPUS["h100-sxm"], seq_length=4096,
-                          global_batch_size=4, micro_batch_sizes=(1,), training_mode=mode)
-    layout = Layout(tp=1, pp=1, vp=1, cp=1, dp=1, micro_batch_size=1, distributed_optimizer=False)
-    return layout_memory(request, layout, TimeModelConfig(precision=precision)).total / 2**30
 
 
 def run_kernel_bench(out_dir: str) -> str | None:

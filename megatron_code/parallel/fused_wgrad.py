@@ -57,13 +57,7 @@ def cached_weight_casts(model: nn.Module):
     micro-batches run inside (weights must not change inside: the optimizer steps after), and FP8
     delayed scales stay fixed inside, their amax histories advancing once at the end
     (kernels.fp8_history)."""
-    caches, histories = {}, {}
-    for m in model.modules():
-        if getattr(m, "weight_casts", None) is not None:
-            caches[id(m.weight_casts)] = m.weight_casts
-        if getattr(m, "fp8", None) is not None:
-            histories[id(m.fp8.histories)] = m.fp8.histories
-    caches, histories = caches.values(), histories.values()
+    caches, histories = _step_state(model)
     for item in (*caches, *histories):
         item.active = True
     try:
@@ -75,6 +69,24 @@ def cached_weight_casts(model: nn.Module):
         for scales in histories:
             scales.active = False
             scales.advance()
+
+
+def _step_state(model: nn.Module) -> tuple[list[StepWeightCasts], list]:
+    """The model's weight-cast caches and FP8 amax histories (kernels.fp8_history), each shared
+    object once, in module order; one pass over the modules."""
+    caches, histories = {}, {}
+    for m in model.modules():
+        if getattr(m, "weight_casts", None) is not None:
+            caches.setdefault(id(m.weight_casts), m.weight_casts)
+        if getattr(m, "fp8", None) is not None:
+            histories.setdefault(id(m.fp8.histories), m.fp8.histories)
+    return list(caches.values()), list(histories.values())
+
+
+def fp8_histories(model: nn.Module) -> list:
+    """The FP8 delayed-scaling state objects of a model (one per model, or one per layer given its
+    own), in module order: what a step context advances and a checkpoint saves."""
+    return _step_state(model)[1]
 
 
 def _accumulate_wgrad(target: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, fresh: bool) -> None:

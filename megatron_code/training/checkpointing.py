@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+from megatron_code.parallel.fused_wgrad import fp8_histories
 from megatron_code.parallel.state import ParallelState
 
 LATEST_MARKER = "latest_checkpointed_iteration.txt"
@@ -350,17 +351,6 @@ def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restor
     return train_state
 
 
-def _fp8_histories(model) -> list:
-    """The model's FP8 delayed-scaling state objects (kernels.fp8_history.AmaxHistories), in module
-    order: one per model, or one per layer given its own."""
-    found = {}
-    for module in model.modules():
-        fp8 = getattr(module, "fp8", None)
-        if fp8 is not None:
-            found.setdefault(id(fp8.histories), fp8.histories)
-    return list(found.values())
-
-
 def _parallel_layout(parallel: ParallelState) -> dict:
     return {"tp": parallel.tp, "pp": parallel.pp, "cp": parallel.cp, "dp": parallel.dp}
 
@@ -371,7 +361,7 @@ def _fp8_file(ckpt: str) -> str:
 
 def _save_fp8_state(tmp_dir: str, model, parallel: ParallelState) -> None:
     """Per rank, like the RNG states: each rank's amaxes come from its own shards and batches."""
-    histories = _fp8_histories(model)
+    histories = fp8_histories(model)
     if histories:
         os.makedirs(os.path.join(tmp_dir, "fp8"), exist_ok=True)
         torch.save({"layout": _parallel_layout(parallel), "histories": [h.state_dict() for h in histories]},
@@ -382,7 +372,7 @@ def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
     """This rank's saved histories when the layout is the one that saved them; otherwise (another
     layout, or a checkpoint from a BF16 run) the histories start empty: the first step casts
     with current scaling and refills them, as in a new FP8 run."""
-    histories = _fp8_histories(model)
+    histories = fp8_histories(model)
     if not histories:
         return
     path = _fp8_file(ckpt)

@@ -4,9 +4,9 @@ reference model.
 The reference is a second GPTModel of the same layout (TP/SP/DP; validation refuses PP and CP),
 loaded from --ref-load (default --load; with --mock-data and neither, the policy's initial weights)
 and kept in eval mode without gradients (under --bf16 its GEMM weights in bf16: _freeze). Its
-log-probs are computed on the fly, in the same step as the policy's: one extra forward pass per step (about a
-third more compute than training the policy alone) and a second copy of the weights (no gradients,
-no optimizer state). Each sample is a pair; the step's loss is the mean DPO loss over the pairs of
+log-probs are computed on the fly, in the same step as the policy's: one extra forward pass per
+step (about a third more compute than training the policy alone) and a second copy of the weights
+(no gradients, no optimizer state). Each sample is a pair; the step's loss is the mean DPO loss over the pairs of
 the global batch, so gradients do not depend on how the batch is cut into micro-batches and ranks.
 """
 from __future__ import annotations
@@ -34,25 +34,20 @@ class DPOTrainer(Trainer):
         self._step_sums = torch.zeros(3, dtype=torch.float64)  # chosen reward, rejected reward, correct
 
     def _load_reference(self) -> GPTModel:
+        """Built as the policy was (same seed and layout: the same initial weights), then loaded
+        from the reference checkpoint; with --mock-data and none (validated), left at those weights."""
         ck = self.cfg.checkpoint
         root, flag = (ck.ref_load, "--ref-load") if ck.ref_load else (ck.load, "--load")
-        if not root:  # --mock-data without a checkpoint (validated): the policy's initial weights
-            return self._initial_weights_reference()
-        state = checkpointing.read_train_state(root)
-        check_same_model(state, self.cfg, flag)
         reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)
-        checkpointing.load_checkpoint(root, reference, None, self.parallel, restore_rng=False)
+        source = "the policy's initial weights (--mock-data, no checkpoint)"
+        if root:
+            state = checkpointing.read_train_state(root)
+            check_same_model(state, self.cfg, flag)
+            checkpointing.load_checkpoint(root, reference, None, self.parallel, restore_rng=False)
+            source = f"{root} iteration {state['iteration']}"
         self._freeze(reference)
-        print_rank0(f"DPO reference model: {root} iteration {state['iteration']} (frozen), beta "
-                    f"{self.cfg.training.dpo_beta}", enabled=self.env.is_main)
-        return reference
-
-    def _initial_weights_reference(self) -> GPTModel:
-        """A frozen model built as the policy was (same seed and layout: the same initial weights)."""
-        reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)
-        self._freeze(reference)
-        print_rank0(f"DPO reference model: the policy's initial weights (--mock-data, no checkpoint; frozen), "
-                    f"beta {self.cfg.training.dpo_beta}", enabled=self.env.is_main)
+        print_rank0(f"DPO reference model: {source} (frozen), beta {self.cfg.training.dpo_beta}",
+                    enabled=self.env.is_main)
         return reference
 
     def _freeze(self, reference: GPTModel) -> None:

@@ -4,6 +4,8 @@ GPUs the planner knows, so that a layout that cannot fit is seen before the job 
 (Megatron-LM prints a theoretical memory report at startup for the same reason.)"""
 from __future__ import annotations
 
+import sys
+
 from megatron_code.parallel.state import virtual_stages
 from megatron_code.plan.hardware import GPUS
 from megatron_code.plan.layout import Layout
@@ -37,14 +39,32 @@ def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
     return layout_memory(request, run_layout(cfg, world_size), TimeModelConfig(precision=precision))
 
 
+def running_forecast(cfg: RunConfig, world_size: int, device_type: str) -> MemoryEstimate | None:
+    """forecast() for a run that is starting or has run (the trainer's summary, the profiling
+    report): None off CUDA (the model assumes the CUDA kernels; CPU memory is reported as RSS),
+    and None with a warning if the model fails, which must never stop the run or lose its numbers."""
+    if device_type != "cuda":
+        return None
+    try:
+        return forecast(cfg, world_size)
+    except Exception as exc:
+        print(f"memory forecast (planner) unavailable for this run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def describe(memory: MemoryEstimate) -> str:
+    """The fullest GPU's bytes by component, in GiB."""
+    parts = [("weights", memory.weights), ("grads", memory.grads), ("optimizer", memory.optimizer),
+             ("activations", memory.activations), ("DPO reference", memory.reference)]
+    return (f"fullest GPU (pipeline rank {memory.pipeline_rank}): "
+            + " + ".join(f"{name} {size / GIB:.1f}" for name, size in parts if size)
+            + f" = {memory.total / GIB:.1f} GiB")
+
+
 def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
     """Lines for the dry run: the fullest GPU's predicted bytes and which GPUs they fit."""
     memory = forecast(cfg, world_size)
-    parts = [("weights", memory.weights), ("grads", memory.grads), ("optimizer", memory.optimizer),
-             ("activations", memory.activations), ("DPO reference", memory.reference)]
-    lines = [f"fullest GPU (pipeline rank {memory.pipeline_rank}): "
-             + " + ".join(f"{name} {size / GIB:.1f}" for name, size in parts if size)
-             + f" = {memory.total / GIB:.1f} GiB"]
+    lines = [describe(memory)]
     fits = []
     for name, gpu in GPUS.items():
         budget = PlanRequest(model=cfg.model, gpus=1, gpu=gpu, seq_length=1, global_batch_size=1).memory_budget

@@ -8,8 +8,8 @@ ids the format leaves), so that conversations vary in length as real ones do (SF
 three per row on average, DPO pads each pair) and every one fits in --seq-length + 1 ids.
 Responses end with the EOD id, prompts do not, as in the export. The ids and lengths are a pure
 function of (seed, record): every rank builds the same samples, and a resumed run reads the rows
-the uninterrupted one would have. The real dataset classes
-(PackedSFTDataset, PreferencePairDataset) consume them: only the source is synthetic.
+the uninterrupted one would have. The real dataset classes (PackedSFTDataset,
+PreferencePairDataset) consume them: only the source is synthetic.
 """
 from __future__ import annotations
 

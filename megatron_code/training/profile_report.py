@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import datetime
 import statistics
-import sys
 
 import torch
 
 from megatron_code.training.config import RunConfig
-from megatron_code.training.memory_forecast import forecast
+from megatron_code.training.memory_forecast import running_forecast
 
 PHASE_ORDER = ("data-wait", "forward", "reference-forward", "backward", "forward-backward", "grad-sync", "grad-clip",
                "optimizer")  # reference-forward: DPO's frozen reference model
@@ -67,15 +66,9 @@ def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_to
 
 
 def planner_peak_gib(cfg: RunConfig, world_size: int, device_type: str) -> float | None:
-    """The planner's forecast of the fullest GPU (docs/planner.md), beside the measured peak: on
-    CUDA only (the model assumes the CUDA kernels; CPU memory is reported as RSS)."""
-    if device_type != "cuda":
-        return None
-    try:
-        return forecast(cfg, world_size).total / 2**30
-    except Exception as exc:  # never lose the measured numbers over the comparison
-        print(f"planner forecast unavailable for this run: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
+    """The planner's forecast of the fullest GPU (docs/planner.md), beside the measured peak."""
+    memory = running_forecast(cfg, world_size, device_type)
+    return None if memory is None else memory.total / 2**30
 
 
 def _fmt(value, spec: str) -> str:

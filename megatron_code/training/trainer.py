@@ -37,7 +37,7 @@ from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.timers import PhaseTimers
 from megatron_code.training.exit_signal import ExitSignal
 from megatron_code.training.finetune_data import build_finetune_datasets
-from megatron_code.training.memory_forecast import memory_forecast
+from megatron_code.training.memory_forecast import describe, running_forecast
 from megatron_code.training.validate import validate_job
 from megatron_code.training.world import launched_world_size
 
@@ -447,11 +447,8 @@ def _print_summary(trainer: Trainer) -> None:
 
 def startup_memory_forecast(cfg: RunConfig, world_size: int, device_type: str) -> str | None:
     """On GPUs, the planner's forecast of the fullest GPU's memory (what the dry run prints), to
-    read against the peak the log lines report. None elsewhere: the model assumes CUDA kernels."""
-    if device_type != "cuda":
+    read against the peak the log lines report."""
+    memory = running_forecast(cfg, world_size, device_type)
+    if memory is None:
         return None
-    try:
-        forecast = memory_forecast(cfg, world_size)[0]
-    except Exception as exc:  # a diagnostic must never stop a job; say why it is missing
-        return f"memory forecast (planner) unavailable for this run: {type(exc).__name__}: {exc}"
-    return f"memory forecast (planner): {forecast}; log lines report the measured peak"
+    return f"memory forecast (planner): {describe(memory)}; log lines report the measured peak"
