@@ -1,9 +1,10 @@
 """Every GPU-only check in one run, for a machine with one NVIDIA GPU:
 
-  1. the GPU-only tests (tests/test_gpu.py, tests/test_fp8_cuda.py, tests/test_kernels_cuda.py);
+  1. the GPU-only tests (tests/test_gpu.py, tests/test_fp8_cuda.py, tests/test_te_fp8.py, ...);
   2. training throughput of our 7B preset cut to as many layers as fit the card, at seq 4096 and
-     8192, BF16 and FP8 (torch backend), next to transformers' LlamaForCausalLM of the same shape
-     (BF16) in the same process: tokens/s, TFLOP/s (Megatron's causal count), MFU, peak memory;
+     8192, BF16 and FP8 (torch backend; also Transformer Engine's where it imports), next to
+     transformers' LlamaForCausalLM of the same shape (BF16) in the same process: tokens/s,
+     TFLOP/s (Megatron's causal count), MFU, peak memory;
   3. the profiling command (`python -m megatron_code.profile`) on the same shape: the product's
      own table with the step-time breakdown, a JSON report and a torch.profiler trace; also SFT
      and DPO steps (synthetic conversations; DPO on as many layers as fit beside its frozen
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.dispatch import package_imports  # noqa: E402
 from megatron_code.model.config import ModelConfig  # noqa: E402
 from megatron_code.model.fp8 import FP8_LINEARS, enable_fp8  # noqa: E402
 from megatron_code.model.gpt import GPTModel  # noqa: E402
@@ -52,7 +54,7 @@ VARIANTS = {"ours:bf16": (False, True, False), "ours-unfused:bf16": (False, Fals
             "ours-fp32-resid:bf16": (False, True, True), "ours:fp8": (True, True, False)}
 # A lent GPU comes with minutes, not hours: a hung subprocess must not take the other sections' time.
 SECTION_TIMEOUT_S = 240
-GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_kernels_cuda.py",
+GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_te_fp8.py", "tests/test_kernels_cuda.py",
              "tests/test_context_attention.py", "tests/test_fused_wgrad.py")
 EXIT_SIGNAL_TESTS = tuple(f"tests/test_launch.py::{name}" for name in (
     "test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one",
@@ -192,6 +194,15 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
     return rows
 
 
+def throughput_ours_te(num_layers: int, args) -> list[dict]:
+    """The FP8 row with Transformer Engine's GEMMs (--fp8-backend te), where TE imports."""
+    if not package_imports("transformer_engine.pytorch"):
+        print("  ours-te: skipped (Transformer Engine does not import here)", flush=True)
+        return []
+    config = seven_b_config(num_layers, max(args.seqs)).replace(fp8_format="hybrid", fp8_backend="te")
+    return timed_rows("ours-te", "fp8", lambda: GPTModel(config, init_seed=1).cuda(), ours_step, config, args)
+
+
 def throughput_hf(num_layers: int, args) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -201,13 +212,22 @@ def throughput_hf(num_layers: int, args) -> list[dict]:
     # The config our converter writes for this shape (what transformers would load), untrained.
     hf_config = LlamaConfig.from_dict({**LlamaAdapter().hf_config(ours, torch.float32, {}), "use_cache": False},
                                       attn_implementation="sdpa")
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(hf_config)
+
+    def build():
+        with torch.device("cuda"):
+            return LlamaForCausalLM(hf_config)
+    return timed_rows("transformers", "bf16", build, hf_step, ours, args)
+
+
+def timed_rows(name: str, precision: str, build, make_step, config: ModelConfig, args) -> list[dict]:
+    """One row per sequence length for the model build() makes, trained by make_step(model,
+    optimizer, tokens, accumulation); the model is freed before returning."""
+    model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     rows = []
     for seq in args.seqs:
         tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
-        rows.append(measure("transformers", "bf16", hf_step(model, optimizer, tokens, args.accumulation), ours, seq, args))
+        rows.append(measure(name, precision, make_step(model, optimizer, tokens, args.accumulation), config, seq, args))
     del model, optimizer
     torch.cuda.empty_cache()
     return rows
@@ -280,7 +300,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="Which of our model's rows to time (default all).")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["tests", "ours", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels"])
+                        choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels"])
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     layers = layers_that_fit(args.max_layers, max(args.seqs))
@@ -289,6 +309,7 @@ def main(argv=None) -> dict:
     print(f"{result['device']} | torch {torch.__version__} | 7B shape cut to {layers} layers", flush=True)
     # Throughput first: the numbers nothing else can give; the tests and the rest have time limits.
     sections = {"ours": lambda: throughput_ours(layers, args),
+                "ours_te": lambda: throughput_ours_te(layers, args),
                 "transformers": lambda: throughput_hf(layers, args),
                 "tests": lambda: run_gpu_tests(args.out),
                 "profile": lambda: run_profile_command(layers, args.out, "bf16"),
@@ -316,6 +337,8 @@ def print_comparison(result: dict) -> None:
     ours, theirs = result.get("ours"), result.get("transformers")
     if not isinstance(ours, list) or not isinstance(theirs, list):
         return
+    if isinstance(result.get("ours_te"), list):
+        ours = ours + result["ours_te"]
     hf = {row["seq"]: row for row in theirs}
     print(f"\n{result['device']}, 7B shape x {result['layers']} layers, {result['date']}")
     print("| seq | model | precision | tokens/s | TFLOP/s | MFU | peak GiB | vs transformers | fp8 / bf16 |")

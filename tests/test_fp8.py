@@ -165,7 +165,7 @@ def test_first_and_last_layers_stay_in_bf16_and_state_dict_is_unchanged():
     (dict(fp8_format="e5m2"), "--fp8-format must be one of"),
     (dict(fp8_format="hybrid", fp8_recipe="mxfp8"), "--fp8-recipe must be one of"),
     (dict(fp8_format="hybrid", num_layers_at_start_in_bf16=2, num_layers_at_end_in_bf16=2), "at most --num-layers"),
-    (dict(fp8_format="hybrid", fp8_backend="te"), "--fp8-backend te is not available"),
+    (dict(fp8_format="hybrid", fp8_backend="tex"), "--fp8-backend must be one of"),
 ])
 def test_bad_fp8_settings_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -116,11 +116,13 @@ def test_dry_run_layout_is_the_device_mesh_a_real_run_builds():
     for rank in (0, 5, 10, 15):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=16)
         try:
-            state = build_parallel_state(config, torch.device("cpu"))
+            state = build_parallel_state(config, torch.device("cpu"), fp8_amax_group=True)
             assert coordinates[rank] == tuple(state.rank(dim) for dim in ("pp", "dp", "cp", "tp"))
             for name in ("pp", "dp", "cp", "tp"):
                 assert state.mesh[name].mesh.tolist() in groups[name], (rank, name)
             assert dist.get_process_group_ranks(state.dp_cp_group) in groups["dp_cp"]
+            # FP8 amaxes (Transformer Engine) are reduced over every rank of this pipeline stage.
+            assert dist.get_process_group_ranks(state.amax_group) == grid[coordinates[rank][0]].flatten().tolist()
         finally:
             dist.destroy_process_group()
 

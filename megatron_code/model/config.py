@@ -232,6 +232,23 @@ def _check_kernels(config: ModelConfig) -> None:
             raise ConfigError(str(err)) from None
 
 
+def _check_te_fp8(config: ModelConfig) -> None:
+    """What Transformer Engine's Linear under te.autocast can run (megatron_code/model/te_linear.py)."""
+    from kernels.dispatch import package_imports
+
+    if not package_imports("transformer_engine.pytorch"):
+        module, how = _BACKEND_INSTALL["te"]
+        raise ConfigError(f"--fp8-backend te needs the '{module}' package, which does not import here (it needs "
+                          f"CUDA). Install it with: {how}. Or use --fp8-backend torch (torch._scaled_mm).")
+    if config.fp8_recipe == "tensorwise" and config.fp8_margin:
+        raise ConfigError(f"--fp8-margin {config.fp8_margin}: Transformer Engine's current scaling "
+                          "(--fp8-recipe tensorwise) has no margin; drop it or use --fp8-recipe delayed.")
+    if config.recompute_granularity == "full":
+        # torch's checkpoint reruns the layers outside te.autocast, without their FP8 state.
+        raise ConfigError("--fp8-backend te does not run under --recompute-granularity full; use selective "
+                          "recompute or --fp8-backend torch.")
+
+
 def _check_attention_backend(backend: str) -> None:
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {backend!r}.")
@@ -255,9 +272,7 @@ def _check_fp8(config: ModelConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{_flag(name)} must be one of {allowed}, got {getattr(config, name)!r}.")
     if config.fp8_backend == "te":
-        # TE-backed linear layers (te.pytorch.Linear under fp8_autocast) are not wired in yet.
-        raise ConfigError("--fp8-backend te is not available in this version; use --fp8-backend torch "
-                          "(torch._scaled_mm on Hopper GPUs, any device for testing).")
+        _check_te_fp8(config)
     if config.fp8_amax_history_len < 1:
         raise ConfigError(f"--fp8-amax-history-len must be >= 1, got {config.fp8_amax_history_len}.")
     bf16_layers = config.num_layers_at_start_in_bf16 + config.num_layers_at_end_in_bf16

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy
 from megatron_code.model.attention import SelfAttention
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
+from megatron_code.model.te_linear import fp8_region
 from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable
 from megatron_code.parallel.param_gather import wait_until_gathered
 from megatron_code.model.mlp import SwiGLUMLP
@@ -64,6 +66,7 @@ class TransformerBlock(nn.Module):
                                            config.rmsnorm_impl)
         self.recompute_method = config.recompute_method if config.recompute_granularity == "full" else None
         self.recompute_num_layers = config.recompute_num_layers
+        self.fp8_region = nullcontext  # te.autocast under --fp8-backend te (GPTModel sets it)
 
     def layer_groups(self) -> list[tuple[int, int, bool]]:
         """(start, end, recompute) runs of this block's layers, Megatron's full-recompute rules:
@@ -79,10 +82,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
         layers = list(self.layers.values())
         args = (rotary_cos, rotary_sin, segment_ids, cp_chunks)
-        for start, end, recompute in self.layer_groups():
-            run = functools.partial(_run_layers, layers[start:end])
-            # Non-reentrant checkpoint restores the RNG state (dropout masks) and autocast for the rerun.
-            x = checkpoint(run, x, *args, use_reentrant=False) if recompute else run(x, *args)
+        with self.fp8_region():  # one region per forward: TE reduces the amaxes when it exits
+            for start, end, recompute in self.layer_groups():
+                run = functools.partial(_run_layers, layers[start:end])
+                # Non-reentrant checkpoint restores the RNG state (dropout masks) and autocast for the rerun.
+                x = checkpoint(run, x, *args, use_reentrant=False) if recompute else run(x, *args)
         return x if self.final_layernorm is None else self.final_layernorm(x)
 
 
@@ -129,7 +133,8 @@ class GPTModel(nn.Module):
         self.rotary_pos_emb = RotaryEmbedding(config)
         layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
         self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)
-        enable_fp8(self.decoder.layers, config)
+        fp8_layers = enable_fp8(self.decoder.layers, config, parallel)
+        self.decoder.fp8_region = fp8_region(config, parallel, config.fp8_backend == "te" and fp8_layers > 0)
         self.set_gradient_accumulation_fusion(config.gradient_accumulation_fusion)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights and post_process:

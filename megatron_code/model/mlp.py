@@ -26,11 +26,14 @@ class GateUpLinear(nn.Module):
         weight = nn.Parameter(torch.empty(2, ffn_hidden_size // parallel.tp, hidden_size))
         self.weight = mark_tensor_parallel(weight, 1)
         self.fp8 = None  # Fp8LinearScaling, set by megatron_code.model.fp8.enable_fp8
+        self.te = None  # TELinear under --fp8-backend te (megatron_code/model/te_linear.py)
         self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel); in FP8 one tensor
         [s, b, 2 * ffn / tp] holding gate then up (kernels.swiglu_halves reads it as is)."""
+        if self.te is not None:  # TE gathers a sequence-parallel input itself (in FP8)
+            return self.te(x, self.weight.flatten(0, 1), self.weight_casts)  # [2 ffn/tp, h] view
         x = gemm_input(x, self.parallel)
         if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
             return local_linear(x, self.weight.flatten(0, 1), self.fp8, self.weight_casts)

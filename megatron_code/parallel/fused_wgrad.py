@@ -50,6 +50,17 @@ class StepWeightCasts:
             self.copies[key] = (owner, make())
         return self.copies[key][1]
 
+    def first_use(self, owner) -> bool | None:
+        """Whether this is `owner`'s first call in the step (True once, then False); None outside
+        a step. What Transformer Engine's `is_first_microbatch` asks (te_linear.py)."""
+        if not self.active:
+            return None
+        key = (id(owner), "first-use")
+        if key in self.copies:
+            return False
+        self.copies[key] = (owner, None)
+        return True
+
 
 @contextmanager
 def cached_weight_casts(model: nn.Module):

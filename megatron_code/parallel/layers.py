@@ -82,9 +82,12 @@ class ColumnParallelLinear(nn.Module):
         self.parallel = parallel
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // parallel.tp, in_features)), 0)
         self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
+        self.te = None  # TELinear under --fp8-backend te (megatron_code/model/te_linear.py): it communicates
         self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.te is not None:
+            return self.te(x, self.weight, self.weight_casts)
         return local_linear(gemm_input(x, self.parallel), self.weight, self.fp8, self.weight_casts)
 
 
@@ -96,9 +99,12 @@ class RowParallelLinear(nn.Module):
         self.parallel = parallel
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // parallel.tp)), 1)
         self.fp8: Fp8LinearScaling | None = None  # set by megatron_code.model.fp8.enable_fp8
+        self.te = None  # TELinear under --fp8-backend te (megatron_code/model/te_linear.py): it communicates
         self.weight_casts: StepWeightCasts | None = None  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.te is not None:
+            return self.te(x, self.weight, self.weight_casts)
         return row_parallel_output(local_linear(x, self.weight, self.fp8, self.weight_casts), self.parallel)
 
 

@@ -50,6 +50,11 @@ def check_pipeline(schedule: str, pp: int, vp: int, model: ModelConfig, micro_ba
     """Layout checks that need the model and batch (one clear error each)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"--pipeline-schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}.")
+    if schedule not in WEIGHT_GRADS_THROUGH_AUTOGRAD and model.fp8_format and model.fp8_backend == "te":
+        # Their separate weight pass would rerun TE's backward, which updates its FP8 scales.
+        raise ConfigError(f"--pipeline-schedule {schedule} computes weight gradients in a separate pass, "
+                          "which Transformer Engine's layers do not support: use 1f1b or interleaved-1f1b, "
+                          "or --fp8-backend torch.")
     if schedule == "1f1b" and vp > 1:
         raise ConfigError("virtual pipeline stages need --pipeline-schedule interleaved-1f1b (or zbv/dualpipev).")
     if model.num_layers % (pp * vp):

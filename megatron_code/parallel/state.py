@@ -98,6 +98,19 @@ class ParallelState:
         return self.mesh["dp_cp"].get_group() if self.cp > 1 else self.dp_group
 
     @property
+    def amax_group(self):
+        """Ranks whose FP8 amaxes Transformer Engine reduces together: data x context x tensor
+        parallel, Megatron-LM's amax-reduction group (built by build_parallel_state when asked
+        for); None in a 1-process run."""
+        if self.mesh is None:
+            return None
+        try:
+            return self.mesh["dp_cp_tp"].get_group()
+        except KeyError:
+            raise RuntimeError("this ParallelState was built without the FP8 amax-reduction group: "
+                               "call build_parallel_state(..., fp8_amax_group=True)") from None
+
+    @property
     def dp_rank(self) -> int:
         return self.rank("dp")
 
@@ -183,10 +196,13 @@ def rank_grid(config: ParallelConfig, world_size: int) -> torch.Tensor:
     return torch.arange(world_size).reshape(pp, world_size // (tp * pp * cp), cp, tp)
 
 
-def build_parallel_state(config: ParallelConfig, device: torch.device) -> ParallelState:
-    """Create the device mesh over all ranks (collective: every rank calls it)."""
+def build_parallel_state(config: ParallelConfig, device: torch.device, fp8_amax_group: bool = False) -> ParallelState:
+    """Create the device mesh over all ranks (collective: every rank calls it); with
+    fp8_amax_group, also the data x context x tensor-parallel group (ParallelState.amax_group)."""
     pp, dp, cp, tp = rank_grid(config, dist.get_world_size()).shape
     mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIM_NAMES)
     if cp > 1:
         mesh["dp", "cp"]._flatten("dp_cp")  # registers the combined group on the root mesh
+    if fp8_amax_group:
+        mesh["dp", "cp", "tp"]._flatten("dp_cp_tp")
     return ParallelState(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=config.sequence_parallel, mesh=mesh)

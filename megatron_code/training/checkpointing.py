@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+from megatron_code.model.te_linear import load_te_fp8_state, te_fp8_state, te_linears
 from megatron_code.parallel.fused_wgrad import fp8_histories
 from megatron_code.parallel.state import ParallelState
 
@@ -360,37 +361,49 @@ def _fp8_file(ckpt: str) -> str:
 
 
 def _save_fp8_state(tmp_dir: str, model, parallel: ParallelState) -> None:
-    """Per rank, like the RNG states: each rank's amaxes come from its own shards and batches."""
-    histories = fp8_histories(model)
-    if histories:
+    """Per rank, like the RNG states: each rank's amaxes come from its own shards and batches.
+    The torch backend's histories, or each Transformer Engine linear's FP8 metadata (its extra state)."""
+    histories, te_layers = fp8_histories(model), te_linears(model)
+    if histories or te_layers:
         os.makedirs(os.path.join(tmp_dir, "fp8"), exist_ok=True)
-        torch.save({"layout": _parallel_layout(parallel), "histories": [h.state_dict() for h in histories]},
-                   _fp8_file(tmp_dir))
+        torch.save({"layout": _parallel_layout(parallel), "histories": [h.state_dict() for h in histories],
+                    "te": te_fp8_state(model)}, _fp8_file(tmp_dir))
 
 
 def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
-    """This rank's saved histories when the layout is the one that saved them; otherwise (another
-    layout, or a checkpoint from a BF16 run) the histories start empty: the first step casts
-    with current scaling and refills them, as in a new FP8 run."""
-    histories = fp8_histories(model)
-    if not histories:
+    """This rank's saved FP8 state when the layout and FP8 layers are the ones that saved it;
+    otherwise (another layout, or a checkpoint from a BF16 run) it starts empty: the first step
+    casts with current scaling (torch backend; TE starts from scale 1) and refills the histories,
+    as in a new FP8 run."""
+    histories, te_layers = fp8_histories(model), te_linears(model)
+    if not histories and not te_layers:
         return
     path = _fp8_file(ckpt)
     saved = torch.load(path, weights_only=False) if os.path.exists(path) else None
-    fits = (saved is not None and saved["layout"] == _parallel_layout(parallel)
-            and [s["slots"] for s in saved["histories"]] == [len(h.targets) for h in histories]
-            and all(s["history_len"] == h.history_len for s, h in zip(saved["histories"], histories)))
-    if not fits:
+    why = _fp8_state_mismatch(saved, histories, te_layers, parallel)
+    if why is not None:
         if _rank() == 0:
-            layout = _parallel_layout(parallel)
-            why = ("the checkpoint has none" if saved is None else
-                   f"saved under {saved['layout']}, this run is {layout}" if saved["layout"] != layout else
-                   "saved with another --fp8-amax-history-len or other layers in FP8")
-            print(f"FP8 amax histories not restored ({why}): the first step uses current scaling", flush=True)
+            print(f"FP8 amax histories not restored ({why}): the first step starts them afresh", flush=True)
         return
     device = next(model.parameters()).device
     for history, state in zip(histories, saved["histories"]):
         history.load_state_dict(state, device)
+    if te_layers:
+        load_te_fp8_state(model, saved["te"])
+
+
+def _fp8_state_mismatch(saved, histories, te_layers, parallel: ParallelState) -> str | None:
+    """Why a saved FP8 state cannot be restored into this model (None when it can)."""
+    layout = _parallel_layout(parallel)
+    if saved is None:
+        return "the checkpoint has none"
+    if saved["layout"] != layout:
+        return f"saved under {saved['layout']}, this run is {layout}"
+    if sorted(saved.get("te", {})) != sorted(te_layers):
+        return "saved with another --fp8-backend or other layers in FP8"
+    fits = ([s["slots"] for s in saved["histories"]] == [len(h.targets) for h in histories]
+            and all(s["history_len"] == h.history_len for s, h in zip(saved["histories"], histories)))
+    return None if fits else "saved with another --fp8-amax-history-len or other layers in FP8"
 
 
 def read_train_state(root: str) -> dict | None:

@@ -16,6 +16,7 @@ import torch
 from megatron_code.distributed import DistributedEnv, destroy_distributed, init_distributed
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
+from megatron_code.model.fp8 import describe_fp8
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
 from megatron_code.parallel.fused_wgrad import cached_weight_casts
 from megatron_code.parallel.grads import (
@@ -409,7 +410,9 @@ def train(cfg: RunConfig, prepare=None) -> list[dict]:
             from megatron_code.training.dpo_trainer import DPOTrainer  # it subclasses Trainer
 
             trainer_class = DPOTrainer
-        trainer = trainer_class(cfg, env, tokenizer, build_parallel_state(cfg.parallel, env.device), exit_signal)
+        te_fp8 = cfg.model.fp8_format is not None and cfg.model.fp8_backend == "te"
+        parallel = build_parallel_state(cfg.parallel, env.device, fp8_amax_group=te_fp8)
+        trainer = trainer_class(cfg, env, tokenizer, parallel, exit_signal)
         _print_summary(trainer)
         if prepare is not None:
             prepare(trainer)
@@ -428,7 +431,7 @@ def _print_summary(trainer: Trainer) -> None:
         f"{cfg.model.hidden_size}, {cfg.model.num_attention_heads} heads / {cfg.model.num_kv_heads} KV, "
         f"vocab {cfg.model.padded_vocab_size(trainer.parallel.tp)} (tokenizer {cfg.model.vocab_size}) | "
         f"{trainer.flops_per_token / 1e9:.3f} GFLOP/token | device {trainer.env.device} | "
-        f"{'bf16 autocast' if cfg.training.bf16 else 'fp32'}\n"
+        f"{'bf16 autocast' if cfg.training.bf16 else 'fp32'}{describe_fp8(cfg.model)}\n"
         f"layout: {trainer.parallel.world_size} processes = TP {trainer.parallel.tp} x CP {trainer.parallel.cp} "
         f"x PP {trainer.parallel.pp} x DP {trainer.parallel.dp}"
         f"{' + sequence parallel' if trainer.parallel.sequence_parallel else ''}\n"

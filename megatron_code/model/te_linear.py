@@ -1,0 +1,137 @@
+"""--fp8-backend te: the FP8 layers' GEMMs run in Transformer Engine's `Linear` under `te.autocast`.
+
+What changes against the torch backend (megatron_code/model/fp8.py) is only who runs the four
+GEMMs of an FP8 layer (linear_qkv, linear_proj, linear_fc1, linear_fc2): each of our linear modules
+keeps its parameter (same name, shape, initialization and checkpoint layout under either backend;
+a checkpoint moves freely between them) and hands it to a private `te.Linear` at call time, the
+way kernels/rmsnorm.py lends our norm weight to TE's RMSNorm. TE then does what it does in
+Megatron-LM: FP8 casts with its recipe's scaling, the tensor-parallel communication inside the
+GEMM modules (column: all-gather of the sequence-parallel input, in FP8; row: all-reduce or
+reduce-scatter), and amax reduction over the data x context x tensor-parallel ranks at the end of
+each `te.autocast` region (one per forward of a block: TransformerBlock.forward).
+
+The private `te.Linear` is built on the meta device (its own weight is never materialized) and
+kept out of the module tree (no duplicate parameter, nothing extra in state dicts; its FP8
+state goes to the checkpoint's per-rank fp8/ files, megatron_code/training/checkpointing.py).
+
+Nothing here imports Transformer Engine until a TE layer is built; ModelConfig.validate refuses
+`--fp8-backend te` where the package does not import. Transformer Engine needs CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from megatron_code.errors import ConfigError
+from megatron_code.parallel.fused_wgrad import StepWeightCasts
+from megatron_code.parallel.state import ParallelState
+
+TE_FORMATS = {"hybrid": "HYBRID", "e4m3": "E4M3"}
+
+
+def recipe_spec(config) -> tuple[str, dict]:
+    """Our FP8 flags as a Transformer Engine recipe: (class name in transformer_engine.common.recipe,
+    constructor arguments with the format as a `Format` member name)."""
+    fmt = TE_FORMATS[config.fp8_format]
+    if config.fp8_recipe == "delayed":
+        return "DelayedScaling", {"fp8_format": fmt, "margin": config.fp8_margin,
+                                  "amax_history_len": config.fp8_amax_history_len,
+                                  "amax_compute_algo": config.fp8_amax_compute_algo}
+    return "Float8CurrentScaling", {"fp8_format": fmt}
+
+
+def build_recipe(config):
+    """The transformer_engine.common.recipe object for the config's FP8 flags."""
+    recipes = importlib.import_module("transformer_engine.common.recipe")
+    name, kwargs = recipe_spec(config)
+    recipe_class = getattr(recipes, name, None)
+    if recipe_class is None:
+        raise ConfigError(f"--fp8-recipe {config.fp8_recipe} needs Transformer Engine's recipe.{name}, "
+                          "which this version lacks (it came with 2.2): upgrade transformer-engine.")
+    return recipe_class(**{**kwargs, "fp8_format": recipes.Format[kwargs["fp8_format"]]})
+
+
+class TEFp8Region:
+    """A factory of the `te.autocast` context one forward of a block's FP8 layers runs in."""
+
+    def __init__(self, config, parallel: ParallelState):
+        te = importlib.import_module("transformer_engine.pytorch")
+        self.recipe = build_recipe(config)
+        self.amax_group = parallel.amax_group
+        if hasattr(te, "autocast"):  # TE >= 2.9
+            self.enter = lambda: te.autocast(enabled=True, recipe=self.recipe,
+                                             amax_reduction_group=self.amax_group)
+        else:
+            self.enter = lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.amax_group)
+
+    def __call__(self):
+        return self.enter()
+
+
+def fp8_region(config, parallel: ParallelState, has_te_layers: bool):
+    """What TransformerBlock.forward enters around its layers: a TEFp8Region when it holds TE
+    layers, else a no-op."""
+    if has_te_layers:
+        return TEFp8Region(config, parallel)
+    return nullcontext
+
+
+class TELinear(nn.Module):
+    """One of our linear layers (the module that owns `weight`) run by a private te.Linear.
+
+    `weight` is the owner's parameter; `view` turns it into the [out, in] matrix TE multiplies
+    (GateUpLinear's [2, ffn/tp, h] -> [2 ffn/tp, h]: gate rows, then up rows)."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, parallel: ParallelState,
+                 params_dtype: torch.dtype):
+        super().__init__()
+        te = importlib.import_module("transformer_engine.pytorch")
+        linear = te.Linear(in_features, out_features, bias=False, parallel_mode=mode,
+                           tp_group=parallel.tp_group if parallel.tp > 1 else None, tp_size=parallel.tp,
+                           sequence_parallel=parallel.sequence_parallel, params_dtype=params_dtype,
+                           device="meta")
+        self.__dict__["te_linear"] = linear  # outside the module tree: see the module docstring
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, weight_casts: StepWeightCasts | None) -> torch.Tensor:
+        """x: [s(/tp), b, in] -> [s(/tp), b, out / tp] (column) or [s(/tp), b, out] (row). Within a
+        training step (weight_casts active), TE casts the weight to FP8 in the first micro-batch
+        and reuses the cast in the others."""
+        linear = self.te_linear
+        linear._parameters["weight"] = weight  # ours, lent for this call (TE reads getattr(self, "weight"))
+        linear.training = self.training
+        first = weight_casts.first_use(self) if weight_casts is not None else None
+        return linear(x, is_first_microbatch=first)
+
+
+def te_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: te.Linear} of a model's TE-run layers, in module order (no TE import)."""
+    return {name: m.te_linear for name, m in model.named_modules() if isinstance(m, TELinear)}
+
+
+# TE >= 2.20 refuses to unpickle delayed-scaling extra state unless this is set (its payload is a
+# pickle). Ours comes from this run's own checkpoint files, which checkpointing.py already loads
+# with torch.load(weights_only=False): the same trust, granted for the duration of the load.
+UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+def te_fp8_state(model: nn.Module) -> dict:
+    """{module name: serialized FP8 metadata (amax histories, scales)} of the TE linears."""
+    return {name: linear.get_extra_state() for name, linear in te_linears(model).items()}
+
+
+def load_te_fp8_state(model: nn.Module, saved: dict) -> None:
+    """Restore what te_fp8_state saved, into a model with the same TE linears."""
+    previous = os.environ.get(UNSAFE_PICKLE_ENV)
+    os.environ[UNSAFE_PICKLE_ENV] = "1"
+    try:
+        for name, linear in te_linears(model).items():
+            linear.set_extra_state(saved[name])
+    finally:
+        if previous is None:
+            del os.environ[UNSAFE_PICKLE_ENV]
+        else:
+            os.environ[UNSAFE_PICKLE_ENV] = previous

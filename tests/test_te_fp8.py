@@ -1,0 +1,169 @@
+"""--fp8-backend te (megatron_code/model/te_linear.py).
+
+On any machine: how our FP8 flags become a Transformer Engine recipe, what the backend refuses
+before a run starts, and the step bookkeeping behind TE's `is_first_microbatch`. With Transformer
+Engine and a GPU with FP8 tensor cores: the TE-run model keeps our parameters, matches the torch
+backend, tracks BF16 over 50 steps, and a run saved and resumed continues exactly."""
+import pytest
+import torch
+
+import kernels.dispatch
+from megatron_code.errors import ConfigError
+from megatron_code.model.config import ModelConfig
+from megatron_code.model.te_linear import recipe_spec
+from megatron_code.parallel.fused_wgrad import StepWeightCasts
+from megatron_code.parallel.pipeline import check_pipeline
+
+
+def _tiny(**changes) -> ModelConfig:
+    return ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       group_query_attention=True, num_query_groups=2, vocab_size=256, **changes)
+
+
+def test_recipe_spec_carries_our_fp8_flags():
+    delayed = _tiny(fp8_format="hybrid", fp8_margin=1, fp8_amax_history_len=16, fp8_amax_compute_algo="most_recent")
+    assert recipe_spec(delayed) == ("DelayedScaling", {"fp8_format": "HYBRID", "margin": 1, "amax_history_len": 16,
+                                                       "amax_compute_algo": "most_recent"})
+    assert recipe_spec(_tiny(fp8_format="e4m3", fp8_recipe="tensorwise")) == (
+        "Float8CurrentScaling", {"fp8_format": "E4M3"})
+
+
+def test_te_backend_without_transformer_engine_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels.dispatch, "package_imports", lambda module: False)
+    with pytest.raises(ConfigError, match="--fp8-backend te needs the 'transformer_engine' package.*"
+                                          "--fp8-backend torch"):
+        _tiny(fp8_format="hybrid", fp8_backend="te").validate()
+    _tiny(fp8_backend="te").validate()  # without --fp8-format the backend is never used
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(fp8_recipe="tensorwise", fp8_margin=2), "current scaling .* has no margin"),
+    (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+     "does not run under --recompute-granularity full"),
+])
+def test_te_backend_refuses_what_it_cannot_run(monkeypatch, change, message):
+    monkeypatch.setattr(kernels.dispatch, "package_imports", lambda module: True)  # as if TE were installed
+    with pytest.raises(ConfigError, match=message):
+        _tiny(fp8_format="hybrid", fp8_backend="te", **change).validate()
+
+
+def test_zero_bubble_schedules_are_refused_with_te_layers():
+    config = _tiny(fp8_format="hybrid", fp8_backend="te", untie_embeddings_and_output_weights=True)
+    config = config.replace(num_layers=4)
+    for schedule in ("zbv", "dualpipev"):
+        with pytest.raises(ConfigError, match=f"--pipeline-schedule {schedule} .* separate pass"):
+            check_pipeline(schedule, 2, 2, config, micro_batches=8)
+    check_pipeline("1f1b", 2, 1, config, micro_batches=8)
+    check_pipeline("zbv", 2, 2, config.replace(fp8_backend="torch"), micro_batches=8)
+
+
+def test_first_use_marks_each_layers_first_micro_batch_of_a_step():
+    casts, layer_a, layer_b = StepWeightCasts(), object(), object()
+    assert casts.first_use(layer_a) is None  # outside a step: TE casts every call
+    casts.active = True
+    assert [casts.first_use(layer_a), casts.first_use(layer_b), casts.first_use(layer_a)] == [True, True, False]
+    casts.active = False
+    casts.copies.clear()  # what the step context does at its end
+    casts.active = True
+    assert casts.first_use(layer_a) is True
+
+
+def test_fp8_state_saved_by_the_other_backend_is_not_restored():
+    from kernels.fp8_scaling import ScalingConfig, new_histories
+    from megatron_code.parallel.state import ParallelState
+    from megatron_code.training.checkpointing import _fp8_state_mismatch
+
+    layout = {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
+    torch_histories = [new_histories(ScalingConfig())]
+    te_run = {"layout": layout, "histories": [], "te": {"decoder.layers.0.mlp.linear_fc1.te": torch.empty(0)}}
+    assert "another --fp8-backend" in _fp8_state_mismatch(te_run, torch_histories, {}, ParallelState())
+    torch_run = {"layout": layout, "histories": [h.state_dict() for h in torch_histories]}  # no "te": older files too
+    assert _fp8_state_mismatch(torch_run, torch_histories, {}, ParallelState()) is None
+    assert "another --fp8-backend" in _fp8_state_mismatch(torch_run, [], {"decoder.layers.0.mlp.linear_fc1.te": 0},
+                                                          ParallelState())
+
+
+# ---- with Transformer Engine on a GPU ------------------------------------------------------------
+def _te_usable() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+            and kernels.dispatch.package_imports("transformer_engine.pytorch"))
+
+
+needs_te = pytest.mark.skipif(not _te_usable(), reason="needs Transformer Engine and an FP8-capable GPU")
+
+
+def _gpu_tiny(**changes) -> ModelConfig:
+    # TE's FP8 GEMMs need dimensions divisible by 16.
+    return ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=4,
+                       group_query_attention=True, num_query_groups=2, vocab_size=1024, **changes)
+
+
+def _walk_tokens(batch: int = 8, seq: int = 256) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    starts = torch.randint(0, 1024, (batch, 1), device="cuda", generator=gen)
+    return (starts + torch.arange(seq + 1, device="cuda")) % 1024
+
+
+@needs_te
+def test_te_model_keeps_our_parameters():
+    from megatron_code.model.gpt import GPTModel
+    from megatron_code.model.te_linear import te_linears
+
+    ours = GPTModel(_gpu_tiny(fp8_format="hybrid"), init_seed=3)
+    te = GPTModel(_gpu_tiny(fp8_format="hybrid", fp8_backend="te", num_layers_at_start_in_bf16=1), init_seed=3)
+    assert {k: v.shape for k, v in te.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    for name, value in te.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name]), name
+    assert len(te_linears(te)) == 4 * 3  # four GEMMs in each FP8 layer, none in the BF16 first layer
+
+
+def _losses_and_grads(config: ModelConfig, tokens: torch.Tensor):
+    from megatron_code.model.gpt import GPTModel
+
+    model = GPTModel(config, init_seed=7).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(tokens[:, :-1], labels=tokens[:, 1:])
+    losses.mean().backward()
+    return losses.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@needs_te
+def test_te_fp8_matches_the_torch_fp8_backend():
+    """Same weights, same batch, current scaling in both: per-token losses and gradients agree to
+    FP8 precision (the two backends round the same values; only their GEMM kernels differ)."""
+    tokens = _walk_tokens()
+    ours, ours_grads = _losses_and_grads(_gpu_tiny(fp8_format="hybrid", fp8_recipe="tensorwise"), tokens)
+    te, te_grads = _losses_and_grads(
+        _gpu_tiny(fp8_format="hybrid", fp8_recipe="tensorwise", fp8_backend="te"), tokens)
+    assert (te - ours).abs().mean() < 0.01 * ours.mean()
+    for name, grad in ours_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten().float(), te_grads[name].flatten().float(), 0)
+        assert cosine > 0.98, (name, cosine.item())
+
+
+@needs_te
+def test_te_fp8_tiny_model_tracks_bf16_over_50_steps():
+    from tests.test_fp8 import train_tiny
+    from tests.test_fp8_cuda import FP8_VS_BF16_TOLERANCE
+
+    tokens = _walk_tokens()
+    bf16 = train_tiny(_gpu_tiny(), tokens, 50, lr=1e-3, init_seed=7, bf16=True)
+    fp8 = train_tiny(_gpu_tiny(fp8_format="hybrid", fp8_backend="te"), tokens, 50, lr=1e-3, init_seed=7, bf16=True)
+    assert fp8[-1] < fp8[0] * 0.5
+    tail = [abs(a - b) / max(b, 0.5) for a, b in zip(fp8[-10:], bf16[-10:])]
+    assert sum(tail) / len(tail) < FP8_VS_BF16_TOLERANCE, (bf16[-10:], fp8[-10:])
+
+
+@needs_te
+def test_te_fp8_run_resumes_exactly(fixture_data, tmp_path):
+    """TE's FP8 metadata (amax histories and scales) goes into the checkpoint's per-rank fp8/
+    files: a run saved at step 3 and resumed continues with the scales the uninterrupted run has."""
+    from tests.conftest import run_training, tiny_run
+
+    values = tiny_run(fixture_data, fp8_format="hybrid", fp8_backend="te", bf16=True, train_iters=6,
+                      lr_warmup_iters=1, micro_batch_size=2, global_batch_size=4, seq_length=64)
+    full = run_training(values)
+    ckpt = str(tmp_path / "ckpt")
+    first = run_training({**values, "save": ckpt, "exit_interval": 3})
+    resumed = run_training({**values, "save": ckpt, "load": ckpt})
+    assert [r["loss"] for r in first + resumed] == [r["loss"] for r in full]
