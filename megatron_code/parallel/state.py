@@ -57,6 +57,9 @@ class ParallelState:
     dp: int = 1
     sequence_parallel: bool = False
     mesh: DeviceMesh | None = field(default=None, repr=False)
+    flattened: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+    """Meshes of combined dimensions ("dp_cp", "dp_cp_tp"), kept here: torch deprecates slicing
+    them back out of the root mesh."""
 
     @property
     def world_size(self) -> int:
@@ -95,7 +98,7 @@ class ParallelState:
         are reduced over data-parallel x context-parallel."""
         if self.mesh is None:
             return None
-        return self.mesh["dp_cp"].get_group() if self.cp > 1 else self.dp_group
+        return self.flattened["dp_cp"].get_group() if self.cp > 1 else self.dp_group
 
     @property
     def amax_group(self):
@@ -104,11 +107,10 @@ class ParallelState:
         for); None in a 1-process run."""
         if self.mesh is None:
             return None
-        try:
-            return self.mesh["dp_cp_tp"].get_group()
-        except KeyError:
+        if "dp_cp_tp" not in self.flattened:
             raise RuntimeError("this ParallelState was built without the FP8 amax-reduction group: "
-                               "call build_parallel_state(..., fp8_amax_group=True)") from None
+                               "call build_parallel_state(..., fp8_amax_group=True)")
+        return self.flattened["dp_cp_tp"].get_group()
 
     @property
     def dp_rank(self) -> int:
@@ -201,8 +203,10 @@ def build_parallel_state(config: ParallelConfig, device: torch.device, fp8_amax_
     fp8_amax_group, also the data x context x tensor-parallel group (ParallelState.amax_group)."""
     pp, dp, cp, tp = rank_grid(config, dist.get_world_size()).shape
     mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIM_NAMES)
+    flattened = {}
     if cp > 1:
-        mesh["dp", "cp"]._flatten("dp_cp")  # registers the combined group on the root mesh
+        flattened["dp_cp"] = mesh["dp", "cp"]._flatten("dp_cp")
     if fp8_amax_group:
-        mesh["dp", "cp", "tp"]._flatten("dp_cp_tp")
-    return ParallelState(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=config.sequence_parallel, mesh=mesh)
+        flattened["dp_cp_tp"] = mesh["dp", "cp", "tp"]._flatten("dp_cp_tp")
+    return ParallelState(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=config.sequence_parallel, mesh=mesh,
+                         flattened=flattened)
