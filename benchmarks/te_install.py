@@ -14,7 +14,7 @@ GPU machine"):
   imports (pydantic, einops...), as cp312 wheels;
 - the transformer_engine_torch sdist and cuDNN frontend's headers: the torch extension has no
   prebuilt wheel for that machine's torch, so it is compiled there, against its torch, CUDA toolkit
-  and the CUDA libraries' headers that torch's nvidia-* packages ship (33 C++ files, no CUDA code).
+  and the CUDA libraries' headers that torch's nvidia-* packages ship (32 C++ files, no CUDA code).
 """
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def install_wheels(carry: str, site: str) -> None:
 def include_dirs(build: str) -> list[str]:
     """The CUDA toolkit's headers, those of the CUDA libraries torch's nvidia-* packages ship
     (cuDNN, NCCL, cuBLAS...), cuDNN frontend's and TE's own."""
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    from torch.utils.cpp_extension import CUDA_HOME  # CUDA_HOME, else where nvcc is, else /usr/local/cuda
+
+    cuda_home = os.environ.get("CUDA_HOME") or CUDA_HOME or "/usr/local/cuda"
     dirs = [os.path.join(cuda_home, "include")]
     for path in [sysconfig.get_paths()["purelib"], *sys.path]:
         dirs += sorted(glob.glob(os.path.join(path, "nvidia", "*", "include")))
