@@ -51,7 +51,7 @@ def build_recipe(config):
     recipe_class = getattr(recipes, name, None)
     if recipe_class is None:
         raise ConfigError(f"--fp8-recipe {config.fp8_recipe} needs Transformer Engine's recipe.{name}, "
-                          "which this version lacks (it came with 2.2): upgrade transformer-engine.")
+                          "which this version lacks: upgrade transformer-engine.")
     return recipe_class(**{**kwargs, "fp8_format": recipes.Format[kwargs["fp8_format"]]})
 
 
@@ -62,7 +62,7 @@ class TEFp8Region:
         te = importlib.import_module("transformer_engine.pytorch")
         self.recipe = build_recipe(config)
         self.amax_group = parallel.amax_group
-        if hasattr(te, "autocast"):  # TE >= 2.9
+        if hasattr(te, "autocast"):  # TE 2.20 has both names; fp8_autocast is the older one and warns
             self.enter = lambda: te.autocast(enabled=True, recipe=self.recipe,
                                              amax_reduction_group=self.amax_group)
         else:
@@ -81,10 +81,10 @@ def fp8_region(config, parallel: ParallelState, has_te_layers: bool):
 
 
 class TELinear(nn.Module):
-    """One of our linear layers (the module that owns `weight`) run by a private te.Linear.
+    """The GEMM of one of our linear layers, run by a private te.Linear.
 
-    `weight` is the owner's parameter; `view` turns it into the [out, in] matrix TE multiplies
-    (GateUpLinear's [2, ffn/tp, h] -> [2 ffn/tp, h]: gate rows, then up rows)."""
+    The owner passes its parameter at each call as the [out, in] matrix TE multiplies: the
+    parameter itself, or GateUpLinear's [2, ffn/tp, h] viewed as [2 ffn/tp, h] (gate rows, then up)."""
 
     def __init__(self, in_features: int, out_features: int, mode: str, parallel: ParallelState,
                  params_dtype: torch.dtype):
@@ -112,7 +112,7 @@ def te_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m.te_linear for name, m in model.named_modules() if isinstance(m, TELinear)}
 
 
-# TE >= 2.20 refuses to unpickle delayed-scaling extra state unless this is set (its payload is a
+# TE 2.20 refuses to unpickle delayed-scaling extra state unless this is set (its payload is a
 # pickle). Ours comes from this run's own checkpoint files, which checkpointing.py already loads
 # with torch.load(weights_only=False): the same trust, granted for the duration of the load.
 UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
