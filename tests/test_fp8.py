@@ -195,3 +195,15 @@ def test_fp8_run_resumed_from_a_bf16_checkpoint_starts_its_histories_afresh(fixt
     resumed = run_training({**values, "load": values["save"], "fp8_format": "hybrid"})
     assert [r["step"] for r in resumed] == [4]
     assert "FP8 amax histories not restored (the checkpoint has none)" in capsys.readouterr().out
+
+
+def test_fp8_histories_saved_under_another_format_are_not_restored(fixture_data, tmp_path, capsys):
+    """A scale made for hybrid's E5M2 gradients (max 57344) would overflow E4M3 (max 448)."""
+    values = tiny_run(fixture_data, fp8_format="hybrid", train_iters=4, lr_warmup_iters=1, micro_batch_size=2,
+                      global_batch_size=4, seq_length=64, save=str(tmp_path / "ckpt"))
+    run_training({**values, "exit_interval": 3})
+    capsys.readouterr()
+    resumed = run_training({**values, "load": values["save"], "fp8_format": "e4m3"})
+    assert [r["step"] for r in resumed] == [4]
+    assert ("FP8 amax histories not restored (saved with other FP8 settings: --fp8-format hybrid (now e4m3))"
+            in capsys.readouterr().out)

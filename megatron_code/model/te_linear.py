@@ -106,6 +106,12 @@ class TELinear(nn.Module):
         first = weight_casts.first_use(self) if weight_casts is not None else None
         return linear(x, is_first_microbatch=first)
 
+    def release_step_state(self) -> None:
+        """At the end of a training step: free the FP8 weight (and its transpose) TE cached for the
+        step's other micro-batches, 2 bytes per weight element, as the torch backend frees its
+        casts; the next step's first micro-batch casts again."""
+        self.te_linear._fp8_workspaces.clear()
+
 
 def te_linears(model: nn.Module) -> dict[str, nn.Module]:
     """{module name: te.Linear} of a model's TE-run layers, in module order (no TE import)."""

@@ -61,6 +61,14 @@ class StepWeightCasts:
         self.copies[key] = (owner, None)
         return True
 
+    def end_step(self) -> None:
+        """Drop the step's copies; owners that first_use saw release their own per-step state
+        (te_linear.TELinear: Transformer Engine's cached FP8 weight)."""
+        for (_, kind), (owner, _) in self.copies.items():
+            if kind == "first-use" and hasattr(owner, "release_step_state"):
+                owner.release_step_state()
+        self.copies.clear()
+
 
 @contextmanager
 def cached_weight_casts(model: nn.Module):
@@ -76,7 +84,7 @@ def cached_weight_casts(model: nn.Module):
     finally:
         for cache in caches:
             cache.active = False
-            cache.copies.clear()
+            cache.end_step()
         for scales in histories:
             scales.active = False
             scales.advance()

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+from megatron_code.model.config import ModelConfig
 from megatron_code.model.te_linear import load_te_fp8_state, te_fp8_state, te_linears
 from megatron_code.parallel.fused_wgrad import fp8_histories
 from megatron_code.parallel.state import ParallelState
@@ -366,8 +367,8 @@ def _save_fp8_state(tmp_dir: str, model, parallel: ParallelState) -> None:
     histories, te_layers = fp8_histories(model), te_linears(model)
     if histories or te_layers:
         os.makedirs(os.path.join(tmp_dir, "fp8"), exist_ok=True)
-        torch.save({"layout": _parallel_layout(parallel), "histories": [h.state_dict() for h in histories],
-                    "te": te_fp8_state(model)}, _fp8_file(tmp_dir))
+        torch.save({"layout": _parallel_layout(parallel), "settings": _fp8_settings(model),
+                    "histories": [h.state_dict() for h in histories], "te": te_fp8_state(model)}, _fp8_file(tmp_dir))
 
 
 def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
@@ -380,7 +381,7 @@ def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
         return
     path = _fp8_file(ckpt)
     saved = torch.load(path, weights_only=False) if os.path.exists(path) else None
-    why = _fp8_state_mismatch(saved, histories, te_layers, parallel)
+    why = _fp8_state_mismatch(saved, histories, te_layers, parallel, _fp8_settings(model))
     if why is not None:
         if _rank() == 0:
             print(f"FP8 amax histories not restored ({why}): the first step starts them afresh", flush=True)
@@ -392,13 +393,26 @@ def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
         load_te_fp8_state(model, saved["te"])
 
 
-def _fp8_state_mismatch(saved, histories, te_layers, parallel: ParallelState) -> str | None:
+def _fp8_settings(model) -> dict:
+    """The FP8 flags a saved scale depends on (a scale made for e5m2 gradients overflows e4m3)."""
+    config = next(m.config for m in model.modules() if isinstance(getattr(m, "config", None), ModelConfig))
+    return {name: getattr(config, name) for name in FP8_STATE_FLAGS}
+
+
+FP8_STATE_FLAGS = ("fp8_format", "fp8_recipe", "fp8_margin", "fp8_backend", "fp8_amax_compute_algo")
+
+
+def _fp8_state_mismatch(saved, histories, te_layers, parallel: ParallelState, settings: dict) -> str | None:
     """Why a saved FP8 state cannot be restored into this model (None when it can)."""
     layout = _parallel_layout(parallel)
     if saved is None:
         return "the checkpoint has none"
     if saved["layout"] != layout:
         return f"saved under {saved['layout']}, this run is {layout}"
+    changed = {k: (v, settings[k]) for k, v in saved.get("settings", settings).items() if settings.get(k) != v}
+    if changed:
+        return "saved with other FP8 settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {old} (now {new})" for k, (old, new) in changed.items())
     if sorted(saved.get("te", {})) != sorted(te_layers):
         return "saved with another --fp8-backend or other layers in FP8"
     fits = ([s["slots"] for s in saved["histories"]] == [len(h.targets) for h in histories]
