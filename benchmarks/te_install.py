@@ -2,19 +2,19 @@
 
     python3 benchmarks/te_install.py --site /tmp/site      # then PYTHONPATH=/tmp/site:. ...
 
-What `.te/` holds (git-ignored; how to rebuild it: docs/profiling.md, "Transformer Engine on the lent
-GPU machine"):
+What `.te/` holds (git-ignored; benchmarks/te_prepare_carry.py writes it, docs/profiling.md):
 
 - transformer_engine_cu13 (the core library) with the cubins of GPU architectures other than sm_90
-  zeroed (benchmarks/te_prune_fatbin.py). The runtime loads the sm_90 cubin on an H100/H200 and never
-  reads the others; the zeros compress away, so the 276 MB wheel becomes 32 MB and fits the
-  device tool's 64 MiB carry. On another GPU architecture this library fails to load its kernels;
+  zeroed (te_prepare_carry.prune_fatbin). The runtime loads the sm_90 cubin on an H100/H200 and
+  never reads the others; the zeros compress away, so the 276 MB wheel becomes 32 MB and fits the
+  device tool's 64 MiB carry. On another GPU architecture this library cannot run its kernels;
   use the unpruned wheel there;
 - the transformer_engine metapackage (TE checks that it is installed) and the Python packages TE
   imports (pydantic, einops...), as cp312 wheels;
-- the transformer_engine_torch sdist and cuDNN frontend's headers: the torch extension has no
-  prebuilt wheel for that machine's torch, so it is compiled there, against its torch, CUDA toolkit
-  and the CUDA libraries' headers that torch's nvidia-* packages ship (32 C++ files, no CUDA code).
+- the transformer_engine_torch sdist, cuDNN frontend's headers, and cuDNN's and NCCL's headers
+  (searched last: for a machine whose torch came without them). The torch extension has no prebuilt
+  wheel for that machine's torch, so it is compiled there against its torch, CUDA toolkit and the
+  CUDA libraries' headers that torch's nvidia-* packages ship (32 C++ files, no CUDA code).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def include_dirs(build: str) -> list[str]:
     source = os.path.join(build, SDIST)
     dirs += [os.path.join(source, d) for d in ("common_headers", "common_headers/common",
                                                  "common_headers/common/include", "csrc")]
+    dirs.append(os.path.join(build, "fallback_include"))  # carried cuDNN/NCCL headers, where the machine has none
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
@@ -63,8 +64,10 @@ def build_extension(carry: str, site: str, build: str, jobs: int) -> None:
     os.makedirs(build, exist_ok=True)
     with tarfile.open(os.path.join(carry, f"{SDIST}.tar.gz")) as tar:
         tar.extractall(build, filter="data")
-    with tarfile.open(glob.glob(os.path.join(carry, "cudnn_frontend-*-include.tar.gz"))[0]) as tar:
-        tar.extractall(build, filter="data")
+    for archive in glob.glob(os.path.join(carry, "cudnn_frontend-*-include.tar.gz")) + glob.glob(
+            os.path.join(carry, "cuda_fallback_headers.tar.gz")):
+        with tarfile.open(archive) as tar:
+            tar.extractall(build, filter="data")
     sources = sorted(glob.glob(os.path.join(build, SDIST, "csrc", "**", "*.cpp"), recursive=True))
     extension = CppExtension(name="transformer_engine_torch", sources=sources, include_dirs=include_dirs(build),
                              extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden", "-g0"]})

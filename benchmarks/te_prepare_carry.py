@@ -86,7 +86,7 @@ def repack_wheel(source: str, target: str, member: str, data: bytes) -> None:
 def download(packages: list[str], dest: str, cp312: bool, deps: bool = False) -> None:
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", dest]
     if cp312:
-        command += ["--python-version", "3.12", "--platform", "manylinux_2_28_x86_64",
+        command += ["--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
                     "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64"]
     command += [] if deps else ["--no-deps"]
     subprocess.run(command + packages, check=True)
@@ -123,23 +123,30 @@ def main(argv=None) -> None:
         shutil.copy(glob.glob(os.path.join(tmp, "transformer_engine-*.whl"))[0], args.out)
         download(list(RUNTIME_DEPS), os.path.join(args.out, "deps"), cp312=True, deps=True)
         download_sdist("transformer-engine-torch", TE_VERSION, args.out)
-        download(["nvidia-cudnn-frontend"], tmp, cp312=True)
-        _headers_archive(glob.glob(os.path.join(tmp, "nvidia_cudnn_frontend-*.whl"))[0], args.out)
+        download(["nvidia-cudnn-frontend", "nvidia-cudnn-cu13", "nvidia-nccl-cu13"], tmp, cp312=True)
+        frontend = glob.glob(os.path.join(tmp, "nvidia_cudnn_frontend-*.whl"))
+        version = os.path.basename(frontend[0]).split("-")[1]
+        headers_archive(frontend, os.path.join(args.out, f"cudnn_frontend-{version}-include.tar.gz"), "include")
+        # cuDNN's and NCCL's own headers, searched last: for a machine whose torch came without them.
+        libraries = glob.glob(os.path.join(tmp, "nvidia_cudnn_cu13-*.whl")) + glob.glob(
+            os.path.join(tmp, "nvidia_nccl_cu13-*.whl"))
+        headers_archive(libraries, os.path.join(args.out, "cuda_fallback_headers.tar.gz"), "fallback_include")
     total = sum(os.path.getsize(p) for p in glob.glob(os.path.join(args.out, "**", "*"), recursive=True))
     print(f"{args.out}/: {total / 2**20:.1f} MiB")
 
 
-def _headers_archive(wheel_path: str, out: str) -> None:
-    """cudnn_frontend-<version>-include.tar.gz: the wheel's include/ directory (all the build needs)."""
-    version = os.path.basename(wheel_path).split("-")[1]
-    with zipfile.ZipFile(wheel_path) as wheel, tarfile.open(
-            os.path.join(out, f"cudnn_frontend-{version}-include.tar.gz"), "w:gz") as tar:
-        for name in wheel.namelist():
-            if name.startswith("include/") and not name.endswith("/"):
-                data = wheel.read(name)
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+def headers_archive(wheels: list[str], archive: str, root: str) -> None:
+    """A .tar.gz of the headers under the wheels' include/ directories, all placed under `root`/."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for wheel_path in wheels:
+            with zipfile.ZipFile(wheel_path) as wheel:
+                for name in wheel.namelist():
+                    _, found, relative = name.partition("include/")
+                    if found and relative and not name.endswith("/"):
+                        data = wheel.read(name)
+                        info = tarfile.TarInfo(f"{root}/{relative}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
 
 
 if __name__ == "__main__":
