@@ -58,6 +58,8 @@ def include_dirs(build: str) -> list[str]:
 
 def build_extension(carry: str, site: str, build: str, jobs: int) -> None:
     """Compile transformer_engine_torch into `site`, as TE's own setup does (a torch CppExtension)."""
+    sys.path.insert(0, site)  # the carried setuptools and ninja, where the machine has none
+    os.environ["PATH"] = f"{os.path.join(site, 'bin')}{os.pathsep}{os.environ['PATH']}"
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 

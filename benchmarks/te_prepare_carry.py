@@ -1,7 +1,7 @@
 """Prepare `.te/`: Transformer Engine for the lent GPU machine (H100/H200, Python 3.12, CUDA 13),
 small enough for the device tool's 64 MiB carry. Runs on a development machine (it downloads).
 
-    python3 benchmarks/te_prepare_carry.py            # writes .te/ (about 36 MB; git-ignored)
+    python3 benchmarks/te_prepare_carry.py            # writes .te/ (about 37 MiB; git-ignored)
     # on the GPU machine: python3 benchmarks/te_install.py --site /tmp/site
 
 The core wheel's library is 327 MB, 263 MB of it cubins for eight GPU architectures (sm_75 to
@@ -30,8 +30,9 @@ import zipfile
 TE_VERSION = "2.20.2"
 CORE_LIBRARY = "transformer_engine/wheel_lib/libtransformer_engine.so"
 FATBIN_MAGIC = 0xBA55ED50
-# What `import transformer_engine.pytorch` needs beyond torch and numpy (cp312 wheels).
-RUNTIME_DEPS = ("pydantic", "einops")
+# What `import transformer_engine.pytorch` needs beyond torch and numpy, and what building its torch
+# extension needs beyond a compiler, in case that machine's Python lacks them (cp312 wheels).
+CARRIED_PACKAGES = ("pydantic", "einops", "setuptools", "ninja")
 
 
 def fatbin_section(elf: bytes) -> tuple[int, int]:
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
         print(f"{CORE_LIBRARY}: kept {kept / 2**20:.1f} MiB of cubins, zeroed {zeroed / 2**20:.1f} MiB")
         repack_wheel(core, os.path.join(args.out, os.path.basename(core)), CORE_LIBRARY, bytes(library))
         shutil.copy(glob.glob(os.path.join(tmp, "transformer_engine-*.whl"))[0], args.out)
-        download(list(RUNTIME_DEPS), os.path.join(args.out, "deps"), cp312=True, deps=True)
+        download(list(CARRIED_PACKAGES), os.path.join(args.out, "deps"), cp312=True, deps=True)
         download_sdist("transformer-engine-torch", TE_VERSION, args.out)
         download(["nvidia-cudnn-frontend", "nvidia-cudnn-cu13", "nvidia-nccl-cu13"], tmp, cp312=True)
         frontend = glob.glob(os.path.join(tmp, "nvidia_cudnn_frontend-*.whl"))
