@@ -6,7 +6,7 @@ What `.te/` holds (git-ignored; benchmarks/te_prepare_carry.py writes it, docs/p
 
 - transformer_engine_cu13 (the core library) with the cubins of GPU architectures other than sm_90
   zeroed (te_prepare_carry.prune_fatbin). The runtime loads the sm_90 cubin on an H100/H200 and
-  never reads the others; the zeros compress away, so the 276 MB wheel becomes 32 MB and fits the
+  never reads the others; the zeros compress away, so the 264 MiB wheel becomes 31 MiB and fits the
   device tool's 64 MiB carry. On another GPU architecture this library cannot run its kernels;
   use the unpruned wheel there;
 - the transformer_engine metapackage (TE checks that it is installed) and the Python packages TE

@@ -4,8 +4,8 @@ small enough for the device tool's 64 MiB carry. Runs on a development machine (
     python3 benchmarks/te_prepare_carry.py            # writes .te/ (about 37 MiB; git-ignored)
     # on the GPU machine: python3 benchmarks/te_install.py --site /tmp/site
 
-The core wheel's library is 327 MB, 263 MB of it cubins for eight GPU architectures (sm_75 to
-sm_120). `prune_fatbin` zeroes, in place, the payload of every cubin not built for the kept
+The core wheel's library is 328 MiB, 251 MiB of it cubins for eight GPU architectures (sm_75 to
+sm_120; the script prints these sizes). `prune_fatbin` zeroes, in place, the payload of every cubin not built for the kept
 architectures (default sm_90): the library keeps its layout and size, the CUDA runtime still
 picks the sm_90 cubin of each fat binary on a Hopper GPU, and the zeros compress away.
 """
@@ -119,8 +119,11 @@ def main(argv=None) -> None:
         with zipfile.ZipFile(core) as wheel:
             library = bytearray(wheel.read(CORE_LIBRARY))
         kept, zeroed = prune_fatbin(library, {int(a) for a in args.keep_archs.split(",")})
-        print(f"{CORE_LIBRARY}: kept {kept / 2**20:.1f} MiB of cubins, zeroed {zeroed / 2**20:.1f} MiB")
-        repack_wheel(core, os.path.join(args.out, os.path.basename(core)), CORE_LIBRARY, bytes(library))
+        print(f"{CORE_LIBRARY} ({len(library) / 2**20:.0f} MiB): kept {kept / 2**20:.1f} MiB of cubins, "
+              f"zeroed {zeroed / 2**20:.1f} MiB")
+        pruned = os.path.join(args.out, os.path.basename(core))
+        repack_wheel(core, pruned, CORE_LIBRARY, bytes(library))
+        print(f"core wheel: {os.path.getsize(core) / 2**20:.0f} MiB -> {os.path.getsize(pruned) / 2**20:.0f} MiB")
         shutil.copy(glob.glob(os.path.join(tmp, "transformer_engine-*.whl"))[0], args.out)
         download(list(CARRIED_PACKAGES), os.path.join(args.out, "deps"), cp312=True, deps=True)
         download_sdist("transformer-engine-torch", TE_VERSION, args.out)

@@ -134,10 +134,15 @@ def test_te_model_keeps_our_parameters():
 def _losses_and_grads(config: ModelConfig, tokens: torch.Tensor):
     from megatron_code.model.gpt import GPTModel
 
+    from megatron_code.model.te_linear import te_linears
+
     model = GPTModel(config, init_seed=7).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses = model(tokens[:, :-1], labels=tokens[:, 1:])
     losses.mean().backward()
+    # Under --fp8-backend te every FP8 GEMM ran in a te.Linear, in FP8 (TE sets .fp8 from its autocast).
+    linears = te_linears(model)
+    assert (config.fp8_backend == "te") == bool(linears) and all(linear.fp8 for linear in linears.values())
     return losses.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 

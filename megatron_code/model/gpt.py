@@ -134,7 +134,7 @@ class GPTModel(nn.Module):
         layer_indices = range(config.num_layers) if layer_indices is None else layer_indices
         self.decoder = TransformerBlock(config, parallel, layer_indices, post_process)
         fp8_layers = enable_fp8(self.decoder.layers, config, parallel)
-        self.decoder.fp8_region = fp8_region(config, parallel, config.fp8_backend == "te" and fp8_layers > 0)
+        self.decoder.fp8_region = fp8_region(config, parallel, fp8_layers)
         self.set_gradient_accumulation_fusion(config.gradient_accumulation_fusion)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights and post_process:

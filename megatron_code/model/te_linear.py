@@ -19,6 +19,7 @@ Nothing here imports Transformer Engine until a TE layer is built; ModelConfig.v
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from contextlib import nullcontext
@@ -55,29 +56,17 @@ def build_recipe(config):
     return recipe_class(**{**kwargs, "fp8_format": recipes.Format[kwargs["fp8_format"]]})
 
 
-class TEFp8Region:
-    """A factory of the `te.autocast` context one forward of a block's FP8 layers runs in."""
-
-    def __init__(self, config, parallel: ParallelState):
-        te = importlib.import_module("transformer_engine.pytorch")
-        self.recipe = build_recipe(config)
-        self.amax_group = parallel.amax_group
-        if hasattr(te, "autocast"):  # TE 2.20 has both names; fp8_autocast is the older one and warns
-            self.enter = lambda: te.autocast(enabled=True, recipe=self.recipe,
-                                             amax_reduction_group=self.amax_group)
-        else:
-            self.enter = lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.amax_group)
-
-    def __call__(self):
-        return self.enter()
-
-
-def fp8_region(config, parallel: ParallelState, has_te_layers: bool):
-    """What TransformerBlock.forward enters around its layers: a TEFp8Region when it holds TE
-    layers, else a no-op."""
-    if has_te_layers:
-        return TEFp8Region(config, parallel)
-    return nullcontext
+def fp8_region(config, parallel: ParallelState, fp8_layers: int):
+    """What TransformerBlock.forward enters around its layers: under --fp8-backend te with FP8
+    layers, a factory of the `te.autocast` context (amaxes reduced over ParallelState.amax_group);
+    else a no-op."""
+    if config.fp8_backend != "te" or not fp8_layers:
+        return nullcontext
+    te = importlib.import_module("transformer_engine.pytorch")
+    recipe, group = build_recipe(config), parallel.amax_group
+    if hasattr(te, "autocast"):  # TE 2.20 has both names; fp8_autocast is the older one and warns
+        return functools.partial(te.autocast, enabled=True, recipe=recipe, amax_reduction_group=group)
+    return functools.partial(te.fp8_autocast, enabled=True, fp8_recipe=recipe, fp8_group=group)
 
 
 class TELinear(nn.Module):

@@ -393,13 +393,13 @@ def _restore_fp8_state(ckpt: str, model, parallel: ParallelState) -> None:
         load_te_fp8_state(model, saved["te"])
 
 
+FP8_STATE_FLAGS = ("fp8_format", "fp8_recipe", "fp8_margin", "fp8_backend", "fp8_amax_compute_algo")
+
+
 def _fp8_settings(model) -> dict:
     """The FP8 flags a saved scale depends on (a scale made for e5m2 gradients overflows e4m3)."""
     config = next(m.config for m in model.modules() if isinstance(getattr(m, "config", None), ModelConfig))
     return {name: getattr(config, name) for name in FP8_STATE_FLAGS}
-
-
-FP8_STATE_FLAGS = ("fp8_format", "fp8_recipe", "fp8_margin", "fp8_backend", "fp8_amax_compute_algo")
 
 
 def _fp8_state_mismatch(saved, histories, te_layers, parallel: ParallelState, settings: dict) -> str | None:
