@@ -195,12 +195,23 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
 
 
 def throughput_ours_te(num_layers: int, args) -> list[dict]:
-    """The FP8 row with Transformer Engine's GEMMs (--fp8-backend te), where TE imports."""
+    """The FP8 rows with Transformer Engine's GEMMs (--fp8-backend te), where TE imports: with TE's
+    gradient-accumulation fusion (`ours-te`) and without (`ours-te-unfused`), on the same weights."""
     if not package_imports("transformer_engine.pytorch"):
         print("  ours-te: skipped (Transformer Engine does not import here)", flush=True)
         return []
     config = seven_b_config(num_layers, max(args.seqs)).replace(fp8_format="hybrid", fp8_backend="te")
-    return timed_rows("ours-te", "fp8", lambda: GPTModel(config, init_seed=1).cuda(), ours_step, config, args)
+    model = GPTModel(config, init_seed=1).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    rows = []
+    for seq in args.seqs:
+        tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
+        for name, fusion in (("ours-te", True), ("ours-te-unfused", False)):
+            model.set_gradient_accumulation_fusion(fusion)
+            rows.append(measure(name, "fp8", ours_step(model, optimizer, tokens, args.accumulation), config, seq, args))
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return rows
 
 
 def throughput_hf(num_layers: int, args) -> list[dict]:
@@ -299,9 +310,14 @@ def main(argv=None) -> dict:
                         help="Micro-batches (of one sequence) per optimizer step, as in real pretraining.")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="Which of our model's rows to time (default all).")
-    parser.add_argument("--skip", nargs="*", default=[],
+    parser.add_argument("--skip", nargs="*", action="extend", default=None,
                         choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels"])
+    parser.add_argument("--merge", nargs="+", metavar="GPU_CHECK_JSON",
+                        help="Print one table of the rows of earlier runs' gpu_check.json files (same card), run nothing.")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge)
+    args.skip = args.skip or []
     os.makedirs(args.out, exist_ok=True)
     layers = layers_that_fit(args.max_layers, max(args.seqs))
     result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
@@ -332,11 +348,31 @@ def main(argv=None) -> dict:
     return result
 
 
+def merge_results(paths: list[str]) -> dict:
+    """The runs' results as one (rows of each section concatenated), printed as one table: the
+    phases of benchmarks/gpu_session.sh, which times TE's rows in a second process."""
+    runs = [json.load(open(path)) for path in paths if os.path.exists(path)]
+    if not runs:
+        sys.exit(f"none of {paths} exists")
+    merged = dict(runs[0])
+    for run in runs[1:]:
+        if run["device"] != merged["device"] or run["layers"] != merged["layers"]:
+            sys.exit(f"{paths}: runs on different cards or layer counts cannot share a table")
+        for key, value in run.items():
+            if isinstance(value, list) and isinstance(merged.get(key), list):
+                merged[key] = merged[key] + value
+            else:
+                merged.setdefault(key, value)
+    print_comparison(merged)
+    return merged
+
+
 def print_comparison(result: dict) -> None:
     """Markdown table: each of our rows next to transformers' BF16 row of the same sequence length."""
     ours, theirs = result.get("ours"), result.get("transformers")
-    if not isinstance(ours, list) or not isinstance(theirs, list):
+    if not isinstance(ours, list):
         return
+    theirs = theirs if isinstance(theirs, list) else []
     if isinstance(result.get("ours_te"), list):
         ours = ours + result["ours_te"]
     hf = {row["seq"]: row for row in theirs}

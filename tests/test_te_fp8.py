@@ -208,3 +208,48 @@ def test_te_fp8_run_resumes_exactly(fixture_data, tmp_path):
     first = run_training({**values, "save": ckpt, "exit_interval": 3})
     resumed = run_training({**values, "save": ckpt, "load": ckpt})
     assert [r["loss"] for r in first + resumed] == [r["loss"] for r in full]
+
+
+def _te_step_grads(model, tokens: torch.Tensor) -> dict:
+    """Gradients of one trainer-style step (two micro-batches in the step context)."""
+    from megatron_code.parallel.fused_wgrad import cached_weight_casts
+
+    with cached_weight_casts(model):
+        for micro_batch in tokens.chunk(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(micro_batch[:, :-1], labels=micro_batch[:, 1:]).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@needs_te
+@pytest.mark.parametrize("grad_buffer", [False, True], ids=["grads-none", "grads-in-a-bucket"])
+def test_te_gradient_accumulation_fusion_matches_autograd_accumulation(grad_buffer):
+    """TE writing the fp32 weight gradient in place (first micro-batch) and adding into it (second)
+    gives the gradients autograd's bf16 gradients summed in fp32 give, with `.grad` absent or a view
+    of a zeroed data-parallel bucket; the post-accumulate hooks still fire once per micro-batch and
+    no `main_grad` outlives the step."""
+    from megatron_code.model.gpt import GPTModel
+    from megatron_code.model.te_linear import te_linears
+
+    model = GPTModel(_gpu_tiny(fp8_format="hybrid", fp8_recipe="tensorwise", fp8_backend="te"), init_seed=5).cuda()
+    tokens, calls = _walk_tokens(), {}
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    if grad_buffer:  # as megatron_code/parallel/grads.py: .grad views of one flat buffer, zeroed
+        flat = torch.zeros(sum(p.numel() for p in model.parameters()), device="cuda")
+        offset = 0
+        for param in model.parameters():
+            param.grad = flat[offset:offset + param.numel()].view_as(param)
+            offset += param.numel()
+    fused = _te_step_grads(model, tokens)
+    assert all(linear.fuse_wgrad_accumulation for linear in te_linears(model).values())
+    assert not any(hasattr(p, "main_grad") for p in model.parameters())
+    assert set(calls.values()) == {2}, calls
+    model.set_gradient_accumulation_fusion(False)
+    reference = _te_step_grads(model, tokens)
+    assert not any(linear.fuse_wgrad_accumulation for linear in te_linears(model).values())
+    for name, grad in reference.items():
+        error = (fused[name] - grad).norm() / grad.norm()
+        assert error < 0.02, (name, error.item())  # only the bf16 rounding of each micro-batch's gradient

@@ -33,7 +33,7 @@ class GateUpLinear(nn.Module):
         """x: [s, b, h] -> (gate, up), each [s, b, ffn / tp] (column parallel); in FP8 one tensor
         [s, b, 2 * ffn / tp] holding gate then up (kernels.swiglu_halves reads it as is)."""
         if self.te is not None:  # TE gathers a sequence-parallel input itself (in FP8)
-            return self.te(x, self.weight.flatten(0, 1), self.weight_casts)  # [2 ffn/tp, h] view
+            return self.te(x, self.weight, self.weight_casts)  # TE multiplies it as [2 ffn/tp, h]
         x = gemm_input(x, self.parallel)
         if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
             return local_linear(x, self.weight.flatten(0, 1), self.fp8, self.weight_casts)

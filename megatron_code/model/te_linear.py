@@ -86,20 +86,42 @@ class TELinear(nn.Module):
         self.__dict__["te_linear"] = linear  # outside the module tree: see the module docstring
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, weight_casts: StepWeightCasts | None) -> torch.Tensor:
-        """x: [s(/tp), b, in] -> [s(/tp), b, out / tp] (column) or [s(/tp), b, out] (row). Within a
-        training step (weight_casts active), TE casts the weight to FP8 in the first micro-batch
-        and reuses the cast in the others."""
+        """x: [s(/tp), b, in] -> [s(/tp), b, out / tp] (column) or [s(/tp), b, out] (row); weight:
+        the owner's parameter ([out, in], or GateUpLinear's [2, ffn/tp, h]). Within a training step
+        (weight_casts active), TE casts the weight to FP8 in the first micro-batch and reuses the
+        cast in the others, and writes the weight gradient into the fp32 `.grad` itself."""
         linear = self.te_linear
-        linear._parameters["weight"] = weight  # ours, lent for this call (TE reads getattr(self, "weight"))
-        linear.training = self.training
         first = weight_casts.first_use(self) if weight_casts is not None else None
+        lent = weight if weight.dim() == 2 else weight.flatten(0, 1)  # [2, ffn/tp, h] -> [2 ffn/tp, h]: gate, up rows
+        fuse = first is not None and torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf
+        if fuse:
+            lent = self._lend_gradient(weight, weight_casts.memo(weight, "te-lent", lambda: lent), first)
+        linear.fuse_wgrad_accumulation = fuse  # read by te.Linear at each call
+        linear._parameters["weight"] = lent  # ours, lent for this call (TE reads getattr(self, "weight"))
+        linear.training = self.training
         return linear(x, is_first_microbatch=first)
+
+    def _lend_gradient(self, weight: torch.Tensor, lent: torch.Tensor, first: bool) -> torch.Tensor:
+        """TE's gradient-accumulation fusion (Megatron-LM's): the weight-gradient GEMM writes (first
+        micro-batch) or adds (the others) its fp32 output into `lent.main_grad`, here a view of our
+        `.grad`, and returns no gradient, so autograd adds nothing (the post-accumulate hooks of the
+        data-parallel buckets still run). TE finds `main_grad` through a weak reference to the
+        tensor it was given: `lent` is the same object for the whole step (memoized by the caller)."""
+        if weight.grad is None:
+            weight.grad = torch.empty_like(weight) if first else torch.zeros_like(weight)
+        lent.main_grad = weight.grad.view(lent.shape)
+        self.__dict__["lent"] = lent  # not a submodule attribute: it may be our Parameter
+        return lent
 
     def release_step_state(self) -> None:
         """At the end of a training step: free the FP8 weight (and its transpose) TE cached for the
         step's other micro-batches, 2 bytes per weight element, as the torch backend frees its
-        casts; the next step's first micro-batch casts again."""
+        casts (the next step's first micro-batch casts again), and drop the `main_grad` reference,
+        which would keep a gradient the optimizer frees alive into the next step."""
         self.te_linear._fp8_workspaces.clear()
+        lent = self.__dict__.pop("lent", None)
+        if lent is not None and hasattr(lent, "main_grad"):
+            del lent.main_grad
 
 
 def te_linears(model: nn.Module) -> dict[str, nn.Module]:
