@@ -160,8 +160,15 @@ def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool) -> None:
 
 
 def measure(name, precision, step, config, seq, args) -> dict:
+    """The row of one timed configuration; {"error": "out of memory", ...} where it does not fit
+    (transformers' model at the longest sequence, on an 80 GB card): the other rows still run."""
     torch.cuda.reset_peak_memory_stats()
-    seconds = time_steps(step, args.warmup, args.steps)
+    try:
+        seconds = time_steps(step, args.warmup, args.steps)
+    except torch.cuda.OutOfMemoryError:
+        print(f"  {name:<15} {precision:<5} seq {seq:>5}: out of memory", flush=True)
+        return {"model": name, "precision": precision, "seq": seq, "error": "out of memory",
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     tokens_per_sec = seq * args.accumulation / seconds
     tflops = training_flops_per_token(config, seq, config.padded_vocab_size()) * tokens_per_sec / 1e12
     peak = peak_tflops(torch.device("cuda"), precision)
@@ -375,6 +382,8 @@ def print_comparison(result: dict) -> None:
     theirs = theirs if isinstance(theirs, list) else []
     if isinstance(result.get("ours_te"), list):
         ours = ours + result["ours_te"]
+    failed = [row for row in ours + theirs if "error" in row]
+    ours, theirs = [row for row in ours if "error" not in row], [row for row in theirs if "error" not in row]
     hf = {row["seq"]: row for row in theirs}
     print(f"\n{result['device']}, 7B shape x {result['layers']} layers, {result['date']}")
     print("| seq | model | precision | tokens/s | TFLOP/s | MFU | peak GiB | vs transformers | fp8 / bf16 |")
@@ -388,6 +397,8 @@ def print_comparison(result: dict) -> None:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
         print(f"| {row['seq']} | {row['model']} | {row['precision']} | {row['tokens_per_sec']:,.0f} | "
               f"{row['tflops']:.0f} | {mfu} | {row['peak_mem_gib']:.1f} | {speedup} | {fp8_gain} |")
+    for row in failed:
+        print(f"| {row['seq']} | {row['model']} | {row['precision']} | {row['error']} | | | | | |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ if [ -n "${te_pid:-}" ]; then
     wait "$te_pid" && echo "Transformer Engine built" || echo "Transformer Engine build failed: $out/te_install.log"
     tail -3 "$out/te_install.log"
     export PYTHONPATH=/tmp/te_site:$PYTHONPATH
-    python3 -c "import transformer_engine.pytorch as te; print('transformer_engine', te.__version__)" 2>&1 | tail -2
+    python3 -c "import importlib.metadata as m, transformer_engine.pytorch; print('transformer_engine', m.version('transformer_engine'))" 2>&1 | tail -2
 fi
 timeout 330 python3 benchmarks/gpu_check.py --out "$out/phase2" --skip ours transformers "$@"
 rm -f "$out"/phase*/trace_*.json.gz  # the device tool returns 8 files at most: logs and JSON first

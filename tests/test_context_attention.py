@@ -72,3 +72,37 @@ def test_cuda_context_parallel_attention_keeps_no_mask():
     assert saved and not square, saved
     out.float().sum().backward()
     assert torch.isfinite(k.grad).all()
+
+
+def test_masked_attention_with_repeated_kv_heads_equals_grouped_query_attention():
+    """masked_sdpa's CUDA path (KV heads repeated, so a masked kernel can run) against torch's
+    enable_gqa, on CPU: same values and gradients under a document mask."""
+    from megatron_code.model.core_attention import document_causal_mask, masked_sdpa
+
+    q, k, v = (t.detach().permute(1, 2, 0, 3).requires_grad_() for t in _inputs(24))  # [b, n, s, d]
+    mask = document_causal_mask(torch.tensor([[0] * 10 + [1] * 14, [0] * 24]))
+    results = []
+    for repeat in (False, True):
+        out = masked_sdpa(q, k, v, mask, 0.0, repeat_kv=repeat)
+        grads = torch.autograd.grad((out * torch.arange(16.0)).sum(), (q, k, v))
+        results.append((out, *grads))
+    for grouped, repeated in zip(*results):
+        torch.testing.assert_close(repeated, grouped)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packed_document_attention_keeps_no_score_matrix():
+    """SFT's packed conversations (document masks) with grouped KV heads: the forward and backward
+    of one 7B-shape layer's attention at seq 4096 must not hold torch's math kernel's fp32
+    [b, nq, s, s] scores (2 GiB), which ran SFT out of memory on an H100."""
+    s = 4096
+    q, k, v = _inputs(s, "cuda", torch.bfloat16, b=1, nq=32, nkv=8, d=128)
+    segment_ids = (torch.arange(s, device="cuda") >= 1500).long()[None]  # two documents
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = SDPAttention(ModelConfig())(q, k, v, segment_ids)
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2**30, f"{extra / 2**30:.2f} GiB above the inputs"

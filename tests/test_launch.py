@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -362,6 +363,21 @@ def _signal_masks(pid: int) -> str:
         return f"unreadable ({err})"
 
 
+def _process_report(root: int) -> str:
+    """One line per process under `root`: pid, name, parent, threads, signal masks and pending
+    signals (a signal still pending a moment after delivery was blocked in every thread)."""
+    lines = []
+    for pid in _descendants(root):
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                fields = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+        except OSError:
+            continue
+        keys = ("Name", "PPid", "Threads", "SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd")
+        lines.append(f"  pid {pid}: " + " ".join(f"{key}={fields.get(key, '?').strip()}" for key in keys))
+    return "\n".join(lines)
+
+
 def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None):
     """Run launch/torchrun.sh ARGS; once step 2 is logged call deliver(process). Returns (exit code,
     output); a run that hangs is killed with everything it started."""
@@ -384,9 +400,12 @@ def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None):
             lines.append(line)
             if not delivered and re.search(r"step\s+2/\d+ \|", line):
                 masks = _signal_masks(proc.pid)  # before: a failure then shows whether bash could trap it
+                before = _process_report(proc.pid)
                 deliver(proc)
                 delivered = True
-                lines.append(f"signal sent after the line above; the launcher's masks then: {masks}\n")
+                time.sleep(0.3)
+                lines.append(f"signal sent after the line above; the launcher's masks then: {masks}\n"
+                             f"processes before:\n{before}\nprocesses 0.3 s after:\n{_process_report(proc.pid)}\n")
         return proc.wait(), "".join(lines)
     finally:
         watchdog.cancel()
@@ -405,7 +424,7 @@ def signal_run_args(data, ckpt, train_iters, **flags):
 def stopped_iteration(out: str, train_iters: int, name: str = "SIGUSR1") -> int:
     match = re.search(rf"exit signal {name}: stopped after iteration (\d+)/{train_iters}, checkpoint ", out)
     # On failure: what the launcher said it did with the signal, then the end of the run.
-    launcher = [line for line in out.splitlines() if line.startswith(("torchrun.sh:", "signal sent"))]
+    launcher = [line for line in out.splitlines() if line.startswith(("torchrun.sh:", "signal sent", "processes ", "  pid ", "received SIG"))]
     assert match, "\n".join(launcher or ["(the launcher logged nothing about the signal)"]) + "\n" + out[-3000:]
     return int(match.group(1))
 

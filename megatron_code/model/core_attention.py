@@ -43,6 +43,23 @@ def packed_cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
+def masked_sdpa(q, k, v, mask: torch.Tensor, dropout: float, repeat_kv: bool | None = None) -> torch.Tensor:
+    """SDPA with an explicit mask: q [b, nq, s, d], k/v [b, nkv, s_k, d] -> [b, nq, s, d].
+
+    On CUDA, torch's kernels that take a mask (memory-efficient, cuDNN) do not take grouped KV
+    heads (enable_gqa runs only in the flash and math kernels), and the math kernel keeps an fp32
+    [b, nq, s, s_k] score tensor per layer for backward: 2 GiB per layer at seq 4096 with 32 heads,
+    which ran SFT of the 7B shape out of memory on an H100 (2026-11-26). So there (repeat_kv,
+    default: on CUDA) the KV heads are repeated to nq, as enable_gqa would (query head i reads KV
+    head i // (nq / nkv)), and a masked kernel runs on O(s) memory."""
+    repeat_kv = q.is_cuda if repeat_kv is None else repeat_kv
+    if repeat_kv and k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # [b, nkv, s_k, d] -> [b, nq, s_k, d]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+
+
 class SDPAttention(nn.Module):
     """torch.nn.functional.scaled_dot_product_attention: runs on CPU and GPU (flash/cuDNN/efficient
     kernels are picked by torch on CUDA)."""
@@ -58,13 +75,11 @@ class SDPAttention(nn.Module):
         if cp_chunks is not None and segment_ids is None:
             out = self._context_parallel_causal(q, k, v, cp_chunks, dropout)
         elif cp_chunks is not None:
-            mask = context_parallel_mask(cp_chunks.indices, k.shape[2], segment_ids)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+            out = masked_sdpa(q, k, v, context_parallel_mask(cp_chunks.indices, k.shape[2], segment_ids), dropout)
         elif segment_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
         else:
-            mask = document_causal_mask(segment_ids)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
+            out = masked_sdpa(q, k, v, document_causal_mask(segment_ids), dropout)
         return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)  # [b, n, s, d] -> [s, b, n*d]
 
     @staticmethod
@@ -123,17 +138,27 @@ class TEAttention(nn.Module):
             num_gqa_groups=config.num_kv_heads,
             attention_dropout=config.attention_dropout,
         )
-        self.causal = te.DotProductAttention(qkv_format="sbhd", attn_mask_type="causal", **common)
-        self.packed = te.DotProductAttention(qkv_format="thd", attn_mask_type="padding_causal", **common)
+        # Outside the module tree: they hold no parameters, only FP8 metadata (`_extra_state`) that
+        # would put keys into the model's state dict the sdpa/flash backends lack, so checkpoints
+        # would not load across attention backends (found on an H100, 2026-11-26).
+        self.__dict__["te_modules"] = {
+            "causal": te.DotProductAttention(qkv_format="sbhd", attn_mask_type="causal", **common),
+            "packed": te.DotProductAttention(qkv_format="thd", attn_mask_type="padding_causal", **common),
+        }
+
+    def _attention(self, kind: str) -> nn.Module:
+        module = self.te_modules[kind]
+        module.training = self.training  # attention dropout follows our train()/eval()
+        return module
 
     def forward(self, q, k, v, segment_ids=None, cp_chunks=None):
         assert cp_chunks is None, "context parallelism runs on the sdpa or flash backend (validated earlier)"
         s, b, nq, d = q.shape
         if segment_ids is None:
-            return self.causal(q, k, v)  # [s, b, n*d]
+            return self._attention("causal")(q, k, v)  # [s, b, n*d]
         cu_seqlens, max_len = packed_cu_seqlens(segment_ids)
         q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (q, k, v))  # [t, n, d]
-        out = self.packed(
+        out = self._attention("packed")(
             q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
             max_seqlen_q=max_len, max_seqlen_kv=max_len,
         )
