@@ -44,18 +44,22 @@ from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
 from megatron_code.plan.memory import estimate_memory  # noqa: E402
 from megatron_code.training.arguments import parse_args  # noqa: E402
+from megatron_code.training.config import OptimizerConfig  # noqa: E402
 from megatron_code.training.memory_forecast import forecast  # noqa: E402
+from megatron_code.training.optimizer import adamw, parameter_groups  # noqa: E402
 from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
 
 VOCAB = 49152
-# Our model's rows: label -> (fp8, gradient-accumulation fusion, fp32 residual stream). The other
-# bf16 rows are the references the fusion and the bf16 residual stream are judged against.
-VARIANTS = {"ours:bf16": (False, True, False), "ours-unfused:bf16": (False, False, False),
-            "ours-fp32-resid:bf16": (False, True, True), "ours:fp8": (True, True, False)}
+# Our model's rows: label -> (fp8, gradient-accumulation fusion, fp32 residual stream, --optimizer-impl).
+# The other bf16 rows are the references the fusion, the bf16 residual stream and the Triton AdamW
+# step are judged against.
+VARIANTS = {"ours:bf16": (False, True, False, "auto"), "ours-unfused:bf16": (False, False, False, "auto"),
+            "ours-fp32-resid:bf16": (False, True, True, "auto"),
+            "ours-torch-adamw:bf16": (False, True, False, "torch"), "ours:fp8": (True, True, False, "auto")}
 # A lent GPU comes with minutes, not hours: a hung subprocess must not take the other sections' time.
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_te_fp8.py", "tests/test_kernels_cuda.py",
-             "tests/test_context_attention.py", "tests/test_fused_wgrad.py")
+             "tests/test_context_attention.py", "tests/test_fused_wgrad.py", "tests/test_triton_adamw.py")
 EXIT_SIGNAL_TESTS = tuple(f"tests/test_launch.py::{name}" for name in (
     "test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one",
     "test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored_or_blocked",
@@ -181,15 +185,23 @@ def measure(name, precision, step, config, seq, args) -> dict:
     return row
 
 
+def trainer_optimizer(model, impl: str):
+    """The trainer's AdamW (training/optimizer.py: decay on matrices, --optimizer-impl)."""
+    return adamw(parameter_groups(model, 0.1), OptimizerConfig(lr=1e-5, optimizer_impl=impl), on_cuda=True)
+
+
 def throughput_ours(num_layers: int, args) -> list[dict]:
     config = seven_b_config(num_layers, max(args.seqs))
     model = GPTModel(config, init_seed=1).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    optimizer, optimizer_impl = None, None
     rows = []
     for seq in args.seqs:
         tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
         for label in args.variants:
-            fp8, fusion, fp32_residual = VARIANTS[label]
+            fp8, fusion, fp32_residual, impl = VARIANTS[label]
+            if impl != optimizer_impl:  # free the old Adam state before the new one is made
+                optimizer = None
+                optimizer, optimizer_impl = trainer_optimizer(model, impl), impl
             name = label.split(":")[0]
             set_fp8(model, config, fp8)
             model.set_gradient_accumulation_fusion(fusion)  # all variants on the same weights
@@ -209,7 +221,7 @@ def throughput_ours_te(num_layers: int, args) -> list[dict]:
         return []
     config = seven_b_config(num_layers, max(args.seqs)).replace(fp8_format="hybrid", fp8_backend="te")
     model = GPTModel(config, init_seed=1).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    optimizer = trainer_optimizer(model, "auto")
     rows = []
     for seq in args.seqs:
         tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
@@ -294,13 +306,15 @@ def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str
     return result
 
 
-def run_kernel_bench(out_dir: str) -> str | None:
-    if not os.path.exists("benchmarks/bench_kernels.py"):
+def run_bench(script: str, out_dir: str) -> str | None:
+    """benchmarks/<script>.py --device cuda; its output into <script>_cuda.log and the result."""
+    path = f"benchmarks/{script}.py"
+    if not os.path.exists(path):
         return None
-    proc = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--device", "cuda"],
+    proc = subprocess.run([sys.executable, path, "--device", "cuda"],
                           capture_output=True, text=True, timeout=SECTION_TIMEOUT_S)
     text = proc.stdout + proc.stderr
-    with open(os.path.join(out_dir, "bench_kernels_cuda.log"), "w") as fh:
+    with open(os.path.join(out_dir, f"{script}_cuda.log"), "w") as fh:
         fh.write(text)
     print(proc.stdout[-6000:] or proc.stderr[-3000:])
     return text
@@ -318,7 +332,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="Which of our model's rows to time (default all).")
     parser.add_argument("--skip", nargs="*", action="extend", default=None,
-                        choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels"])
+                        choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels",
+                                 "optimizer"])
     parser.add_argument("--merge", nargs="+", metavar="GPU_CHECK_JSON",
                         help="Print one table of the rows of earlier runs' gpu_check.json files (same card), run nothing.")
     args = parser.parse_args(argv)
@@ -340,7 +355,8 @@ def main(argv=None) -> dict:
                 "sft": lambda: run_profile_command(layers, args.out, "bf16", "sft"),
                 # The frozen reference and pairs of sequences: as many layers as the planner fits.
                 "dpo": lambda: run_profile_command(dpo_layers_that_fit(args.max_layers), args.out, "bf16", "dpo"),
-                "kernels": lambda: run_kernel_bench(args.out) is not None}
+                "kernels": lambda: run_bench("bench_kernels", args.out) is not None,
+                "optimizer": lambda: run_bench("bench_optimizer", args.out)}
     for name, section in sections.items():
         if name in args.skip:
             continue

@@ -1,6 +1,7 @@
 """Launching: `mcode-train --dry-run` plans a job without starting anything and reports the layout
 the real device mesh builds; every launch script dry-runs the full 512-GPU job on CPU; the
 save-and-exit signal stops all ranks after the same step with a checkpoint that resumes exactly."""
+import ctypes
 import glob
 import json
 import os
@@ -22,7 +23,7 @@ from megatron_code.parallel.state import ParallelConfig, build_parallel_state, r
 from megatron_code.train import main
 from megatron_code.training import checkpointing
 from megatron_code.training.config import LaunchConfig
-from megatron_code.training.exit_signal import parse_exit_signal
+from megatron_code.training.exit_signal import ExitSignal, native_handler, parse_exit_signal
 from megatron_code.training.world import launched_world_size, planned_world
 from tests.conftest import TOKENIZER, run_training, tiny_run
 
@@ -134,6 +135,28 @@ def test_exit_signal_names():
         parse_exit_signal("SIGKILL")
     with pytest.raises(ConfigError, match="'SIGNOPE' is not a signal name"):
         parse_exit_signal("SIGNOPE")
+
+
+@pytest.mark.skipif(native_handler(signal.SIGUSR2) is None, reason="reads sigaction(2): Linux only")
+def test_exit_signal_reclaims_a_handler_a_native_library_installed_over_it():
+    """A library that installs its own C handler (through libc, unseen by Python's signal module)
+    swallows the request; the trainer's per-step reclaim reinstalls the handler, and only then."""
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    exit_signal = ExitSignal("SIGUSR2")
+    try:
+        assert exit_signal.reclaim() == []  # untouched: nothing reinstalled
+        libc.signal(int(signal.SIGUSR2), ctypes.c_void_p(1))  # SIG_IGN, installed natively
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert exit_signal.received == 0  # swallowed
+        assert exit_signal.reclaim() == [signal.SIGUSR2]
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.01)  # the Python handler runs at the main thread's next bytecode
+        assert exit_signal.received == signal.SIGUSR2
+        assert exit_signal.reclaim() == []
+    finally:
+        exit_signal.restore()
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
 
 
 # ---- the scripts ------------------------------------------------------------------------------
@@ -297,10 +320,10 @@ def test_profile_script_dry_run_profiles_the_pretraining_layout_on_synthetic_tok
     assert "-m torch.distributed.run --nproc-per-node=8 --nnodes=64" in out and " -m megatron_code.profile " in out
     cfg = resolved_config(out)
     assert cfg["data"]["mock_data"] and cfg["checkpoint"]["save"] is None
-    assert cfg["training"]["train_iters"] == 5 + 8 and cfg["training"]["global_batch_size"] == 1024
+    assert cfg["training"]["train_iters"] == 5 + 8 + 3 and cfg["training"]["global_batch_size"] == 1024
     assert cfg["parallel"]["use_distributed_optimizer"]  # extra arguments reach the profiler too
     logs = f"{root}/logs/profile-7b-4k-4242"
-    assert (f"5 warmup + 8 measured steps; report -> {logs}/profile.json; traces: 2 measured step(s) "
+    assert (f"5 warmup + 8 measured + 3 phase-timed steps; report -> {logs}/profile.json; traces: 2 measured step(s) "
             f"from ranks 0 -> {logs}/traces; NVTX ranges: on") in out
 
 

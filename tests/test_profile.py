@@ -32,7 +32,8 @@ def _check_report(report: dict, world_size: int, steps: int) -> None:
     assert {"forward", "backward", "optimizer", "data-wait", "other"} <= phases.keys()
     # `other` is the step minus the timed phases: the timers must account for nearly all of it.
     assert phases["forward"] > 0 and phases["backward"] > 0
-    assert phases["other"] < 0.25 * report["step_ms_median"], phases
+    assert phases["other"] < 0.25 * report["phase_step_ms_median"], phases
+    assert report["phase_steps"] == 3  # --phase-steps' default, after the measured steps
 
 
 def test_profile_command_prints_table_writes_report_and_trace(tmp_path):

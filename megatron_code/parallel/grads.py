@@ -149,13 +149,16 @@ def clip_grads_by_norm(params, max_norm: float, total_norm: torch.Tensor, optimi
 
 
 def clip_in_optimizer_step(optimizer, max_norm: float, total_norm: torch.Tensor) -> bool:
-    """Have a fused Adam/AdamW clip as it steps; False (nothing set) for any other optimizer.
+    """Have a fused Adam/AdamW (torch's, or training/optimizer.py TritonAdamW) clip as it steps;
+    False (nothing set) for any other optimizer.
 
     The fused kernel divides every gradient by `optimizer.grad_scale` when that attribute is set
     (the hook torch.amp.GradScaler unscales through), so clipping costs nothing there instead of a
     read and a write of every fp32 gradient (~8 ms of a 7B-shape step on an H200). Dividing by
     max(1, (norm + 1e-6) / max_norm) is torch's clip_grads_with_norm_ up to rounding."""
-    if optimizer is None or max_norm <= 0 or not all(g.get("fused") for g in optimizer.param_groups):
+    if optimizer is None or max_norm <= 0:
+        return False
+    if not (getattr(optimizer, "clips_in_step", False) or all(g.get("fused") for g in optimizer.param_groups)):
         return False
     optimizer.grad_scale = torch.clamp((total_norm.float() + 1e-6) / max_norm, min=1.0)
     return True

@@ -48,6 +48,9 @@ class MicroBatch:
     cp_mask_element_bytes: int | None = None
     """Bytes per element of the attention masks SDPA keeps under context parallelism off CUDA
     (torch converts bool masks to the query dtype; None: that dtype)."""
+    document_masks: bool = False
+    """Packed documents attend within themselves through SDPA with an explicit mask
+    (--reset-attention-mask, --attention-backend sdpa): see document_mask_bytes."""
 
     @property
     def tokens(self) -> int:
@@ -99,7 +102,22 @@ def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = 
     kept = mb.tokens * a * d * 2 * nq + mb.tokens * cp * a * d * 2 * nkv
     if recompute_core:
         return kept
-    return kept + mb.tokens * FP32 * nq + cp_mask_bytes(mb)
+    return kept + mb.tokens * FP32 * nq + cp_mask_bytes(mb) + document_mask_bytes(config, mb)
+
+
+def document_mask_bytes(config: ModelConfig, mb: MicroBatch) -> int:
+    """Packed documents through SDPA on CUDA (model/core_attention.py masked_sdpa): the kernels that
+    take a mask take no grouped KV heads, so k and v are repeated to nq heads and the kernel keeps
+    the repeated ones (nq - nkv heads more than kept() counts), and it keeps the bool mask turned
+    into an additive one in the query dtype, [b, s/CP, keys] per layer. H200, 7B shape, 16 layers,
+    seq 4096: 80 MiB per layer, 1.25 GiB over the unmasked run, as measured (docs/planner.md).
+    Not modeled: the CPU reference path (the math kernel, fused_kernels False)."""
+    if not (mb.document_masks and mb.fused_kernels):
+        return 0
+    _, d, nq, nkv, _ = _local(config, mb)
+    keys = mb.seq_length
+    repeated_kv = mb.micro_batch_size * keys * mb.compute_bytes * d * 2 * (nq - nkv)
+    return repeated_kv + mb.tokens * keys * mb.compute_bytes
 
 
 def cp_mask_bytes(mb: MicroBatch) -> int:

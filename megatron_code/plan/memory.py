@@ -43,6 +43,9 @@ class Execution:
     """--gradient-accumulation-fusion (the default): one bf16 copy of every layer weight, made by
     the first micro-batch and held for the whole forward-backward of the step, instead of
     autocast's copies per micro-batch in flight (and per recomputed layer)."""
+    document_masks: bool = False
+    """Packed documents attend within themselves through SDPA's explicit mask (--reset-attention-mask
+    with --attention-backend sdpa; activations.document_mask_bytes)."""
 
 
 def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
@@ -116,7 +119,8 @@ def recompute_split(layout: Layout, layers: int) -> tuple[int, int, int]:
 def micro_batch(layout: Layout, seq_length: int, execution: Execution) -> act.MicroBatch:
     return act.MicroBatch(layout.micro_batch_size, seq_length, layout.tp, layout.cp, layout.sequence_parallel,
                           execution.bf16, execution.fused_kernels, execution.fp32_residual,
-                          step_output_weight=execution.step_weight_copies and execution.bf16 and execution.fused_kernels)
+                          step_output_weight=execution.step_weight_copies and execution.bf16 and execution.fused_kernels,
+                          document_masks=execution.document_masks)
 
 
 def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatch, micro_batches: int,

@@ -5,8 +5,10 @@ after the same iteration, save (collectively) and exit 0. The handler only recor
 inside a signal handler could interrupt a collective half-way."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -31,6 +33,25 @@ def parse_exit_signal(name: str) -> signal.Signals:
     return sig
 
 
+class _SigAction(ctypes.Structure):
+    """glibc's struct sigaction on Linux (x86_64 and aarch64): handler, 1024-bit mask, flags, restorer."""
+
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p)]
+
+
+def native_handler(sig: int) -> int | None:
+    """The address of the handler the kernel will run for `sig` (0: default, 1: ignore), as
+    sigaction(2) reports it; None where it cannot be read (not Linux). Python's own record
+    (signal.getsignal) does not see a handler a native library installed over it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    action = _SigAction()
+    if ctypes.CDLL(None).sigaction(int(sig), None, ctypes.byref(action)) != 0:
+        return None
+    return action.handler or 0
+
+
 class ExitSignal:
     """Installs handlers for SIGTERM and the configured signal (restored by `restore`); `agreed`
     is the per-step collective that tells every rank whether any rank got one."""
@@ -42,11 +63,14 @@ class ExitSignal:
         self.stopped_by: signal.Signals | None = None
         """The signal all ranks agreed to stop on (the largest number any rank got)."""
         self._previous = {}
+        self._native = {}
+        """Per signal, the native handler address Python's signal.signal installed."""
         # Python allows handlers only in the main thread; a run driven from another thread keeps
         # the default actions (and never sees a request).
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._record)
+                self._native[sig] = native_handler(sig)
             # A signal mask is inherited through fork and exec: a launcher that blocked these
             # signals would make the handler unreachable, so make sure they can be delivered.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
@@ -59,8 +83,24 @@ class ExitSignal:
             # os.write: print() can fail when the signal interrupts another print.
             os.write(2, f"received {signal.Signals(signum).name}: saving and exiting after this step\n".encode())
 
+    def reclaim(self) -> list[signal.Signals]:
+        """Reinstall the handlers a native library replaced since they were installed (such a
+        library's handler swallows the request: the run would never stop); returns those signals.
+        Cheap (one sigaction(2) call per signal): the trainer calls it every step."""
+        taken = [sig for sig, address in self._native.items()
+                 if address is not None and native_handler(sig) != address]
+        for sig in taken:
+            signal.signal(sig, self._record)
+            self._native[sig] = native_handler(sig)
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, f"warning: a native library replaced the {sig.name} handler after the trainer "
+                            f"installed it (NCCL does with NCCL_PROXY_DUMP_SIGNAL={int(sig)}); reinstalled, so "
+                            f"{sig.name} still saves and exits\n".encode())
+        return taken
+
     def agreed(self, device: torch.device) -> signal.Signals | None:
         """Collective (every rank, every step): the signal that stops the run, or None."""
+        self.reclaim()
         flag = torch.tensor([self.received], dtype=torch.int32, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -79,4 +119,4 @@ class ExitSignal:
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-        self._previous = {}
+        self._previous, self._native = {}, {}

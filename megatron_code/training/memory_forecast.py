@@ -30,7 +30,8 @@ def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
     """The planner's estimate of the fullest GPU of this run, as it runs on CUDA."""
     execution = Execution(bf16=cfg.training.bf16, fused_kernels=True,
                           fp32_residual=cfg.model.fp32_residual_connection,
-                          step_weight_copies=cfg.model.gradient_accumulation_fusion)
+                          step_weight_copies=cfg.model.gradient_accumulation_fusion,
+                          document_masks=cfg.data.reset_attention_mask and cfg.model.attention_backend == "sdpa")
     request = PlanRequest(model=cfg.model, gpus=world_size, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
                           global_batch_size=cfg.training.global_batch_size,
                           micro_batch_sizes=(cfg.training.micro_batch_size,), execution=execution,

@@ -1,9 +1,17 @@
-"""AdamW with decoupled weight decay on matrices only (clipping: megatron_code.parallel.grads)."""
+"""AdamW with decoupled weight decay on matrices only (clipping: megatron_code.parallel.grads).
+
+Two implementations of the step (--optimizer-impl): torch.optim.AdamW (fused on CUDA, foreach on
+CPU) and TritonAdamW, the same optimizer class, state and checkpoints with the update in one Triton
+kernel per parameter (kernels/triton_adamw.py); `auto` takes Triton on CUDA.
+"""
 from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import check_choice, select, triton_module
 from megatron_code.training.config import OptimizerConfig
+
+OPTIMIZER_IMPLS = ("auto", "torch", "triton")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -23,14 +31,73 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.op
 
 
 def adamw(groups: list[dict], config: OptimizerConfig, on_cuda: bool) -> torch.optim.AdamW:
-    """torch AdamW with the run's hyperparameters (shared by the distributed optimizer's shards)."""
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps,
-        fused=on_cuda or None,  # one kernel for all params on GPU; foreach on CPU
-    )
+    """AdamW with the run's hyperparameters (shared by the distributed optimizer's shards), in the
+    implementation config.optimizer_impl resolves to on this device."""
+    hyper = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    if resolve_optimizer_impl(config.optimizer_impl, on_cuda) == "triton":
+        return TritonAdamW(groups, **hyper)
+    return torch.optim.AdamW(groups, **hyper, fused=on_cuda or None)  # one kernel on GPU; foreach on CPU
+
+
+def check_optimizer_impl(impl: str) -> None:
+    """Config-time check (name known, Triton importable); raises KernelSelectionError."""
+    check_choice("--optimizer-impl", impl, OPTIMIZER_IMPLS)
+
+
+def resolve_optimizer_impl(impl: str, on_cuda: bool) -> str:
+    """'torch' or 'triton' for parameters on CUDA or not (Triton on CPU: its interpreter only)."""
+    chosen = select("--optimizer-impl", impl, torch.device("cuda" if on_cuda else "cpu"), OPTIMIZER_IMPLS)
+    return "torch" if chosen == "reference" else chosen
+
+
+class TritonAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW (parameter groups, state keys, state_dict) whose step runs one Triton
+    kernel per parameter: read p, grad, exp_avg, exp_avg_sq once, write p and both moments.
+
+    Step counts live on the host (state["step"], a CPU tensor as in torch's unfused AdamW), so the
+    bias corrections are kernel arguments rather than device reads. Clipping rides along as in
+    torch's fused AdamW: when `grad_scale` (a one-element device tensor) is set, every gradient is
+    divided by it inside the kernel (parallel/grads.py clip_in_optimizer_step sets it)."""
+
+    clips_in_step = True
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+        self.grad_scale: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("TritonAdamW.step takes no closure (the trainer computes the loss itself).")
+        kernel = triton_module("triton_adamw").adamw_step_
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self._state_of(param)
+                state["step"] += 1
+                kernel(param, _dense(param.grad, param), state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                       step=int(state["step"].item()), grad_scale=self.grad_scale)
+
+    def _state_of(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            if not param.is_contiguous():
+                raise ValueError(f"TritonAdamW: a parameter of shape {tuple(param.shape)} is not contiguous; "
+                                 "use --optimizer-impl torch for such parameters.")
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return state
+
+
+def _dense(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The gradient laid out as the parameter (a copy only when autograd produced other strides)."""
+    if grad.is_sparse:
+        raise ValueError("TritonAdamW does not take sparse gradients; use --optimizer-impl torch.")
+    return grad if grad.is_contiguous() and grad.shape == param.shape else grad.reshape(param.shape).contiguous()
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

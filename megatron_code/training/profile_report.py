@@ -29,8 +29,12 @@ def _mean_phases(records: list[dict], step_ms: float) -> dict[str, float]:
     return phases
 
 
-def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_token: float) -> dict:
-    """records: the measured steps' metric records (warmup excluded)."""
+def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_token: float,
+                 phase_records: list[dict] | None = None) -> dict:
+    """records: the measured steps' metric records (warmup excluded), run as in training;
+    phase_records: the steps timed phase by phase (their own median; default: records)."""
+    phase_records = records if phase_records is None else phase_records
+    phase_step_ms = statistics.median(r["ms_per_step"] for r in phase_records) if phase_records else None
     world = trainer.env.world_size
     step_ms = statistics.median(r["ms_per_step"] for r in records)
     # A DPO sample is a pair: two sequences (the trainer's log line counts both too).
@@ -58,7 +62,8 @@ def build_report(cfg: RunConfig, trainer, records: list[dict], full_flops_per_to
         "tflops_per_gpu": tflops, "tflops_per_gpu_full_count": tflops_full,
         "peak_tflops": peak, "mfu": tflops / peak if peak else None,
         "mfu_full_count": tflops_full / peak if peak else None,
-        "phase_ms": _mean_phases(records, step_ms),
+        "phase_steps": len(phase_records), "phase_step_ms_median": phase_step_ms,
+        "phase_ms": _mean_phases(phase_records, phase_step_ms) if phase_records else {},
         "peak_memory_gib_max_rank": max((m["peak_mem_gib"] for m in memory), default=None),
         "planner_peak_gib": planner_peak_gib(cfg, world, trainer.env.device.type),
         "final_loss": records[-1]["loss"],
@@ -95,7 +100,10 @@ def format_report(report: dict) -> str:
                                    + (f" (planner: {report['planner_peak_gib']:.2f})"
                                       if report.get("planner_peak_gib") is not None else "")),
     ]
+    if report["phase_ms"]:
+        rows.append(("phase-timed steps (median)", f"{report['phase_step_ms_median']:.1f} ms over "
+                                                   f"{report['phase_steps']} steps, synchronized at phase edges"))
     for name, ms in report["phase_ms"].items():
-        rows.append((f"  {name}", f"{ms:.1f} ms ({ms / report['step_ms_median']:.0%})"))
+        rows.append((f"  {name}", f"{ms:.1f} ms ({ms / report['phase_step_ms_median']:.0%})"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"| {name:<{width}} | {value} |" for name, value in rows)
