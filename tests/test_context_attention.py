@@ -106,3 +106,37 @@ def test_cuda_packed_document_attention_keeps_no_score_matrix():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra < 2**30, f"{extra / 2**30:.2f} GiB above the inputs"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packed_documents_run_torch_varlen_flash_like_the_masked_kernel():
+    """Where torch has varlen_attn, packed documents on the sdpa backend run it (no mask, no work
+    across documents): the same output and gradients as masked_sdpa, in less memory."""
+    from megatron_code.model.core_attention import (document_causal_mask, masked_sdpa, packed_attention_kernel,
+                                                    varlen_runs)
+
+    s = 4096
+    q, k, v = _inputs(s, "cuda", torch.bfloat16, b=2, nq=32, nkv=8, d=128)
+    segment_ids = torch.stack([(torch.arange(s, device="cuda") >= 1500).long(),
+                               torch.arange(s, device="cuda") // 1000])  # 2 and 5 documents
+    if packed_attention_kernel() == "mask":
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    assert varlen_runs(q, 0.0)
+    results, extra = [], []
+    for use_varlen in (True, False):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        if use_varlen:
+            out = SDPAttention(ModelConfig())(q, k, v, segment_ids)
+        else:
+            mask = document_causal_mask(segment_ids)
+            out = masked_sdpa(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), mask, 0.0)
+            out = out.permute(2, 0, 1, 3).reshape(s, 2, -1)  # [b, n, s, d] -> [s, b, n*d]
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        torch.cuda.synchronize()
+        extra.append(torch.cuda.max_memory_allocated() - before)
+        results.append((out, *grads))
+    for index, (varlen, masked) in enumerate(zip(*results)):
+        torch.testing.assert_close(varlen.float(), masked.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{index}: {m}")
+    assert extra[0] < extra[1], f"varlen {extra[0] / 2**20:.0f} MiB vs masked {extra[1] / 2**20:.0f} MiB"

@@ -160,6 +160,35 @@ def test_packed_cu_seqlens_split_at_segment_changes_and_sample_ends():
     assert cu_seqlens.tolist() == [0, 2, 5, 6, 8, 10] and max_len == 3
 
 
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=None, is_causal=None, enable_gqa=False):
+    """torch's varlen_attn contract on CPU, document by document ([t, n, d] in and out)."""
+    assert window_size == (-1, 0) or is_causal
+    assert enable_gqa or k.shape[1] == q.shape[1], "KV heads must be repeated without enable_gqa"
+    outs = []
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [n, len, d]
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("signature", [({"window_size": (-1, 0)}, True), ({"window_size": (-1, 0)}, False),
+                                       ({"is_causal": True}, False)], ids=["gqa", "repeat_kv", "torch_2_10"])
+def test_varlen_document_attention_equals_the_masked_path(signature, monkeypatch):
+    """The varlen wrapper (layout, cu_seqlens, causal keyword, KV heads) against masked_sdpa, with a
+    CPU stand-in for torch's CUDA-only varlen kernel; tests/test_gpu.py runs the real one."""
+    from megatron_code.model import core_attention
+
+    monkeypatch.setattr(core_attention, "torch_varlen_attn", lambda: (_reference_varlen, *signature))
+    torch.manual_seed(0)
+    s, b, nq, nkv, d = 12, 2, 4, 2, 8
+    q, k, v = torch.randn(s, b, nq, d), torch.randn(s, b, nkv, d), torch.randn(s, b, nkv, d)
+    segment_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 3 + [2] * 6])
+    got = core_attention.varlen_document_attention(q, k, v, segment_ids)
+    mask = core_attention.document_causal_mask(segment_ids)
+    want = core_attention.masked_sdpa(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), mask, 0.0)  # [b, n, s, d]
+    torch.testing.assert_close(got, want.permute(2, 0, 1, 3).reshape(s, b, nq * d), rtol=1e-5, atol=1e-5)
+
+
 def test_parameter_count_formula_matches_model():
     model = GPTModel(small_config())
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()

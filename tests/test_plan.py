@@ -8,6 +8,7 @@ import torch
 
 from megatron_code.model import GPTModel
 from megatron_code.model.config import ModelConfig
+from megatron_code.model.core_attention import packed_attention_kernel
 from megatron_code.model.gpt import TransformerLayer
 from megatron_code.model.rope import RotaryEmbedding
 from megatron_code.parallel.state import ParallelState
@@ -265,21 +266,29 @@ def test_dry_run_memory_forecast_is_the_planners_estimate_of_the_run():
     assert "h100-sxm DOES NOT FIT" in single[1] and "activations" in single[0]
 
 
-def test_packed_sft_forecast_adds_sdpa_document_mask_memory_per_layer():
-    """Document masks through SDPA on CUDA: repeated KV heads and the additive mask, per layer
-    (80 MiB for the 7B shape at seq 4096; measured on an H200: 1.25 GiB over 16 layers); none
-    with the flash/TE backends (cu_seqlens, no mask) or on the CPU reference path."""
+@pytest.mark.parametrize("kernel, mib_per_layer", [("mask", 80), ("varlen-repeat-kv", 48), ("varlen", 0)])
+def test_packed_documents_memory_per_kernel(kernel, mib_per_layer):
+    """Packed documents on the sdpa backend, 7B shape at seq 4096, per layer beyond unpacked rows:
+    the masked kernel keeps KV heads repeated to the query heads (48 MiB) and the bf16 mask
+    (32 MiB; measured on an H200: 1.25 GiB over 16 layers); torch's varlen flash kernel keeps
+    nothing more, or the repeated KV heads where it takes no grouped ones; the CPU reference path
+    is not modeled."""
+    config = run_config_from_values({**get_preset("7b"), "vocab_size": 49152}).model
+    packed = act.MicroBatch(1, 4096, document_attention=kernel)
+    assert act.document_mask_bytes(config, packed) == mib_per_layer * 2**20
+    assert act.document_mask_bytes(config, dataclasses.replace(packed, fused_kernels=False)) == 0
+
+
+def test_packed_sft_forecast_counts_the_kernel_this_torch_runs():
     values = {**get_preset("7b"), "num_layers": 16, "vocab_size": 49152, "seq_length": 4096, "bf16": True,
               "micro_batch_size": 1, "global_batch_size": 4}
     plain = forecast(run_config_from_values(values), 1).activations
     packed = {"reset_attention_mask": True, "reset_position_ids": True}
-    masked = forecast(run_config_from_values({**values, **packed}), 1).activations
-    assert masked - plain == 16 * 80 * 2**20
+    kernel = packed_attention_kernel("cuda")
+    extra = act.document_mask_bytes(run_config_from_values(values).model, act.MicroBatch(1, 4096, document_attention=kernel))
+    assert forecast(run_config_from_values({**values, **packed}), 1).activations - plain == 16 * extra
     flash = forecast(run_config_from_values({**values, **packed, "attention_backend": "flash"}), 1).activations
-    assert flash == plain
-    config = run_config_from_values(values).model
-    cpu = act.MicroBatch(1, 4096, fused_kernels=False, document_masks=True)
-    assert act.document_mask_bytes(config, cpu) == 0
+    assert flash == plain  # cu_seqlens, no mask
 
 
 def test_trainer_prints_the_forecast_on_gpus_only():

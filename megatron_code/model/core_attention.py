@@ -9,8 +9,15 @@ parallel/context.py) while k/v hold the whole sequence; `cp_chunks` (LocalChunks
 queries sit. Each chunk is then a causal attention over the keys up to its own end, aligned
 bottom-right (sdpa and flash backends); with document masks (segment_ids) the sdpa backend uses
 an explicit mask instead.
+
+Packed documents without CP on the sdpa backend run torch's variable-length flash kernel where it
+exists (torch >= 2.10, CUDA, fp16/bf16): causal within each document, no mask, no s x s work
+outside the documents; elsewhere the explicit mask (masked_sdpa).
 """
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +50,59 @@ def packed_cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
+@functools.cache
+def torch_varlen_attn():
+    """(varlen_attn, its causal keyword arguments, whether it takes grouped KV heads) from
+    torch.nn.attention.varlen, or None. Its signature moved between releases: torch 2.10 says
+    causal with is_causal=True, later ones with window_size=(-1, 0); enable_gqa came later still."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def packed_attention_kernel(device_type: str = "cuda") -> str:
+    """What the sdpa backend runs for packed documents (no CP) on this torch: 'varlen' (flash,
+    grouped KV heads), 'varlen-repeat-kv' (flash on KV heads repeated to the query heads) or
+    'mask' (masked_sdpa). The planner's memory model asks too (plan/activations.py)."""
+    found = torch_varlen_attn() if device_type == "cuda" else None
+    if found is None:
+        return "mask"
+    return "varlen" if found[2] else "varlen-repeat-kv"
+
+
+def varlen_runs(q: torch.Tensor, dropout: float) -> bool:
+    """Whether torch's varlen flash kernel takes these queries ([s, b, nq, d]): CUDA, fp16/bf16, a
+    head dim flash supports, no dropout (varlen_attn has none)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and packed_attention_kernel() != "mask")
+
+
+def varlen_document_attention(q, k, v, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each packed document: q [s, b, nq, d], k/v [s, b, nkv, d],
+    segment_ids [b, s] -> [s, b, nq * d], through torch's varlen flash kernel (varlen_runs)."""
+    varlen_attn, causal, takes_gqa = torch_varlen_attn()
+    s, b, nq, d = q.shape
+    cu_seqlens, max_len = packed_cu_seqlens(segment_ids)
+    q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (q, k, v))  # [s, b, n, d] -> [t, n, d]
+    extra = dict(causal)
+    if k.shape[1] != nq:
+        if takes_gqa:
+            extra["enable_gqa"] = True
+        else:  # query head i reads KV head i // (nq / nkv), as enable_gqa would
+            k, v = (t.repeat_interleave(nq // k.shape[1], dim=1) for t in (k, v))  # [t, nkv, d] -> [t, nq, d]
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **extra)
+    return out.reshape(b, s, nq * d).transpose(0, 1)  # [t, nq, d] -> [s, b, nq*d]
+
+
 def masked_sdpa(q, k, v, mask: torch.Tensor, dropout: float, repeat_kv: bool | None = None) -> torch.Tensor:
     """SDPA with an explicit mask: q [b, nq, s, d], k/v [b, nkv, s_k, d] -> [b, nq, s, d].
 
@@ -69,9 +129,11 @@ class SDPAttention(nn.Module):
         self.dropout = config.attention_dropout
 
     def forward(self, q, k, v, segment_ids=None, cp_chunks=None):
+        dropout = self.dropout if self.training else 0.0
+        if segment_ids is not None and cp_chunks is None and varlen_runs(q, dropout):
+            return varlen_document_attention(q, k, v, segment_ids)
         s, b, nq, d = q.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-        dropout = self.dropout if self.training else 0.0
         if cp_chunks is not None and segment_ids is None:
             out = self._context_parallel_causal(q, k, v, cp_chunks, dropout)
         elif cp_chunks is not None:

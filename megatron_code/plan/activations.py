@@ -48,9 +48,10 @@ class MicroBatch:
     cp_mask_element_bytes: int | None = None
     """Bytes per element of the attention masks SDPA keeps under context parallelism off CUDA
     (torch converts bool masks to the query dtype; None: that dtype)."""
-    document_masks: bool = False
-    """Packed documents attend within themselves through SDPA with an explicit mask
-    (--reset-attention-mask, --attention-backend sdpa): see document_mask_bytes."""
+    document_attention: str | None = None
+    """Packed documents (--reset-attention-mask) on the sdpa backend: the kernel that runs them
+    (model/core_attention.py packed_attention_kernel: varlen, varlen-repeat-kv, mask); None: no
+    packed documents, or another backend. See document_mask_bytes."""
 
     @property
     def tokens(self) -> int:
@@ -106,18 +107,22 @@ def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = 
 
 
 def document_mask_bytes(config: ModelConfig, mb: MicroBatch) -> int:
-    """Packed documents through SDPA on CUDA (model/core_attention.py masked_sdpa): the kernels that
-    take a mask take no grouped KV heads, so k and v are repeated to nq heads and the kernel keeps
-    the repeated ones (nq - nkv heads more than kept() counts), and it keeps the bool mask turned
-    into an additive one in the query dtype, [b, s/CP, keys] per layer. H200, 7B shape, 16 layers,
-    seq 4096: 80 MiB per layer, 1.25 GiB over the unmasked run, as measured (docs/planner.md).
+    """Packed documents through the sdpa backend on CUDA, beyond what attention_bytes counts:
+    - 'mask' (masked_sdpa): the kernels that take a mask take no grouped KV heads, so k and v are
+      repeated to nq heads and kept so (nq - nkv heads more), and the bool mask is kept as an
+      additive one in the query dtype, [b, s/CP, keys] per layer. H200, 7B shape, 16 layers, seq
+      4096: 80 MiB per layer, 1.25 GiB over the unpacked run, as measured (docs/planner.md);
+    - 'varlen-repeat-kv' (torch's varlen flash kernel without grouped KV heads): the repeated k, v;
+    - 'varlen': nothing (the flash kernel keeps what attention_bytes counts).
     Not modeled: the CPU reference path (the math kernel, fused_kernels False)."""
-    if not (mb.document_masks and mb.fused_kernels):
+    kernel = mb.document_attention
+    if kernel is None or kernel == "varlen" or not mb.fused_kernels:
         return 0
     _, d, nq, nkv, _ = _local(config, mb)
     keys = mb.seq_length
     repeated_kv = mb.micro_batch_size * keys * mb.compute_bytes * d * 2 * (nq - nkv)
-    return repeated_kv + mb.tokens * keys * mb.compute_bytes
+    mask = mb.tokens * keys * mb.compute_bytes if kernel == "mask" else 0
+    return repeated_kv + mask
 
 
 def cp_mask_bytes(mb: MicroBatch) -> int:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 from megatron_code.errors import ConfigError
+from megatron_code.model.core_attention import packed_attention_kernel
 from megatron_code.plan.hardware import GPUS, get_gpu
 from megatron_code.plan.memory import Execution
 from megatron_code.plan.search import GIB, Candidate, PlanRequest, PlanResult, plan
@@ -39,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training-mode", choices=("pretrain", "sft", "dpo"), default="pretrain",
                    help="pretrain and sft plan alike; dpo: batch sizes count preference pairs (two sequences "
                         "each), TP x DP only, plus the frozen reference's weights and forward passes")
-    p.add_argument("--document-masks", action=argparse.BooleanOptionalAction, default=None,
-                   help="packed documents attend within themselves through SDPA's explicit mask "
-                        "(--reset-attention-mask, as launch/slurm/sft_7b.sbatch runs): repeated KV heads and "
-                        "the mask per layer (default: on for --training-mode sft)")
+    p.add_argument("--packed-documents", action=argparse.BooleanOptionalAction, default=None,
+                   help="rows pack documents that attend within themselves (--reset-attention-mask, as "
+                        "launch/slurm/sft_7b.sbatch runs), on the sdpa backend: counts the memory of the kernel "
+                        "this torch runs them with (default: on for --training-mode sft)")
     p.add_argument("--compute-efficiency", type=float, default=TimeModelConfig.compute_efficiency,
                    help="fraction of dense peak the layers reach (default %(default)s, measured on H200)")
     p.add_argument("--link-efficiency", type=float, default=TimeModelConfig.link_efficiency,
@@ -76,10 +77,10 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
     tm = TimeModelConfig(compute_efficiency=args.compute_efficiency, link_efficiency=args.link_efficiency,
                          precision=args.precision)
     gpu.peak_tflops(args.precision)  # FP8 on a GPU without it is refused here, before the search
+    packed = args.training_mode == "sft" if args.packed_documents is None else args.packed_documents
     request = PlanRequest(model=run.model, gpus=args.gpus, gpu=gpu, seq_length=seq, global_batch_size=batch,
                           micro_batch_sizes=tuple(args.micro_batch_sizes), training_mode=args.training_mode,
-                          execution=Execution(document_masks=args.training_mode == "sft" if args.document_masks is None
-                                              else args.document_masks))
+                          execution=Execution(document_attention=packed_attention_kernel("cuda") if packed else None))
     return request, tm
 
 

@@ -43,9 +43,9 @@ class Execution:
     """--gradient-accumulation-fusion (the default): one bf16 copy of every layer weight, made by
     the first micro-batch and held for the whole forward-backward of the step, instead of
     autocast's copies per micro-batch in flight (and per recomputed layer)."""
-    document_masks: bool = False
-    """Packed documents attend within themselves through SDPA's explicit mask (--reset-attention-mask
-    with --attention-backend sdpa; activations.document_mask_bytes)."""
+    document_attention: str | None = None
+    """Packed documents (--reset-attention-mask) on the sdpa backend: the kernel that runs them
+    (varlen, varlen-repeat-kv, mask: activations.document_mask_bytes); None: none or another backend."""
 
 
 def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
@@ -120,7 +120,7 @@ def micro_batch(layout: Layout, seq_length: int, execution: Execution) -> act.Mi
     return act.MicroBatch(layout.micro_batch_size, seq_length, layout.tp, layout.cp, layout.sequence_parallel,
                           execution.bf16, execution.fused_kernels, execution.fp32_residual,
                           step_output_weight=execution.step_weight_copies and execution.bf16 and execution.fused_kernels,
-                          document_masks=execution.document_masks)
+                          document_attention=execution.document_attention)
 
 
 def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatch, micro_batches: int,

@@ -6,6 +6,7 @@ inside a signal handler could interrupt a collective half-way."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -40,6 +41,11 @@ class _SigAction(ctypes.Structure):
                 ("restorer", ctypes.c_void_p)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
+
+
 def native_handler(sig: int) -> int | None:
     """The address of the handler the kernel will run for `sig` (0: default, 1: ignore), as
     sigaction(2) reports it; None where it cannot be read (not Linux). Python's own record
@@ -47,7 +53,7 @@ def native_handler(sig: int) -> int | None:
     if not sys.platform.startswith("linux"):
         return None
     action = _SigAction()
-    if ctypes.CDLL(None).sigaction(int(sig), None, ctypes.byref(action)) != 0:
+    if _libc().sigaction(int(sig), None, ctypes.byref(action)) != 0:
         return None
     return action.handler or 0
 

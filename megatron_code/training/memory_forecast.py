@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from megatron_code.model.core_attention import packed_attention_kernel
 from megatron_code.parallel.state import virtual_stages
 from megatron_code.plan.hardware import GPUS
 from megatron_code.plan.layout import Layout
@@ -26,12 +27,20 @@ def run_layout(cfg: RunConfig, world_size: int) -> Layout:
                   recompute_num_layers=m.recompute_num_layers)
 
 
+def document_attention(cfg: RunConfig) -> str | None:
+    """The kernel packed documents run on (None: none, or not the sdpa backend), as this process's
+    torch would pick it on CUDA; under CP the sdpa backend always uses the mask."""
+    if not cfg.data.reset_attention_mask or cfg.model.attention_backend != "sdpa":
+        return None
+    return "mask" if cfg.parallel.context_parallel_size > 1 else packed_attention_kernel("cuda")
+
+
 def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
     """The planner's estimate of the fullest GPU of this run, as it runs on CUDA."""
     execution = Execution(bf16=cfg.training.bf16, fused_kernels=True,
                           fp32_residual=cfg.model.fp32_residual_connection,
                           step_weight_copies=cfg.model.gradient_accumulation_fusion,
-                          document_masks=cfg.data.reset_attention_mask and cfg.model.attention_backend == "sdpa")
+                          document_attention=document_attention(cfg))
     request = PlanRequest(model=cfg.model, gpus=world_size, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
                           global_batch_size=cfg.training.global_batch_size,
                           micro_batch_sizes=(cfg.training.micro_batch_size,), execution=execution,
