@@ -21,15 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_code.model import GPTModel, ModelConfig  # noqa: E402
+from benchmarks.gpu_check import seven_b_config  # noqa: E402
+from megatron_code.model import GPTModel  # noqa: E402
 from megatron_code.parallel.grads import clip_in_optimizer_step  # noqa: E402
 from megatron_code.plan.hardware import GPUS  # noqa: E402
-from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.training.config import OptimizerConfig  # noqa: E402
 from megatron_code.training.optimizer import adamw, parameter_groups  # noqa: E402
 
 BYTES_PER_ELEMENT = 28
-VOCAB = 49152  # gpu_check.py's
 # torch.cuda.get_device_name() substring -> the planner's GPU (first match wins: PCIe before SXM)
 HBM_OF = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("A100", "a100"))
 
@@ -38,17 +37,15 @@ def hbm_tb_per_s(device_name: str) -> float | None:
     return next((GPUS[gpu].hbm_tb_per_s for key, gpu in HBM_OF if key in device_name), None)
 
 
-def model_parameters(preset: str, layers: int, device: str) -> list[torch.nn.Parameter]:
-    """The preset's parameters (layers cut), with random fp32 gradients."""
-    fields = {k: v for k, v in get_preset(preset).items() if k in ModelConfig.__dataclass_fields__}
-    model = GPTModel(ModelConfig(**{**fields, "num_layers": layers, "vocab_size": VOCAB}), init_seed=0).to(device)
-    params = list(model.parameters())
-    for p in params:
+def model_with_grads(layers: int, device: str) -> GPTModel:
+    """gpu_check.py's 7B shape cut to `layers`, with random fp32 gradients."""
+    model = GPTModel(seven_b_config(layers, 4096), init_seed=0).to(device)
+    for p in model.parameters():
         p.grad = torch.randn_like(p)
-    return params
+    return model
 
 
-def step_ms(optimizer, params, device: str, warmup: int, steps: int) -> float:
+def step_ms(optimizer, device: str, warmup: int, steps: int) -> float:
     """Median ms of one step, clipping (by half) inside it where the optimizer can (CUDA)."""
     clip_in_optimizer_step(optimizer, 1.0, torch.full((), 2.0, device=device))
     times = []
@@ -67,26 +64,25 @@ def step_ms(optimizer, params, device: str, warmup: int, steps: int) -> float:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--preset", default="7b")
     parser.add_argument("--layers", type=int, default=None, help="default: 4 on CUDA, 1 on CPU")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     layers = args.layers or (4 if args.device == "cuda" else 1)
-    params = model_parameters(args.preset, layers, args.device)
-    numel = sum(p.numel() for p in params)
+    model = model_with_grads(layers, args.device)
+    numel = sum(p.numel() for p in model.parameters())
     impls = ["torch", "triton"] if args.device == "cuda" else ["torch"]
     hbm = hbm_tb_per_s(torch.cuda.get_device_name(0)) if args.device == "cuda" else None
-    print(f"AdamW step, {args.preset} x {layers} layers: {numel / 1e9:.2f} B fp32 parameters, "
+    print(f"AdamW step, 7B shape x {layers} layers: {numel / 1e9:.2f} B fp32 parameters, "
           f"{BYTES_PER_ELEMENT * numel / 1e9:.1f} GB moved per step, device {args.device}"
           + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""))
     print("| implementation | step ms | GB/s | of HBM | vs torch |")
     print("| --- | --- | --- | --- | --- |")
     rows = []
     for impl in impls:
-        optimizer = adamw(parameter_groups_of(params), OptimizerConfig(lr=1e-4, optimizer_impl=impl),
+        optimizer = adamw(parameter_groups(model, 0.1), OptimizerConfig(lr=1e-4, optimizer_impl=impl),
                           args.device == "cuda")
-        ms = step_ms(optimizer, params, args.device, args.warmup, args.steps)
+        ms = step_ms(optimizer, args.device, args.warmup, args.steps)
         gbps = BYTES_PER_ELEMENT * numel / ms / 1e6
         rows.append({"impl": impl, "step_ms": ms, "gb_per_s": gbps})
         of_hbm = f"{gbps / (hbm * 1000):.0%}" if hbm else "n/a"
@@ -94,12 +90,6 @@ def main(argv=None) -> list[dict]:
               f"{rows[0]['step_ms'] / ms:.2f}x |", flush=True)
         del optimizer
     return rows
-
-
-def parameter_groups_of(params: list[torch.nn.Parameter]) -> list[dict]:
-    holder = torch.nn.Module()
-    holder.params = torch.nn.ParameterList(params)
-    return parameter_groups(holder, 0.1)
 
 
 if __name__ == "__main__":

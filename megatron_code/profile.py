@@ -141,7 +141,7 @@ def profiling_plan(args: argparse.Namespace) -> str:
         ranks = "every rank" if args.trace_ranks is None else "ranks " + ", ".join(map(str, args.trace_ranks))
         traces = f"{args.trace_steps} measured step(s) from {ranks} -> {args.trace_dir}"
     return (f"== profiling ==\n{args.profile_warmup} warmup + {args.profile_steps} measured + "
-            f"{0 if args.no_phase_timing else args.phase_steps} phase-timed steps; "
+            f"{args.phase_steps} phase-timed steps; "
             f"report -> {args.report or 'printed only'}; traces: {traces}; NVTX ranges: {'on' if args.nvtx else 'off'}")
 
 

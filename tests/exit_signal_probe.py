@@ -16,8 +16,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.dispatch import package_imports  # noqa: E402
+from kernels.rmsnorm import rms_norm  # noqa: E402
 from megatron_code.distributed import init_distributed  # noqa: E402
 from megatron_code.training.exit_signal import ExitSignal, native_handler  # noqa: E402
+
+
+def import_transformer_engine() -> None:
+    if package_imports("transformer_engine.pytorch"):  # imports it where installed
+        print("(transformer_engine imported)")
 
 
 def stages(device):
@@ -26,10 +33,8 @@ def stages(device):
     yield "subgroup", lambda: dist.new_group([0])
     yield "all_reduce", lambda: dist.all_reduce(torch.ones(1, device=device))
     yield "barrier", dist.barrier
-    yield "triton kernel", lambda: __import__("kernels.rmsnorm", fromlist=["rms_norm"]).rms_norm(
-        torch.randn(4, 64, device=device), torch.ones(64, device=device), 1e-5, "auto")
-    yield "transformer_engine import", lambda: __import__("importlib").util.find_spec("transformer_engine") and \
-        __import__("transformer_engine.pytorch")
+    yield "triton kernel", lambda: rms_norm(torch.randn(4, 64, device=device), torch.ones(64, device=device), 1e-5)
+    yield "transformer_engine import", import_transformer_engine
 
 
 def main() -> None:

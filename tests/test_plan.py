@@ -8,7 +8,6 @@ import torch
 
 from megatron_code.model import GPTModel
 from megatron_code.model.config import ModelConfig
-from megatron_code.model.core_attention import packed_attention_kernel
 from megatron_code.model.gpt import TransformerLayer
 from megatron_code.model.rope import RotaryEmbedding
 from megatron_code.parallel.state import ParallelState
@@ -279,14 +278,20 @@ def test_packed_documents_memory_per_kernel(kernel, mib_per_layer):
     assert act.document_mask_bytes(config, dataclasses.replace(packed, fused_kernels=False)) == 0
 
 
-def test_packed_sft_forecast_counts_the_kernel_this_torch_runs():
+@pytest.mark.parametrize("kernel, mib_per_layer", [("mask", 80), ("varlen", 0)])
+def test_packed_sft_forecast_counts_the_kernel_torch_runs(kernel, mib_per_layer, monkeypatch):
+    """The run's forecast asks which kernel this torch runs (here set either way) and counts it
+    in every layer; under CP the sdpa backend always masks."""
+    from megatron_code.training import memory_forecast
+
+    monkeypatch.setattr(memory_forecast, "packed_attention_kernel", lambda device_type: kernel)
     values = {**get_preset("7b"), "num_layers": 16, "vocab_size": 49152, "seq_length": 4096, "bf16": True,
               "micro_batch_size": 1, "global_batch_size": 4}
     plain = forecast(run_config_from_values(values), 1).activations
     packed = {"reset_attention_mask": True, "reset_position_ids": True}
-    kernel = packed_attention_kernel("cuda")
-    extra = act.document_mask_bytes(run_config_from_values(values).model, act.MicroBatch(1, 4096, document_attention=kernel))
-    assert forecast(run_config_from_values({**values, **packed}), 1).activations - plain == 16 * extra
+    assert forecast(run_config_from_values({**values, **packed}), 1).activations - plain == 16 * mib_per_layer * 2**20
+    with_cp = act.MicroBatch(1, 4096, context_parallel=2, document_attention=kernel)
+    assert act.document_mask_bytes(run_config_from_values(values).model, with_cp) > 0
     flash = forecast(run_config_from_values({**values, **packed, "attention_backend": "flash"}), 1).activations
     assert flash == plain  # cu_seqlens, no mask
 

@@ -103,6 +103,8 @@ def test_optimizer_impl_resolution_and_errors():
 def test_training_with_triton_adamw_follows_torch_adamw(fixture_data):
     """The trainer end to end (clipping in the step, the LR schedule, fp32 master weights): the
     same loss curve with either implementation."""
+    on_cuda = DEVICE == "cuda"
+    assert type(adamw([{"params": make_params()}], OptimizerConfig(optimizer_impl="triton"), on_cuda)) is TritonAdamW
     triton_run = run_training(tiny_run(fixture_data, train_iters=4, optimizer_impl="triton"))
     torch_run = run_training(tiny_run(fixture_data, train_iters=4, optimizer_impl="torch"))
     assert [r["step"] for r in triton_run] == [1, 2, 3, 4]

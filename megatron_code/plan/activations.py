@@ -50,8 +50,8 @@ class MicroBatch:
     (torch converts bool masks to the query dtype; None: that dtype)."""
     document_attention: str | None = None
     """Packed documents (--reset-attention-mask) on the sdpa backend: the kernel that runs them
-    (model/core_attention.py packed_attention_kernel: varlen, varlen-repeat-kv, mask); None: no
-    packed documents, or another backend. See document_mask_bytes."""
+    without CP (model/core_attention.py packed_attention_kernel: varlen, varlen-repeat-kv, mask;
+    under CP always the mask); None: no packed documents, or another backend. See document_mask_bytes."""
 
     @property
     def tokens(self) -> int:
@@ -115,7 +115,7 @@ def document_mask_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     - 'varlen-repeat-kv' (torch's varlen flash kernel without grouped KV heads): the repeated k, v;
     - 'varlen': nothing (the flash kernel keeps what attention_bytes counts).
     Not modeled: the CPU reference path (the math kernel, fused_kernels False)."""
-    kernel = mb.document_attention
+    kernel = "mask" if mb.document_attention and mb.context_parallel > 1 else mb.document_attention
     if kernel is None or kernel == "varlen" or not mb.fused_kernels:
         return 0
     _, d, nq, nkv, _ = _local(config, mb)

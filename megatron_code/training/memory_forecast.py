@@ -28,11 +28,11 @@ def run_layout(cfg: RunConfig, world_size: int) -> Layout:
 
 
 def document_attention(cfg: RunConfig) -> str | None:
-    """The kernel packed documents run on (None: none, or not the sdpa backend), as this process's
-    torch would pick it on CUDA; under CP the sdpa backend always uses the mask."""
+    """The kernel packed documents run on without CP (None: none, or not the sdpa backend), as this
+    process's torch would pick it on CUDA."""
     if not cfg.data.reset_attention_mask or cfg.model.attention_backend != "sdpa":
         return None
-    return "mask" if cfg.parallel.context_parallel_size > 1 else packed_attention_kernel("cuda")
+    return packed_attention_kernel("cuda")
 
 
 def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:

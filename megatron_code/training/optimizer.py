@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import check_choice, select, triton_module
+from kernels.dispatch import KernelSelectionError, check_choice, select, triton_module
+from megatron_code.errors import ConfigError
 from megatron_code.training.config import OptimizerConfig
 
 OPTIMIZER_IMPLS = ("auto", "torch", "triton")
@@ -40,8 +41,11 @@ def adamw(groups: list[dict], config: OptimizerConfig, on_cuda: bool) -> torch.o
 
 
 def check_optimizer_impl(impl: str) -> None:
-    """Config-time check (name known, Triton importable); raises KernelSelectionError."""
-    check_choice("--optimizer-impl", impl, OPTIMIZER_IMPLS)
+    """Config-time check (name known, Triton importable): a ConfigError naming the choices."""
+    try:
+        check_choice("--optimizer-impl", impl, OPTIMIZER_IMPLS)
+    except KernelSelectionError as err:
+        raise ConfigError(str(err)) from None
 
 
 def resolve_optimizer_impl(impl: str, on_cuda: bool) -> str:
@@ -77,7 +81,7 @@ class TritonAdamW(torch.optim.AdamW):
                     continue
                 state = self._state_of(param)
                 state["step"] += 1
-                kernel(param, _dense(param.grad, param), state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                kernel(param, _dense(param.grad), state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                        step=int(state["step"].item()), grad_scale=self.grad_scale)
 
@@ -93,11 +97,11 @@ class TritonAdamW(torch.optim.AdamW):
         return state
 
 
-def _dense(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The gradient laid out as the parameter (a copy only when autograd produced other strides)."""
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient in the parameter's (contiguous) layout: a copy only when autograd produced other strides."""
     if grad.is_sparse:
         raise ValueError("TritonAdamW does not take sparse gradients; use --optimizer-impl torch.")
-    return grad if grad.is_contiguous() and grad.shape == param.shape else grad.reshape(param.shape).contiguous()
+    return grad.contiguous()
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -7,7 +7,6 @@ import os
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from kernels.dispatch import KernelSelectionError
 from megatron_code.errors import ConfigError
 from megatron_code.parallel.pipeline import check_pipeline
 from megatron_code.parallel.state import validate_layout, virtual_stages
@@ -128,13 +127,6 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
                           "latest_checkpointed_iteration.txt); point --load at a finished checkpoint directory.")
 
 
-def _check_optimizer_impl(impl: str) -> None:
-    try:
-        check_optimizer_impl(impl)
-    except KernelSelectionError as err:
-        raise ConfigError(str(err)) from None
-
-
 def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
                  require_files: bool = True) -> SentencePieceTokenizer | SyntheticVocabulary | None:
     """Validate everything; fill derived defaults (vocab size, global batch). Returns the tokenizer.
@@ -167,7 +159,7 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
             f"--params-dtype {cfg.model.params_dtype}: training keeps float32 master weights; use "
             "--bf16 for bfloat16 compute and leave --params-dtype at float32."
         )
-    _check_optimizer_impl(cfg.optimizer.optimizer_impl)
+    check_optimizer_impl(cfg.optimizer.optimizer_impl)
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter "
                           "all-gather: add --use-distributed-optimizer or drop it.")
