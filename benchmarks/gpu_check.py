@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -46,16 +47,27 @@ from megatron_code.plan.memory import estimate_memory  # noqa: E402
 from megatron_code.training.arguments import parse_args  # noqa: E402
 from megatron_code.training.config import OptimizerConfig  # noqa: E402
 from megatron_code.training.memory_forecast import forecast  # noqa: E402
-from megatron_code.training.optimizer import adamw, parameter_groups  # noqa: E402
+from megatron_code.training.optimizer import build_optimizer  # noqa: E402
 from megatron_code.training.flops import peak_tflops, training_flops_per_token  # noqa: E402
 
 VOCAB = 49152
-# Our model's rows: label -> (fp8, gradient-accumulation fusion, fp32 residual stream, --optimizer-impl).
-# The other bf16 rows are the references the fusion, the bf16 residual stream and the Triton AdamW
-# step are judged against.
-VARIANTS = {"ours:bf16": (False, True, False, "auto"), "ours-unfused:bf16": (False, False, False, "auto"),
-            "ours-fp32-resid:bf16": (False, True, True, "auto"),
-            "ours-torch-adamw:bf16": (False, True, False, "torch"), "ours:fp8": (True, True, False, "auto")}
+
+
+class Variant(NamedTuple):
+    """One of our model's rows; the bf16 rows other than `ours` are the references that the
+    fusion, the bf16 residual stream and the Triton AdamW step (with its weight copies) are
+    judged against."""
+    fp8: bool = False
+    fusion: bool = True  # gradient-accumulation fusion
+    fp32_residual: bool = False
+    optimizer_impl: str = "auto"  # --optimizer-impl
+    weight_copies: bool = True  # TritonAdamW writes the next step's bf16 weight copies
+
+
+VARIANTS = {"ours:bf16": Variant(), "ours-unfused:bf16": Variant(fusion=False),
+            "ours-fp32-resid:bf16": Variant(fp32_residual=True),
+            "ours-torch-adamw:bf16": Variant(optimizer_impl="torch"),
+            "ours-cast-copies:bf16": Variant(weight_copies=False), "ours:fp8": Variant(fp8=True)}
 # A lent GPU comes with minutes, not hours: a hung subprocess must not take the other sections' time.
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_te_fp8.py", "tests/test_kernels_cuda.py",
@@ -187,7 +199,7 @@ def measure(name, precision, step, config, seq, args) -> dict:
 
 def trainer_optimizer(model, impl: str):
     """The trainer's AdamW (training/optimizer.py: decay on matrices, --optimizer-impl)."""
-    return adamw(parameter_groups(model, 0.1), OptimizerConfig(lr=1e-5, optimizer_impl=impl), on_cuda=True)
+    return build_optimizer(model, OptimizerConfig(lr=1e-5, weight_decay=0.1, optimizer_impl=impl))
 
 
 def throughput_ours(num_layers: int, args) -> list[dict]:
@@ -198,15 +210,17 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
     for seq in args.seqs:
         tokens = torch.randint(0, VOCAB, (1, seq + 1), device="cuda")
         for label in args.variants:
-            fp8, fusion, fp32_residual, impl = VARIANTS[label]
-            if impl != optimizer_impl:  # free the old Adam state before the new one is made
+            variant = VARIANTS[label]
+            if variant.optimizer_impl != optimizer_impl:  # free the old Adam state before the new one is made
                 optimizer = None
-                optimizer, optimizer_impl = trainer_optimizer(model, impl), impl
+                optimizer, optimizer_impl = trainer_optimizer(model, variant.optimizer_impl), variant.optimizer_impl
+            if hasattr(optimizer, "write_weight_copies_for"):
+                optimizer.write_weight_copies_for(model if variant.weight_copies else None)
             name = label.split(":")[0]
-            set_fp8(model, config, fp8)
-            model.set_gradient_accumulation_fusion(fusion)  # all variants on the same weights
-            model.embedding.fp32_residual_connection = fp32_residual
-            rows.append(measure(name, "fp8" if fp8 else "bf16", ours_step(model, optimizer, tokens, args.accumulation),
+            set_fp8(model, config, variant.fp8)
+            model.set_gradient_accumulation_fusion(variant.fusion)  # all variants on the same weights
+            model.embedding.fp32_residual_connection = variant.fp32_residual
+            rows.append(measure(name, "fp8" if variant.fp8 else "bf16", ours_step(model, optimizer, tokens, args.accumulation),
                                 config, seq, args))
     del model, optimizer
     torch.cuda.empty_cache()

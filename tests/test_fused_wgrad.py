@@ -11,7 +11,7 @@ from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
 from megatron_code.model.gpt import GPTModel
 from megatron_code.parallel.fused_wgrad import (
-    StepWeightCasts, cached_weight_casts, fusable, fused_wgrad_linear,
+    StepWeightCasts, cached_weight_casts, fusable, fused_wgrad_linear, wanted_weight_copies,
 )
 from tests.conftest import run_training, tiny_run
 
@@ -90,6 +90,36 @@ def test_weight_copies_are_made_once_per_step_and_see_the_optimizer_update():
         weight.add_(1.0)  # the optimizer step
     with cached_weight_casts(model):
         assert torch.equal(casts.cast(weight, torch.bfloat16), torch.full((4, 4), 2.0, dtype=torch.bfloat16))
+
+
+def test_a_prepared_copy_serves_the_next_step_only_while_the_weight_is_unchanged():
+    """The optimizer-written copies (TritonAdamW): the next step reads the prepared tensor itself;
+    one whose weight was written since (a state dict loaded, an in-place update) is recast; one the
+    step does not read is dropped when it ends; `wanted` is what the last step cast."""
+    casts = StepWeightCasts()
+    model = torch.nn.Module()
+    model.weight_casts = casts
+    weight, other = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(2))
+    with cached_weight_casts(model):
+        casts.cast(weight, torch.bfloat16)
+    assert wanted_weight_copies(model) == {id(weight): (casts, torch.bfloat16)}
+    prepared = torch.full((4, 4), 3.0, dtype=torch.bfloat16)  # stands out from a cast of the ones
+    casts.prepare(weight, prepared)
+    casts.prepare(other, other.detach().to(torch.bfloat16))
+    with cached_weight_casts(model):
+        assert casts.cast(weight, torch.bfloat16) is prepared
+        assert casts.cast(weight, torch.bfloat16) is prepared
+    assert not casts.prepared  # `other`'s copy, unread, went with the step
+    casts.prepare(weight, prepared)
+    with torch.no_grad():
+        weight.mul_(2.0)  # written after the optimizer made the copy
+    with cached_weight_casts(model):
+        assert torch.equal(casts.cast(weight, torch.bfloat16), torch.full((4, 4), 2.0, dtype=torch.bfloat16))
+    casts.prepare(weight, prepared)
+    assert not torch.equal(casts.cast(weight, torch.bfloat16), prepared)  # outside a step: always a cast
+    with cached_weight_casts(model):
+        pass
+    assert casts.wanted == {} and not casts.prepared  # a step that cast nothing wants nothing
 
 
 def tiny_model(fusion: bool) -> GPTModel:

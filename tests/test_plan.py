@@ -179,6 +179,25 @@ def test_time_model_bubble_and_mfu_are_consistent():
     assert single.tp_comm == single.dp_comm == single.pp_comm == single.bubble == 0
 
 
+def test_masked_document_attention_is_charged_the_full_square_at_the_masked_kernels_rate():
+    """Packed documents on the mask kernel: twice the causal attention FLOPs at
+    masked_attention_efficiency; varlen kernels: the causal count (an upper bound), as unpacked;
+    under CP packed documents always take the mask."""
+    tm = TimeModelConfig(compute_efficiency=0.5, masked_attention_efficiency=0.1)
+    one_gpu, gpu = Layout(1, 1, 1, 1, 1, 1, False), GPUS["h100-sxm"]
+    times = {kernel: estimate_time(SEVEN_B, one_gpu, 4096, 4, 49152, gpu, tm, kernel)
+             for kernel in (None, "varlen", "varlen-repeat-kv", "mask")}
+    assert times[None] == times["varlen"] == times["varlen-repeat-kv"]
+    attention = 4 * 4096 * SEVEN_B.num_layers * (training_flops_per_token(SEVEN_B.replace(num_layers=1), 4096, 0)
+                                                 - training_flops_per_token(SEVEN_B.replace(num_layers=1), 0, 0))
+    extra = 2 * attention / (0.1 * 989e12) - attention / (0.5 * 989e12)
+    assert times["mask"].compute - times[None].compute == pytest.approx(extra)
+    with_cp = Layout(1, 1, 1, 2, 1, 1, False)
+    assert (estimate_time(SEVEN_B, with_cp, 4096, 4, 49152, gpu, tm, "varlen").compute
+            == estimate_time(SEVEN_B, with_cp, 4096, 4, 49152, gpu, tm, "mask").compute
+            > estimate_time(SEVEN_B, with_cp, 4096, 4, 49152, gpu, tm, None).compute)
+
+
 @pytest.mark.parametrize("recompute", [{}, dict(recompute_granularity="full", recompute_method="uniform",
                                                 recompute_num_layers=1)])
 def test_predicted_peak_matches_a_real_cpu_training_step(fixture_data, recompute):

@@ -24,7 +24,7 @@ def _run(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
     return result
 
 
-def _check_report(report: dict, world_size: int, steps: int) -> None:
+def _check_report(report: dict, world_size: int, steps: int, phase_steps: int = 3) -> None:
     assert report["world_size"] == world_size and report["measured_steps"] == steps
     assert report["tokens_per_sec_per_gpu"] > 0 and report["tflops_per_gpu_full_count"] > report["tflops_per_gpu"]
     assert report["mfu"] is None  # CPU: no peak to measure against
@@ -33,7 +33,7 @@ def _check_report(report: dict, world_size: int, steps: int) -> None:
     # `other` is the step minus the timed phases: the timers must account for nearly all of it.
     assert phases["forward"] > 0 and phases["backward"] > 0
     assert phases["other"] < 0.25 * report["phase_step_ms_median"], phases
-    assert report["phase_steps"] == 3  # --phase-steps' default, after the measured steps
+    assert report["phase_steps"] == phase_steps  # after the measured steps (default 3)
 
 
 def test_profile_command_prints_table_writes_report_and_trace(tmp_path):
@@ -50,11 +50,13 @@ def test_profile_command_prints_table_writes_report_and_trace(tmp_path):
 def test_profile_under_torchrun_tensor_parallel(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "megatron_code.profile", *SMALL, "--tensor-model-parallel-size", "2",
-           "--profile-steps", "2", "--profile-warmup", "1", "--report", "r.json",
+           "--profile-steps", "2", "--profile-warmup", "1", "--report", "r.json", "--phase-steps", "5",
            "--trace-dir", "trace", "--trace-steps", "1", "--trace-ranks", "1"]
     _run(cmd, tmp_path)
     report = json.loads((tmp_path / "r.json").read_text())
-    _check_report(report, world_size=2, steps=2)
+    # Two ranks share the two cores: a scheduling stall in a step's untimed bookkeeping lengthens
+    # that step only; the median of 5 phase-timed steps outlasts two such steps (3 once did not).
+    _check_report(report, world_size=2, steps=2, phase_steps=5)
     assert report["layout"]["tp"] == 2
     assert sorted(os.listdir(tmp_path / "trace")) == ["trace_rank1.json"]  # --trace-ranks 1 only
 

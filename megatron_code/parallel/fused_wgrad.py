@@ -10,7 +10,8 @@ training step of the 7B shape (docs/benchmarks.md). Here
 - the weight-gradient GEMM writes fp32 and accumulates into `.grad` itself (cuBLAS bf16 x bf16 ->
   fp32 with beta = 1; on CPU a bf16 product added in fp32, as autograd would);
 - inside `cached_weight_casts(model)` (the trainer wraps each step in it) a weight's bf16 copy is
-  made by its first micro-batch and reused by the others; outside it, every call casts (FP8
+  made by its first micro-batch (or written by the last optimizer step, TritonAdamW) and reused
+  by the others; outside it, every call casts (FP8
   layers use the same cache for their weight's FP8 cast, and advance their delayed scales once
   per step);
 - the backward returns no weight gradient, so autograd's AccumulateGrad has nothing to add, but
@@ -30,14 +31,36 @@ from torch import nn
 
 
 class StepWeightCasts:
-    """bf16 copies of fp32 weights, reused while `active` (one training step) and dropped after."""
+    """bf16 copies of fp32 weights, reused while `active` (one training step) and dropped after.
+
+    A copy may also come ready-made: an optimizer that writes it while updating the weight
+    (training/optimizer.py TritonAdamW) asks `wanted` which weights the last step cast, and
+    `prepare`s their copies for the next step. A prepared copy is used only if the weight has not
+    been written since (its version counter, which in-place torch ops and loading a state dict
+    advance; the Triton kernel's own write does not)."""
 
     def __init__(self):
         self.active = False
         self.copies: dict[tuple, object] = {}
+        self.cast_this_step: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
+        self.wanted: dict[int, tuple[torch.Tensor, torch.dtype]] = {}  # what the last step cast: id -> (weight, dtype)
+        self.prepared: dict[tuple, tuple] = {}  # (id, dtype) -> (weight, copy, weight's version then)
 
     def cast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.memo(weight, dtype, lambda: weight.detach().to(dtype))
+        if self.active:
+            self.cast_this_step[id(weight)] = (weight, dtype)
+        return self.memo(weight, dtype, lambda: self._take_prepared(weight, dtype))
+
+    def prepare(self, weight: torch.Tensor, copy: torch.Tensor) -> None:
+        """`copy`: the current value of `weight` in copy.dtype, for the next step's cast."""
+        self.prepared[(id(weight), copy.dtype)] = (weight, copy, weight._version)
+
+    def _take_prepared(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The prepared copy if it still matches the weight, else a fresh cast."""
+        entry = self.prepared.pop((id(weight), dtype), None) if self.active else None
+        if entry is not None and entry[0] is weight and entry[2] == weight._version:
+            return entry[1]
+        return weight.detach().to(dtype)
 
     def memo(self, owner, kind, make):
         """make() (a cast of a weight), computed once per step for (owner, kind) while active.
@@ -68,6 +91,8 @@ class StepWeightCasts:
             if kind == "first-use" and hasattr(owner, "release_step_state"):
                 owner.release_step_state()
         self.copies.clear()
+        self.prepared.clear()  # copies this step did not read (the weights it cast changed)
+        self.wanted, self.cast_this_step = self.cast_this_step, {}
 
 
 @contextmanager
@@ -100,6 +125,12 @@ def _step_state(model: nn.Module) -> tuple[list[StepWeightCasts], list]:
         if getattr(m, "fp8", None) is not None:
             histories.setdefault(id(m.fp8.histories), m.fp8.histories)
     return list(caches.values()), list(histories.values())
+
+
+def wanted_weight_copies(model: nn.Module) -> dict[int, tuple[StepWeightCasts, torch.dtype]]:
+    """id(weight) -> (the cache that casts it, the dtype) for every weight `model`'s last
+    training step cast: the copies its next step will want."""
+    return {key: (cache, dtype) for cache in _step_state(model)[0] for key, (_, dtype) in cache.wanted.items()}
 
 
 def fp8_histories(model: nn.Module) -> list:

@@ -42,10 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "each), TP x DP only, plus the frozen reference's weights and forward passes")
     p.add_argument("--packed-documents", action=argparse.BooleanOptionalAction, default=None,
                    help="rows pack documents that attend within themselves (--reset-attention-mask, as "
-                        "launch/slurm/sft_7b.sbatch runs), on the sdpa backend: counts the memory of the kernel "
-                        "this torch runs them with (default: on for --training-mode sft)")
+                        "launch/slurm/sft_7b.sbatch runs), on the sdpa backend: counts the memory and time of the "
+                        "kernel this torch runs them with (default: on for --training-mode sft)")
     p.add_argument("--compute-efficiency", type=float, default=TimeModelConfig.compute_efficiency,
                    help="fraction of dense peak the layers reach (default %(default)s, measured on H200)")
+    p.add_argument("--masked-attention-efficiency", type=float, default=TimeModelConfig.masked_attention_efficiency,
+                   help="fraction of the BF16 peak the masked attention kernel reaches on packed documents where no "
+                        "varlen kernel runs them (default %(default)s, measured on H200)")
     p.add_argument("--link-efficiency", type=float, default=TimeModelConfig.link_efficiency,
                    help="fraction of link bandwidth collectives reach (default %(default)s)")
     p.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU in Gb/s (default: the GPU table's)")
@@ -69,13 +72,14 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
     if seq > run.model.max_position_embeddings:
         raise ConfigError(f"--seq-length ({seq}) exceeds the {args.preset} preset's max_position_embeddings "
                           f"({run.model.max_position_embeddings}).")
-    for name, value in (("--compute-efficiency", args.compute_efficiency), ("--link-efficiency", args.link_efficiency)):
+    for name, value in (("--compute-efficiency", args.compute_efficiency), ("--link-efficiency", args.link_efficiency),
+                        ("--masked-attention-efficiency", args.masked_attention_efficiency)):
         if not 0 < value <= 1:
             raise ConfigError(f"{name} must be in (0, 1], got {value}.")
     run.model.validate()
     gpu = get_gpu(args.gpu, args.ib_gbps)
     tm = TimeModelConfig(compute_efficiency=args.compute_efficiency, link_efficiency=args.link_efficiency,
-                         precision=args.precision)
+                         masked_attention_efficiency=args.masked_attention_efficiency, precision=args.precision)
     gpu.peak_tflops(args.precision)  # FP8 on a GPU without it is refused here, before the search
     packed = args.training_mode == "sft" if args.packed_documents is None else args.packed_documents
     request = PlanRequest(model=run.model, gpus=args.gpus, gpu=gpu, seq_length=seq, global_batch_size=batch,
@@ -94,6 +98,9 @@ def header(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
              else f"{request.global_batch_size}")
     dpo = ("\nDPO: TP x DP only; `wts` includes the frozen reference's weights, `step s` its forward passes, "
            "MFU its FLOPs" if request.training_mode == "dpo" else "")
+    kernel = request.execution.document_attention
+    packed = ("" if kernel is None else f"\npacked documents: the {kernel} kernel without CP, the masked one under CP "
+              f"(every score block, at {100 * tm.masked_attention_efficiency:.0f}% of peak)")
     return (f"model {preset}: {params:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads}/{m.num_kv_heads} heads, vocab {m.vocab_size}); {flops:.1f} GFLOP/token\n"
             f"batch: {batch} x {request.seq_length} tokens = {tokens / 1e6:.2f}M tokens/step\n"
@@ -101,7 +108,7 @@ def header(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
             f"{g.memory_gb:.0f} GB, {g.gpus_per_node}/node, {g.intra_node_gb_per_s:.0f} GB/s intra-node, "
             f"{g.inter_node_gb_per_s:.0f} GB/s/GPU inter-node)\n"
             f"assumed: compute at {100 * tm.compute_efficiency:.0f}% of peak, links at {100 * tm.link_efficiency:.0f}%, "
-            f"{request.memory_budget / GIB:.1f} GiB usable per GPU\n"
+            f"{request.memory_budget / GIB:.1f} GiB usable per GPU{packed}\n"
             f"searched {result.parallel_layouts} layouts: {result.valid} valid, {len(result.candidates)} fit{dpo}")
 
 

@@ -127,7 +127,8 @@ def evaluate(request: PlanRequest, layout: Layout, tm: TimeModelConfig) -> Candi
     vocab = model.padded_vocab_size(layout.tp)
     sequences, batch = _in_sequences(request, layout)
     memory = layout_memory(request, layout, tm)
-    time = estimate_time(model, sequences, request.seq_length, batch, vocab, request.gpu, tm)
+    time = estimate_time(model, sequences, request.seq_length, batch, vocab, request.gpu, tm,
+                         request.execution.document_attention)
     flops = model_flops_per_step(request.model, request.seq_length, batch, vocab)
     if request.training_mode == "dpo":  # + the reference's forward passes, counted as the trainer does
         time = dataclasses.replace(time, reference=reference_forward_seconds(

@@ -42,6 +42,11 @@ class TimeModelConfig:
     fused_loss_head: bool = True
     """The fused linear-cross-entropy head (default on CUDA) recomputes the logits in backward:
     8 N V h FLOPs instead of 6 N V h."""
+    masked_attention_efficiency: float = 0.14
+    """Fraction of the BF16 peak the masked attention kernel reaches on packed documents
+    (document_attention 'mask': every block of the s x s scores, twice the causal FLOPs). H200,
+    7B shape, 16 layers, seq 4096: the packed SFT step took 306.6 ms more than pretraining's,
+    whose causal flash attention took 80 ms (traced): 52.8 TFLOP in ~387 ms (docs/planner.md)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,9 @@ class _Rank:
 
     gemm_flops: float
     attention_flops: float
+    """Causal attention (flash kernels, varlen on packed documents: an upper bound there)."""
+    masked_attention_flops: float
+    """Attention through the masked kernel (packed documents on 'mask'): the full square."""
     fp8_flops: float
     tp_bytes: float
     cp_bytes: float
@@ -103,7 +111,7 @@ def _layer_flops(config: ModelConfig, seq_length: int) -> tuple[float, float]:
 
 
 def _rank_work(config: ModelConfig, layout: Layout, seq_length: int, padded_vocab: int, tm: TimeModelConfig,
-               first: bool, last: bool) -> _Rank:
+               first: bool, last: bool, document_attention: str | None = None) -> _Rank:
     tokens = layout.micro_batch_size * seq_length / layout.cp  # this rank's tokens
     chunk_layers = config.num_layers // (layout.pp * layout.vp)
     full = recompute_split(layout, chunk_layers)[0]
@@ -123,23 +131,30 @@ def _rank_work(config: ModelConfig, layout: Layout, seq_length: int, padded_voca
     tp_bytes = tp_layer * (2 * layers + recomputed) + (first + last) * 2 * FP32 * tokens * h * _ring(layout.tp)
     kv = 2 * a * layout.micro_batch_size * seq_length * (config.num_kv_heads // layout.tp) * config.head_dim
     cp_bytes = kv * _ring(layout.cp) * (2 * layers + recomputed)
-    return _Rank(gemm_flops=gemm_total + logits_total, attention_flops=attention_total,
-                 fp8_flops=gemm_total if tm.precision == "fp8" else 0.0, tp_bytes=tp_bytes, cp_bytes=cp_bytes)
+    masked = document_attention is not None and (document_attention == "mask" or layout.cp > 1)
+    return _Rank(gemm_flops=gemm_total + logits_total, attention_flops=0.0 if masked else attention_total,
+                 masked_attention_flops=2 * attention_total if masked else 0.0, fp8_flops=gemm_total if tm.precision == "fp8" else 0.0, tp_bytes=tp_bytes, cp_bytes=cp_bytes)
 
 
 def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
-                  padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig = TimeModelConfig()) -> TimeEstimate:
+                  padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig = TimeModelConfig(),
+                  document_attention: str | None = None) -> TimeEstimate:
+    """document_attention: the kernel packed documents run on (Execution.document_attention; under
+    CP always the mask, as activations.document_mask_bytes has it), None without packed documents.
+    Varlen kernels are charged the causal count over the whole row, an upper bound: documents
+    shorter than the row attend to fewer keys."""
     m = layout.micro_batches(global_batch_size)
     bf16_peak, gemm_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency, 1e12 * gpu.peak_tflops(tm.precision)
     gemm_peak *= tm.compute_efficiency
-    ranks = [_rank_work(config, layout, seq_length, padded_vocab, tm, r == 0, r == layout.pp - 1)
+    masked_peak = 1e12 * gpu.bf16_tflops * tm.masked_attention_efficiency
+    ranks = [_rank_work(config, layout, seq_length, padded_vocab, tm, r == 0, r == layout.pp - 1, document_attention)
              for r in range(layout.pp)]
     tp_bw = _link(gpu, layout.tp) * tm.link_efficiency
     cp_bw = _link(gpu, layout.tp * layout.cp) * tm.link_efficiency
 
     def seconds(r: _Rank) -> tuple[float, float, float]:
         compute = (r.fp8_flops / gemm_peak + (r.gemm_flops - r.fp8_flops) / bf16_peak
-                   + r.attention_flops / bf16_peak)
+                   + r.attention_flops / bf16_peak + r.masked_attention_flops / masked_peak)
         return compute, r.tp_bytes / tp_bw, r.cp_bytes / cp_bw
 
     slowest = max((seconds(r) for r in ranks), key=sum)

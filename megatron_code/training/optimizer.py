@@ -1,15 +1,19 @@
 """AdamW with decoupled weight decay on matrices only (clipping: megatron_code.parallel.grads).
 
 Two implementations of the step (--optimizer-impl): torch.optim.AdamW (fused on CUDA, foreach on
-CPU) and TritonAdamW, the same optimizer class, state and checkpoints with the update in one Triton
-kernel per parameter (kernels/triton_adamw.py); `auto` takes Triton on CUDA.
+CPU) and TritonAdamW, the same optimizer class, state and checkpoints with the update in a few
+multi-tensor Triton launches (kernels/triton_adamw.py) that also write the next step's bf16 weight
+copies; `auto` takes Triton on CUDA.
 """
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 
 from kernels.dispatch import KernelSelectionError, check_choice, select, triton_module
 from megatron_code.errors import ConfigError
+from megatron_code.parallel.fused_wgrad import wanted_weight_copies
 from megatron_code.training.config import OptimizerConfig
 
 OPTIMIZER_IMPLS = ("auto", "torch", "triton")
@@ -28,7 +32,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    return adamw(parameter_groups(model, config.weight_decay), config, next(model.parameters()).is_cuda)
+    """AdamW over the model's parameters; TritonAdamW also writes the model's per-step bf16 weight copies."""
+    optimizer = adamw(parameter_groups(model, config.weight_decay), config, next(model.parameters()).is_cuda)
+    if isinstance(optimizer, TritonAdamW):
+        optimizer.write_weight_copies_for(model)
+    return optimizer
 
 
 def adamw(groups: list[dict], config: OptimizerConfig, on_cuda: bool) -> torch.optim.AdamW:
@@ -55,35 +63,57 @@ def resolve_optimizer_impl(impl: str, on_cuda: bool) -> str:
 
 
 class TritonAdamW(torch.optim.AdamW):
-    """torch.optim.AdamW (parameter groups, state keys, state_dict) whose step runs one Triton
-    kernel per parameter: read p, grad, exp_avg, exp_avg_sq once, write p and both moments.
+    """torch.optim.AdamW (parameter groups, state keys, state_dict) whose step runs a few Triton
+    launches for all parameters (kernels/triton_adamw.py): read p, grad, exp_avg, exp_avg_sq once,
+    write p and both moments.
 
     Step counts live on the host (state["step"], a CPU tensor as in torch's unfused AdamW), so the
     bias corrections are kernel arguments rather than device reads. Clipping rides along as in
     torch's fused AdamW: when `grad_scale` (a one-element device tensor) is set, every gradient is
-    divided by it inside the kernel (parallel/grads.py clip_in_optimizer_step sets it)."""
+    divided by it inside the kernel (parallel/grads.py clip_in_optimizer_step sets it).
+
+    Given the model (`write_weight_copies_for`), the step also writes the bf16 copies of the
+    weights that the model's last training step cast (parallel/fused_wgrad.py StepWeightCasts) and
+    hands them to the model's cast cache, so the next step's first micro-batch does not cast."""
 
     clips_in_step = True
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
         self.grad_scale: torch.Tensor | None = None
+        self.copies_for: torch.nn.Module | None = None
+
+    def write_weight_copies_for(self, model: torch.nn.Module | None) -> None:
+        """Write the low-precision weight copies `model`'s next training step will read (None: stop)."""
+        self.copies_for = model
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("TritonAdamW.step takes no closure (the trainer computes the loss itself).")
-        kernel = triton_module("triton_adamw").adamw_step_
+        kernels = triton_module("triton_adamw")
+        wanted = wanted_weight_copies(self.copies_for) if self.copies_for is not None else {}
+        made = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            by_step = defaultdict(list)  # parameters step together when their step counts agree
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 state = self._state_of(param)
                 state["step"] += 1
-                kernel(param, _dense(param.grad), state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                       step=int(state["step"].item()), grad_scale=self.grad_scale)
+                copy = None
+                if id(param) in wanted:
+                    cache, dtype = wanted[id(param)]
+                    copy = torch.empty_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+                    made.append((cache, param, copy))
+                by_step[int(state["step"].item())].append(kernels.AdamWTensors(
+                    param, _dense(param.grad), state["exp_avg"], state["exp_avg_sq"], copy))
+            beta1, beta2 = group["betas"]
+            for step, tensors in by_step.items():
+                kernels.adamw_step_(tensors, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                    weight_decay=group["weight_decay"], step=step, grad_scale=self.grad_scale)
+        for cache, param, copy in made:
+            cache.prepare(param, copy)
 
     def _state_of(self, param: torch.Tensor) -> dict:
         state = self.state[param]
