@@ -11,7 +11,7 @@ from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
 from megatron_code.model.gpt import GPTModel
 from megatron_code.parallel.fused_wgrad import (
-    StepWeightCasts, cached_weight_casts, fusable, fused_wgrad_linear, wanted_weight_copies,
+    StepWeightCasts, cached_weight_casts, embedding_lookup, fusable, fused_wgrad_linear, wanted_weight_copies,
 )
 from tests.conftest import run_training, tiny_run
 
@@ -247,7 +247,7 @@ def test_fused_weight_gradients_under_activation_recompute(recompute):
 @pytest.mark.parametrize("untie", [True, False])
 def test_fused_loss_head_uses_the_step_copy_and_accumulates_the_output_weight_gradient(untie):
     """The fused output GEMM + cross-entropy takes the output weight's per-step bf16 copy and adds
-    its fp32 gradient into .grad itself (tied: on top of the embedding's); the gradients match the
+    its fp32 gradient into .grad itself (tied: the embedding adds its own too); the gradients match the
     unfused model's, and the bucket hook of the output weight still fires once per micro-batch."""
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(5))
     grads, calls, returned = {}, {}, {}
@@ -267,12 +267,38 @@ def test_fused_loss_head_uses_the_step_copy_and_accumulates_the_output_weight_gr
                     assert len(model.weight_casts.copies) == 9
         grads[fusion] = {n: p.grad for n, p in model.named_parameters()}
     assert calls == {True: 2, False: 2}
-    # Fused, the loss head returns no gradient for the weight (it added its own into .grad): untied,
-    # autograd hands it nothing; tied, only the embedding's gradient.
+    # Fused, the loss head (and, tied, the embedding) returns no gradient for the weight: each
+    # added its own into .grad, so autograd hands the weight nothing.
     assert len(returned[True]) == len(returned[False]) == 2 and all(g is not None for g in returned[False])
-    if untie:
-        assert returned[True] == [None, None]
-    else:
-        assert all(not torch.allclose(f, u, atol=1e-3) for f, u in zip(returned[True], returned[False]))
+    assert returned[True] == [None, None]
     for name, grad in grads[True].items():
         torch.testing.assert_close(grad, grads[False][name], rtol=2e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embedding_gradient_accumulates_in_place_over_micro_batches(device):
+    """The fused embedding lookup adds each micro-batch's row gradients into .grad itself
+    (repeated ids included, and a vocabulary-parallel rank's ids outside its range masked as
+    VocabParallelEmbedding does): the same fp32 gradient as autograd's, hooks fired each time."""
+    gen = torch.Generator().manual_seed(6)
+    table = torch.randn(50, 8, generator=gen).to(device)
+    ids = [torch.randint(0, 60, (3, 7), generator=gen).to(device) for _ in range(3)]  # ids >= 50: another rank's
+    upstream = [torch.randn(3, 7, 8, generator=gen).to(device) for _ in range(3)]
+    grads, hooks = {}, {}
+    for fused in (True, False):
+        weight = torch.nn.Parameter(table.clone())
+        hooks[fused] = 0
+        weight.register_post_accumulate_grad_hook(lambda p, f=fused: hooks.__setitem__(f, hooks[f] + 1))
+        for micro_ids, grad in zip(ids, upstream):
+            outside = micro_ids >= 50
+            with torch.autocast(device, dtype=torch.bfloat16):
+                rows = embedding_lookup(micro_ids.masked_fill(outside, 0), weight, fused)
+            assert rows.dtype == torch.float32
+            rows.masked_fill(outside[..., None], 0.0).backward(grad)
+        grads[fused] = weight.grad
+    assert hooks == {True: 3, False: 3}
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-6, atol=1e-6)
+    assert all((i >= 50).any() and (i < 50).any() for i in ids)  # both kinds of ids in every micro-batch
+    with torch.autocast(device, dtype=torch.bfloat16):  # autograd's path where fusion does not apply
+        frozen = torch.nn.Parameter(table.clone(), requires_grad=False)
+        assert embedding_lookup(ids[0].clamp(max=49), frozen, True).grad_fn is None

@@ -118,8 +118,9 @@ class ModelConfig:
     gradient_accumulation_fusion: bool = True
     """Under bf16 autocast, the attention and MLP linears' weight-gradient GEMMs write fp32 straight
     into the master gradient, and each weight's bf16 copy is made once per step rather than per
-    micro-batch (megatron_code/parallel/fused_wgrad.py). Off: autograd's bf16 weight gradient,
-    cast and added per micro-batch. Zero-bubble pipeline schedules always run it off."""
+    micro-batch; the embedding adds its row gradients into its master gradient in place
+    (megatron_code/parallel/fused_wgrad.py). Off: autograd's bf16 weight gradient, cast and added
+    per micro-batch, and the embedding's dense gradient added per micro-batch. Zero-bubble pipeline schedules always run it off."""
 
     # ---- derived quantities -------------------------------------------------------------
     @property

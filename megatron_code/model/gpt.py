@@ -173,12 +173,15 @@ class GPTModel(nn.Module):
         return slice_local(per_token, self.parallel.cp, self.parallel.cp_rank)
 
     def set_gradient_accumulation_fusion(self, enabled: bool) -> None:
-        """Give the attention and MLP linears a shared per-step weight-cast cache (fused_wgrad.py),
-        or take it away (autograd's weight gradients)."""
+        """Give the attention and MLP linears a shared per-step weight-cast cache and the embedding
+        its in-place gradient accumulation (fused_wgrad.py), or take them away (autograd's weight
+        gradients)."""
         self.weight_casts = StepWeightCasts() if enabled else None
         for module in self.decoder.modules():
             if hasattr(module, "weight_casts"):
                 module.weight_casts = self.weight_casts
+        if self.embedding is not None:  # its gradient accumulates in place too
+            self.embedding.word_embeddings.fused_grad = enabled
 
     def output_weight(self) -> torch.Tensor:
         """The output layer's weight (the embedding's when tied); read by the loss head, outside

@@ -14,6 +14,8 @@ training step of the 7B shape (docs/benchmarks.md). Here
   by the others; outside it, every call casts (FP8
   layers use the same cache for their weight's FP8 cast, and advance their delayed scales once
   per step);
+- the embedding (VocabParallelEmbedding, `embedding_lookup`) adds its row gradients into `.grad`
+  in place instead of handing autograd a dense [vocab, h] gradient per micro-batch;
 - the backward returns no weight gradient, so autograd's AccumulateGrad has nothing to add, but
   it still runs the weight's post-accumulate-grad hooks after this backward (pinned by
   tests/test_fused_wgrad.py): the data-parallel buckets launch as before.
@@ -195,3 +197,34 @@ def fused_wgrad_linear(x: torch.Tensor, weight: torch.Tensor, casts: StepWeightC
     dtype = torch.get_autocast_dtype(x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         return _FusedWgradLinear.apply(x.to(dtype), weight, casts.cast(weight, dtype))
+
+
+class _FusedGradEmbedding(torch.autograd.Function):
+    """rows = weight[ids] for the fp32 leaf `weight`; the backward adds each row's gradient into
+    weight.grad in place (index_put_ with accumulate: sorted, deterministic on CUDA) rather than
+    building a dense [vocab, h] gradient for AccumulateGrad to add: per micro-batch that saved a
+    zero fill of the whole table and, after the first micro-batch, a read-read-write of it."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        rows = grad.reshape(-1, weight.shape[1]).to(weight.grad.dtype)  # [N, h]
+        weight.grad.index_put_((ids.reshape(-1),), rows, accumulate=True)
+        return None, None
+
+
+def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tensor:
+    """weight[ids]; with `fused` (gradient-accumulation fusion on) and under autocast for an fp32
+    leaf weight, its gradient accumulates in place (_FusedGradEmbedding)."""
+    if fused and fusable(ids, weight):
+        return _FusedGradEmbedding.apply(ids, weight)
+    return F.embedding(ids, weight)

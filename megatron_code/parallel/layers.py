@@ -14,7 +14,7 @@ from torch import nn
 
 from kernels import cross_entropy
 from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
-from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable, fused_wgrad_linear
+from megatron_code.parallel.fused_wgrad import StepWeightCasts, embedding_lookup, fusable, fused_wgrad_linear
 from megatron_code.parallel.mappings import (
     copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
     reduce_scatter_sequence_parallel,
@@ -118,15 +118,17 @@ class VocabParallelEmbedding(nn.Module):
         rows = vocab_size // parallel.tp
         self.vocab_start = parallel.tp_rank * rows
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(rows, hidden_size)), 0)
+        self.fused_grad = False  # set by GPTModel (gradient_accumulation_fusion)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> [s, b, h] (or [s/tp, b, h] under sequence parallelism)."""
         ids = tokens.t()  # [s, b]
         if self.parallel.tp == 1:
-            return F.embedding(ids, self.weight)
+            return embedding_lookup(ids, self.weight, self.fused_grad)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        # the rows of ids outside this rank's range get zero gradient (masked below): adding them into row 0 is a no-op
+        out = embedding_lookup(local.masked_fill(outside, 0), self.weight, self.fused_grad)
         out = out.masked_fill(outside[..., None], 0.0)
         return row_parallel_output(out, self.parallel)
 
