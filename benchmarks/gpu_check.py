@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.trace_breakdown import breakdown, format_breakdown, load_events  # noqa: E402
 from kernels.dispatch import package_imports  # noqa: E402
 from megatron_code.model.config import ModelConfig  # noqa: E402
 from megatron_code.model.fp8 import FP8_LINEARS, enable_fp8  # noqa: E402
@@ -312,10 +313,17 @@ def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str
         fh.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("|")) or proc.stderr[-3000:])
     trace = os.path.join(trace_dir, "trace_rank0.json")
+    result = json.load(open(report)) if os.path.exists(report) else None
     if os.path.exists(trace):  # gzip: Perfetto opens .json.gz directly
         with open(trace, "rb") as src, gzip.open(os.path.join(out_dir, f"trace_{name}.json.gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
-    result = json.load(open(report)) if os.path.exists(report) else None
+        # The breakdown goes into the log and the JSON too: the device tool may not return the trace.
+        text = format_breakdown(breakdown(load_events(trace), 25))
+        with open(os.path.join(out_dir, f"profile_{name}.log"), "a") as fh:
+            fh.write("\n" + text + "\n")
+        print("\n".join(text.splitlines()[:13]), flush=True)
+        if result is not None:
+            result["trace_breakdown"] = text
     shutil.rmtree(trace_dir, ignore_errors=True)
     return result
 

@@ -26,7 +26,7 @@ if [ -d .te ]; then
     timeout 420 python3 benchmarks/te_install.py --site /tmp/te_site --jobs "$te_jobs" >"$out/te_install.log" 2>&1 &
     te_pid=$!
 fi
-timeout 240 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-torch-adamw:bf16 ours-cast-copies:bf16 ours:fp8 \
+timeout 270 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-torch-adamw:bf16 ours-cast-copies:bf16 ours:fp8 \
     --skip ours_te tests profile profile_fp8 sft dpo kernels
 if [ -n "${te_pid:-}" ]; then
     wait "$te_pid" && echo "Transformer Engine built" || echo "Transformer Engine build failed: $out/te_install.log"

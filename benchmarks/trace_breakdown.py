@@ -63,18 +63,21 @@ def breakdown(events: list[dict], top: int) -> dict:
             "top_other": [(ms / 1e3, name, ops) for (name, ops), ms in others.most_common(top)]}
 
 
+def format_breakdown(r: dict) -> str:
+    step = f"{r['step_ms']:.1f} ms" if r["step_ms"] else "n/a"
+    lines = [f"traced step {step} | GPU busy {r['busy_ms']:.1f} ms | {r['kernels']:,} kernels | "
+             f"GEMM {r['gemm_ms']:.1f} ms | attention {r['attention_ms']:.1f} ms | other {r['other_ms']:.1f} ms",
+             "| ms | kernel | launched by |", "| ---: | --- | --- |"]
+    lines += [f"| {ms:.1f} | `{name}` | {ops} |" for ms, name, ops in r["top_other"]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", help="trace_rank0.json or .json.gz")
     parser.add_argument("--top", type=int, default=20, help="how many 'other' kernel groups to list")
     args = parser.parse_args(argv)
-    r = breakdown(load_events(args.trace), args.top)
-    step = f"{r['step_ms']:.1f} ms" if r["step_ms"] else "n/a"
-    print(f"traced step {step} | GPU busy {r['busy_ms']:.1f} ms | {r['kernels']:,} kernels | "
-          f"GEMM {r['gemm_ms']:.1f} ms | attention {r['attention_ms']:.1f} ms | other {r['other_ms']:.1f} ms")
-    print("| ms | kernel | launched by |\n| ---: | --- | --- |")
-    for ms, name, ops in r["top_other"]:
-        print(f"| {ms:.1f} | `{name}` | {ops} |")
+    print(format_breakdown(breakdown(load_events(args.trace), args.top)))
 
 
 if __name__ == "__main__":
