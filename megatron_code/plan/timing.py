@@ -219,11 +219,14 @@ def _data_parallel(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: 
 
 
 def _optimizer(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig) -> float:
-    """Fused AdamW reads parameter, gradient and both moments and writes three of them (28 bytes
-    per element); the gradient norm and clipping add 12: 40 bytes per element of the local shard."""
+    """The gradient norm reads every gradient (4 bytes per element); the fused AdamW step reads
+    parameter, gradient and both moments and writes three of them (28), clipping inside it
+    (parallel/grads.py clip_in_optimizer_step): 32 bytes per element of the local shard. (The bf16
+    weight copies TritonAdamW writes, 2 bytes per GEMM weight, replace the next step's casts,
+    which this model does not count either.)"""
     shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
     elements = _largest_rank_parameters(config, layout, padded_vocab) / shards
-    return 40 * elements / (1e12 * gpu.hbm_tb_per_s * tm.hbm_efficiency)
+    return 32 * elements / (1e12 * gpu.hbm_tb_per_s * tm.hbm_efficiency)
 
 
 def model_flops_per_step(config: ModelConfig, seq_length: int, global_batch_size: int, padded_vocab: int) -> float:
