@@ -146,11 +146,15 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 
 def ours_step(model, optimizer, tokens, accumulation: int):
+    # As the trainer: each token's loss weighted by 1 / the step's tokens, given to the model, whose
+    # fused loss head then makes its gradients in the forward.
+    weights = torch.full_like(tokens[:, 1:], 1.0 / (accumulation * (tokens.shape[1] - 1)), dtype=torch.float32)
+
     def step():
         with cached_weight_casts(model):  # as the trainer's step: one bf16 weight copy per step
             for _ in range(accumulation):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(tokens[:, :-1], labels=tokens[:, 1:]).mean()
+                    loss = model(tokens[:, :-1], labels=tokens[:, 1:], loss_weights=weights)
                 loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

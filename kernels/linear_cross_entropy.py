@@ -11,11 +11,11 @@ TP group with two all-reduces (max, then [sum of exp rescaled to the global max,
 the quantities _VocabParallelCrossEntropy in megatron_code/parallel/layers.py reduces. Padded
 vocabulary rows (ids >= vocab_size) get zero probability exactly like GPTModel.output_logits.
 
-Backward recomputes each block's logits instead of storing anything of size N x V. The model
+Backward recomputes each block's logits instead of storing anything of size N x V. This op
 returns per-token losses and the caller masks and reduces them, so the weight gradient
 sum_n grad_loss[n] (softmax_n - onehot_n)^T h_n cannot be formed before grad_loss is known;
-computing gradients during the forward (as fused-loss libraries that reduce internally do) would
-need grad_loss up front. Trade-off: one extra GEMM, 8 N V h FLOPs in all instead of 6 N V h (+33%
+where the caller knows its weights up front (the trainer's loss),
+kernels/weighted_linear_cross_entropy.py makes the gradients in the forward instead. Trade-off here: one extra GEMM, 8 N V h FLOPs in all instead of 6 N V h (+33%
 for the output layer, ~2-4% of a 7B training step), for O(block + N h + V h) memory instead of the
 unfused path's bf16 logits plus fp32 copies of [N, V] (8192 tokens x 128K vocabulary: ~9 GiB).
 Chunking the vocabulary (not only the tokens) keeps every GEMM large: its gradient accumulators
@@ -81,16 +81,21 @@ class TorchChunkOps:
     """The per-block reductions in plain torch (the 'reference' implementation)."""
 
     @staticmethod
-    def _masked_fp32(logits: torch.Tensor, valid: int) -> torch.Tensor:
-        x = logits.float()  # the block itself when already fp32: it is a temporary we own
+    def _masked_fp32(logits: torch.Tensor, valid: int, keep: bool = False) -> torch.Tensor:
+        """fp32 logits with the padding columns at -inf: the block itself when already fp32 (a
+        temporary the caller owns), unless `keep` asks to leave it untouched."""
+        x = logits.float()
+        if keep and x is logits:
+            x = x.clone()
         if valid < x.shape[1]:
             x[:, valid:] = float("-inf")
         return x
 
     @staticmethod
-    def stats(logits, targets, valid):
-        """-> (row max, sum exp(x - row max), target logit or 0 where the target is elsewhere)."""
-        x = TorchChunkOps._masked_fp32(logits, valid)
+    def stats(logits, targets, valid, keep_logits: bool = False):
+        """-> (row max, sum exp(x - row max), target logit or 0 where the target is elsewhere).
+        fp32 logits are overwritten unless keep_logits (the forward-gradient op reuses them)."""
+        x = TorchChunkOps._masked_fp32(logits, valid, keep=keep_logits)
         row_max = x.max(dim=1).values
         target_logit = x.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).masked_fill(targets < 0, 0.0)
         shift = row_max.masked_fill(row_max == float("-inf"), 0.0)  # an all-padding chunk: sum 0, not nan
@@ -252,6 +257,30 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Returns loss [...] in fp32. Under TP the gradient of hidden is this rank's partial sum: the
     caller's column_parallel_input (copy_to_tensor_parallel) all-reduces it, as for any column-parallel GEMM.
     """
+    call = prepare_call(hidden, weight, targets, vocab_size, vocab_start, group, impl, weight_lp)
+    default = default_blocking(call.hidden.shape[0], weight.shape[0])
+    blocking = Blocking(chunk_tokens or default.tokens, chunk_vocab or default.vocab)
+    losses = LinearCrossEntropy.apply(call.hidden, weight, call.targets, call.shard, call.ops, call.compute_dtype,
+                                      blocking, weight_lp, accumulate_wgrad)
+    return losses.view(targets.shape)
+
+
+@dataclass(frozen=True)
+class FusedCall:
+    """The checked, flattened operands of a fused loss-head call."""
+
+    hidden: torch.Tensor
+    """[N, h]"""
+    targets: torch.Tensor
+    """[N] global ids"""
+    shard: VocabShard
+    ops: type
+    """TorchChunkOps or TritonChunkOps: the per-block reductions"""
+    compute_dtype: torch.dtype
+
+
+def prepare_call(hidden, weight, targets, vocab_size, vocab_start, group, impl, weight_lp) -> FusedCall:
+    """Checks the operands (a ValueError naming the shapes) and picks the block reductions."""
     chosen = select("cross_entropy", impl, hidden.device, LINEAR_CROSS_ENTROPY_IMPLS)
     ops = triton_module("triton_linear_cross_entropy").TritonChunkOps if chosen == "triton" else TorchChunkOps
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -259,16 +288,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if h.shape[0] != flat_targets.numel() or weight.shape[-1] != h.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} do not fit ([..., h], [V, h], [...]).")
-    shard = vocab_shard(weight.shape[0], vocab_start, vocab_size, group)
-    default = default_blocking(h.shape[0], weight.shape[0])
-    blocking = Blocking(chunk_tokens or default.tokens, chunk_vocab or default.vocab)
     compute_dtype = _compute_dtype(hidden)
     if weight_lp is not None and (weight_lp.shape != weight.shape or weight_lp.dtype != compute_dtype):
         raise ValueError(f"linear_cross_entropy: weight_lp must be the weight {tuple(weight.shape)} in {compute_dtype}, "
                          f"got {tuple(weight_lp.shape)} in {weight_lp.dtype}.")
-    losses = LinearCrossEntropy.apply(h, weight, flat_targets, shard, ops, compute_dtype, blocking,
-                                      weight_lp, accumulate_wgrad)
-    return losses.view(targets.shape)
+    return FusedCall(h, flat_targets, vocab_shard(weight.shape[0], vocab_start, vocab_size, group), ops, compute_dtype)
 
 
 def linear_cross_entropy_unfused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -58,7 +58,8 @@ class TritonChunkOps:
     """Same contract as kernels.linear_cross_entropy.TorchChunkOps."""
 
     @staticmethod
-    def stats(logits, targets, valid):
+    def stats(logits, targets, valid, keep_logits: bool = False):
+        """The logits are only read (keep_logits changes nothing here)."""
         rows, cols = logits.shape
         out = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
         _row_stats[(rows,)](logits, targets, out[0], out[1], out[2], logits.stride(0), cols, valid,

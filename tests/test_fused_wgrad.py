@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.weighted_linear_cross_entropy import weighted_linear_cross_entropy
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
 from megatron_code.model.gpt import GPTModel
@@ -302,3 +303,36 @@ def test_embedding_gradient_accumulates_in_place_over_micro_batches(device):
     with torch.autocast(device, dtype=torch.bfloat16):  # autograd's path where fusion does not apply
         frozen = torch.nn.Parameter(table.clone(), requires_grad=False)
         assert embedding_lookup(ids[0].clamp(max=49), frozen, True).grad_fn is None
+
+
+@pytest.mark.parametrize("untie", [True, False])
+def test_weighted_loss_head_makes_its_gradients_in_the_forward(untie, monkeypatch):
+    """GPTModel(..., loss_weights=w) under fusion takes the forward-gradient head
+    (kernels/weighted_linear_cross_entropy.py): over two micro-batches the same loss and every
+    gradient as weighting the per-token losses of the recomputing head, tied or not."""
+    import megatron_code.model.gpt as gpt
+
+    calls = []
+    monkeypatch.setattr(gpt, "weighted_linear_cross_entropy",
+                        lambda *a, **kw: calls.append(1) or weighted_linear_cross_entropy(*a, **kw))
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 256, (2, 33), generator=gen)
+    weights = (torch.rand(2, 32, generator=gen) > 0.3).float() / 50  # a loss mask over the batch's tokens
+    results = {}
+    for weighted in (True, False):
+        config = tiny_model(True).config.replace(cross_entropy_impl="reference", untie_embeddings_and_output_weights=untie)
+        model, losses = GPTModel(config, init_seed=3), []
+        with cached_weight_casts(model):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    if weighted:
+                        loss = model(tokens[:, :-1], labels=tokens[:, 1:], loss_weights=weights)
+                    else:
+                        loss = (model(tokens[:, :-1], labels=tokens[:, 1:]) * weights).sum()
+                loss.backward()
+                losses.append(loss.item())
+        results[weighted] = losses, {n: p.grad for n, p in model.named_parameters()}
+    assert len(calls) == 2  # the weighted runs' micro-batches, and only those
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from kernels.cross_entropy import cross_entropy
 from kernels.dispatch import KernelSelectionError, select, triton_interpreter_enabled
 from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy, linear_cross_entropy_unfused
+from kernels.weighted_linear_cross_entropy import weighted_linear_cross_entropy
 from kernels.rmsnorm import rms_norm
 from kernels.swiglu import swiglu
 from megatron_code.errors import ConfigError
@@ -195,6 +196,57 @@ def test_linear_cross_entropy_matches_unfused_with_padded_vocab(impl, autocast):
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
     assert_all_close(got, want, torch.bfloat16 if autocast else torch.float32)
     assert torch.all(got[2][280:] == 0)  # padded rows: zero probability, no gradient
+
+
+def weighted_and_reference(hidden, weight, targets, loss_weights, impl, autocast, existing_grad, **blocks):
+    """(weighted scalar, per-token CE, grad hidden, weight.grad) of the forward-gradient op, and the
+    same from the unfused loss through autograd; weight.grad may start from an earlier micro-batch's."""
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        w.grad = None if existing_grad is None else existing_grad.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                total, losses = weighted_linear_cross_entropy(h, w, targets, loss_weights, vocab_size=280,
+                                                              impl=impl, **blocks)
+            else:
+                losses = linear_cross_entropy_unfused(h, w, targets, vocab_size=280)
+                total = (losses * loss_weights).sum()
+        total.backward()
+        results.append((total.detach(), losses.detach(), h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=interpreted)])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("blocks", [{}, dict(chunk_tokens=16, chunk_vocab=128)], ids=["default", "blocked"])
+def test_weighted_linear_cross_entropy_makes_the_gradients_in_the_forward(impl, autocast, blocks):
+    """The forward-gradient loss head against autograd through the unfused logits: the weighted
+    sum, per-token losses, the hidden gradient and the weight gradient added to an earlier one
+    (a second micro-batch), in one block or 3 token blocks x 3 vocabulary chunks (rows 280+ padding)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 24, generator=gen), 0.3 * torch.randn(300, 24, generator=gen)
+    targets = torch.randint(0, 280, (37,), generator=gen)
+    loss_weights = torch.rand(37, generator=gen) * (torch.rand(37, generator=gen) > 0.2)  # a mask, scaled
+    earlier = torch.randn(300, 24, generator=gen)
+    for existing in (None, earlier):
+        got, want = weighted_and_reference(hidden, weight, targets, loss_weights, impl, autocast, existing, **blocks)
+        assert_all_close(got, want, torch.bfloat16 if autocast else torch.float32)
+        assert got[3].dtype == torch.float32 and torch.equal(got[3][280:], want[3][280:])  # padding: no gradient
+
+
+def test_weighted_linear_cross_entropy_refuses_a_scaled_backward_and_bad_operands():
+    """Its weight gradient was added in the forward unscaled: a backward that scales the scalar
+    would leave it wrong, so it fails (on the device, without a sync)."""
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.nn.Parameter(torch.randn(16, 8))
+    targets = torch.randint(0, 16, (5,))
+    total, _ = weighted_linear_cross_entropy(hidden, weight, targets, torch.ones(5), impl="reference")
+    with pytest.raises(RuntimeError, match="gradient 1"):
+        (2 * total).backward()
+    with pytest.raises(ValueError, match=r"loss_weights \(4,\) must have the targets' shape \(5,\)"):
+        weighted_linear_cross_entropy(hidden, weight, targets, torch.ones(4), impl="reference")
+    with pytest.raises(ValueError, match="fp32 leaf"):
+        weighted_linear_cross_entropy(hidden, weight.double(), targets, torch.ones(5), impl="reference")
 
 
 def test_linear_cross_entropy_tp2_matches_single_process():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused
+from kernels.weighted_linear_cross_entropy import weighted_linear_cross_entropy
 from kernels.rmsnorm import rms_norm
 from kernels.swiglu import swiglu
 from megatron_code.model import GPTModel, ModelConfig
@@ -140,6 +141,36 @@ def test_linear_cross_entropy_bf16_autocast(impl):
     fused = run(lambda *args, **kw: linear_cross_entropy(*args, **kw, impl=impl))
     got = forward_and_grads(fused, (hidden, weight))
     want = forward_and_grads(run(linear_cross_entropy_unfused), (hidden, weight))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert_close_to_scale(got[1:], want[1:], 2e-2)
+    assert torch.all(got[2][vocab:] == 0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_weighted_linear_cross_entropy_bf16_autocast(impl):
+    """The forward-gradient head (kernels/weighted_linear_cross_entropy.py) at a 32K padded
+    vocabulary under bf16 autocast, in two token blocks, the weight gradient added to an earlier
+    micro-batch's: against autograd through the unfused fp32 logits."""
+    vocab, padded = 32768 - 100, 32768
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    hidden = torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen)
+    weight = 0.02 * torch.randn(padded, HIDDEN, device="cuda", generator=gen)
+    targets = torch.randint(0, vocab, (TOKENS,), device="cuda", generator=gen)
+    loss_weights = torch.rand(TOKENS, device="cuda", generator=gen) / TOKENS
+    earlier = torch.randn(padded, HIDDEN, device="cuda", generator=gen)
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        w.grad = earlier.clone()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if fused:
+                total, _ = weighted_linear_cross_entropy(h, w, targets, loss_weights, vocab_size=vocab, impl=impl,
+                                                         chunk_tokens=TOKENS // 2)
+            else:
+                total = (linear_cross_entropy_unfused(h, w, targets, vocab_size=vocab) * loss_weights).sum()
+        total.backward()
+        results.append((total.detach(), h.grad, w.grad - earlier))
+    got, want = results
     torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
     assert_close_to_scale(got[1:], want[1:], 2e-2)
     assert torch.all(got[2][vocab:] == 0)

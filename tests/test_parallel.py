@@ -143,7 +143,11 @@ def bf16_reference(fixture_data):
     # once the gradient is complete (an early launch would reduce a partial gradient).
     dict(),  # data parallel
     dict(use_distributed_optimizer=True),
-], ids=["pp2", "tp2_sp", "dp2", "dp2_distributed_optimizer"])
+    # The fused loss head given the loss weights makes its gradients in the forward (the
+    # pipeline's loss function, and the trainer's micro-batches ahead of the bucket hooks).
+    dict(pipeline_model_parallel_size=2, cross_entropy_impl="reference"),
+    dict(cross_entropy_impl="reference"),
+], ids=["pp2", "tp2_sp", "dp2", "dp2_distributed_optimizer", "pp2_fused_head", "dp2_fused_head"])
 def test_bf16_layouts_match_one_process_bf16(layout, fixture_data, reference, bf16_reference, tmp_path):
     """--bf16 must reach every layout's GEMMs: the run matches one process in bf16, not in fp32."""
     records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, **layout), str(tmp_path / "m.jsonl"))

@@ -172,10 +172,14 @@ def test_time_model_bubble_and_mfu_are_consistent():
     assert time.bubble_fraction == pytest.approx(3 / (2 * m))
     assert time.cp_comm == 0 and time.tp_comm > 0 and time.pp_comm > 0
     single = estimate_time(SEVEN_B, Layout(1, 1, 1, 1, 1, 1, False), 4096, 1, 49152, GPUS["h100-sxm"],
-                           TimeModelConfig(compute_efficiency=1.0, fused_loss_head=False))
+                           TimeModelConfig(compute_efficiency=1.0))
     # one GPU, no communication: compute time = Megatron's FLOPs / peak
     flops = training_flops_per_token(SEVEN_B, 4096, 49152) * 4096
     assert single.compute == pytest.approx(flops / 989e12)
+    # DPO's fused head recomputes the logits in backward: one more 2 N V h GEMM
+    recomputing = estimate_time(SEVEN_B, Layout(1, 1, 1, 1, 1, 1, False), 4096, 1, 49152, GPUS["h100-sxm"],
+                                TimeModelConfig(compute_efficiency=1.0, loss_head_recompute=True))
+    assert recomputing.compute - single.compute == pytest.approx(2 * 4096 * 49152 * 4096 / 989e12)
     assert single.tp_comm == single.dp_comm == single.pp_comm == single.bubble == 0
 
 
@@ -248,7 +252,7 @@ def test_dpo_plan_lists_tp_dp_layouts_and_adds_the_reference_forward():
                            micro_batch_sizes=(4,))
     candidates = plan(request).candidates
     assert candidates and all(c.layout.pp == 1 and c.layout.cp == 1 for c in candidates)
-    tm = TimeModelConfig()
+    tm = TimeModelConfig(loss_head_recompute=True)  # DPO's policy head recomputes its logits (per-token log-probs)
     for c in candidates:
         sequences = dataclasses.replace(c.layout, micro_batch_size=4)  # 2 pairs = 4 sequences
         policy = evaluate(pretrain, sequences, tm)

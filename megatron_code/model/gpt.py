@@ -12,6 +12,7 @@ import functools
 import math
 import zlib
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.linear_cross_entropy import fused_loss_impl, linear_cross_entropy
+from kernels.weighted_linear_cross_entropy import weighted_linear_cross_entropy
 from megatron_code.model.attention import SelfAttention
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import enable_fp8
@@ -33,6 +35,14 @@ from megatron_code.parallel.layers import (
     SINGLE, VocabParallelEmbedding, column_parallel_input, mark_tensor_parallel, vocab_parallel_cross_entropy,
 )
 from megatron_code.parallel.state import ParallelState
+
+
+class LossHead(NamedTuple):
+    """The operands of the fused loss head (GPTModel._loss_head)."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    weight_lp: torch.Tensor | None
+    fused_wgrad: bool
 
 
 class TransformerLayer(nn.Module):
@@ -217,13 +227,14 @@ class GPTModel(nn.Module):
     def vocab_start(self) -> int:
         return self.parallel.tp_rank * (self.vocab_size // self.parallel.tp)
 
-    def forward(self, tokens, position_ids=None, segment_ids=None, labels=None):
-        """tokens, position_ids, segment_ids, labels: [b, s] (whole samples on every rank).
+    def forward(self, tokens, position_ids=None, segment_ids=None, labels=None, loss_weights=None):
+        """tokens, position_ids, segment_ids, labels, loss_weights: [b, s] (whole samples on every rank).
 
         Returns logits [b, s, V / tp] (this rank's vocabulary slice) when labels is None, else the
         per-token cross-entropy [b, s] in fp32 (the caller masks and reduces it, as Megatron's
-        loss_func does). Full-vocabulary logits are never gathered. Under context parallelism
-        both cover only this rank's s / cp tokens (`context_parallel_slice` selects the same
+        loss_func does), or with loss_weights the fp32 scalar sum of loss_weights x cross-entropy
+        (weighted_loss). Full-vocabulary logits are never gathered. Under context parallelism
+        all cover only this rank's s / cp tokens (`context_parallel_slice` selects the same
         tokens of other per-token tensors such as the loss mask).
         """
         b, s = tokens.shape
@@ -233,7 +244,27 @@ class GPTModel(nn.Module):
         hidden = self.run_layers(self.embedding(tokens), position_ids, segment_ids)  # [s(/tp), b, h]
         if labels is None:
             return self.output_logits(hidden).transpose(0, 1)  # [b, s, V / tp]
+        if loss_weights is not None:
+            return self.weighted_loss(hidden, self.context_parallel_slice(labels),
+                                      self.context_parallel_slice(loss_weights))
         return self.token_losses(hidden, self.context_parallel_slice(labels))
+
+    def weighted_loss(self, hidden, labels, loss_weights):
+        """Last stage: sum over this rank's tokens of loss_weights [b, s] x cross-entropy, an fp32
+        scalar (the trainer's loss: the loss mask over the global batch's loss tokens). Training
+        through the fused head with gradient-accumulation fusion, the gradients are made in the
+        forward, where the weights are known (kernels/weighted_linear_cross_entropy.py: the
+        backward recomputes no logits), and backward must start from this scalar (gradient 1).
+        Otherwise: the per-token losses, weighted and summed."""
+        fused = fused_loss_impl(self.config.cross_entropy_impl, hidden.device)
+        if fused is not None:
+            head = self._loss_head(hidden)
+            if head.fused_wgrad:
+                total, _ = weighted_linear_cross_entropy(
+                    head.hidden, head.weight, labels.t(), loss_weights.t(), vocab_size=self.config.vocab_size,
+                    vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=fused, weight_lp=head.weight_lp)
+                return total
+        return (self.token_losses(hidden, labels) * loss_weights).sum()
 
     def token_losses(self, hidden, labels):
         """Last stage: final hidden states [s(/tp), b, h] and this rank's labels [b, s] -> the
@@ -251,12 +282,18 @@ class GPTModel(nn.Module):
         [b, s] in fp32 from the output GEMM and cross-entropy fused block by block
         (kernels/linear_cross_entropy.py); the [s, b, V / tp] logits never exist. Padding ids get
         zero probability, as in output_logits."""
-        hidden = column_parallel_input(hidden, self.parallel)  # [s, b, h]; backward sums the TP partial grads
-        weight = self.output_weight()
-        weight_lp, fuse = None, self.weight_casts is not None and fusable(hidden, weight)
-        if fuse:  # the per-step bf16 copy and fp32 gradient accumulation of the other linears (fused_wgrad.py)
-            weight_lp = self.weight_casts.cast(weight, torch.get_autocast_dtype(hidden.device.type))
-        losses = linear_cross_entropy(hidden, weight, labels.t(), vocab_size=self.config.vocab_size,
+        head = self._loss_head(hidden)
+        losses = linear_cross_entropy(head.hidden, head.weight, labels.t(), vocab_size=self.config.vocab_size,
                                       vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=impl,
-                                      weight_lp=weight_lp, accumulate_wgrad=fuse)
+                                      weight_lp=head.weight_lp, accumulate_wgrad=head.fused_wgrad)
         return losses.t()
+
+    def _loss_head(self, hidden) -> LossHead:
+        """The fused loss head's operands: hidden gathered over TP ([s, b, h]; the backward sums
+        the TP partial grads), the output weight, and under gradient-accumulation fusion its
+        per-step bf16 copy (fused_wgrad.py: the weight gradient then accumulates in fp32 in place)."""
+        hidden = column_parallel_input(hidden, self.parallel)
+        weight = self.output_weight()
+        fuse = self.weight_casts is not None and fusable(hidden, weight)
+        weight_lp = self.weight_casts.cast(weight, torch.get_autocast_dtype(hidden.device.type)) if fuse else None
+        return LossHead(hidden, weight, weight_lp, fuse)

@@ -161,8 +161,8 @@ class PipelineRunner:
         labels = self.last.context_parallel_slice(labels)  # [b, s/cp], IGNORE_LABEL where masked
         keep = labels != IGNORE_LABEL
         with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            losses = self.last.token_losses(hidden, labels.clamp(min=0))  # [b, s/cp]
-        return (losses * keep).sum() / self.total_tokens
+            # the weights up front: the fused loss head makes its gradients in the forward (GPTModel.weighted_loss)
+            return self.last.weighted_loss(hidden, labels.clamp(min=0), keep.float() / self.total_tokens)
 
     def run(self, tokens, position_ids, segment_ids, labels, total_tokens: float, train: bool) -> torch.Tensor:
         """All [B_local, s]. Returns this rank's share of the step loss (0 where no last stage)."""

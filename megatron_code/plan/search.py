@@ -123,6 +123,8 @@ def layout_memory(request: PlanRequest, layout: Layout, tm: TimeModelConfig) -> 
 
 
 def evaluate(request: PlanRequest, layout: Layout, tm: TimeModelConfig) -> Candidate:
+    if request.training_mode == "dpo":  # per-token log-probs: the fused head recomputes its logits
+        tm = dataclasses.replace(tm, loss_head_recompute=True)
     model = layout.model_config(request.model)
     vocab = model.padded_vocab_size(layout.tp)
     sequences, batch = _in_sequences(request, layout)

@@ -39,9 +39,11 @@ class TimeModelConfig:
     """Fraction of HBM bandwidth the fused AdamW step and gradient clipping reach."""
     precision: str = "bf16"
     """bf16, or fp8 (the transformer layers' projection and MLP GEMMs run at the FP8 peak)."""
-    fused_loss_head: bool = True
-    """The fused linear-cross-entropy head (default on CUDA) recomputes the logits in backward:
-    8 N V h FLOPs instead of 6 N V h."""
+    loss_head_recompute: bool = False
+    """The fused linear-cross-entropy head recomputes the logits in backward (8 N V h FLOPs
+    instead of 6 N V h): where the loss weights are not known in the forward (DPO's per-token
+    log-probs; evaluate() sets it for --training-mode dpo). The trainer's own loss gives them, and
+    the head then makes its gradients in the forward (kernels/weighted_linear_cross_entropy.py)."""
     masked_attention_efficiency: float = 0.14
     """Fraction of the BF16 peak the masked attention kernel reaches on packed documents
     (document_attention 'mask': every block of the s x s scores, twice the causal FLOPs). H200,
@@ -122,7 +124,7 @@ def _rank_work(config: ModelConfig, layout: Layout, seq_length: int, padded_voca
     gemm_total = tokens / layout.tp * gemm * (layers + recomputed / 3)
     attention_total = tokens / layout.tp * attention * (layers + recomputed / 3 + (layers / 3 if selective else 0))
     logits = training_flops_per_token(config.replace(num_layers=0), seq_length, padded_vocab)
-    logits_total = tokens / layout.tp * logits * (4 / 3 if tm.fused_loss_head else 1) if last else 0.0
+    logits_total = tokens / layout.tp * logits * (4 / 3 if tm.loss_head_recompute else 1) if last else 0.0
     h, a = config.hidden_size, BF16
     # SP per layer: 2 all-gathers of the norm output (cast to bf16 first: layers.gemm_input) and
     # 2 reduce-scatters of bf16 GEMM outputs forward, their adjoints (bf16 too) backward; a
@@ -174,7 +176,7 @@ def reference_forward_seconds(config: ModelConfig, layout: Layout, seq_length: i
     loss-head count: the fused head recomputes only in backward) and the forward half of the TP
     collectives, all exposed like the policy's."""
     plain = Layout(layout.tp, 1, 1, 1, layout.dp, layout.micro_batch_size, layout.distributed_optimizer)
-    work = _rank_work(config, plain, seq_length, padded_vocab, replace(tm, fused_loss_head=False), True, True)
+    work = _rank_work(config, plain, seq_length, padded_vocab, replace(tm, loss_head_recompute=False), True, True)
     bf16_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency
     gemm_peak = 1e12 * gpu.peak_tflops(tm.precision) * tm.compute_efficiency
     compute = (work.fp8_flops / gemm_peak + (work.gemm_flops - work.fp8_flops + work.attention_flops) / bf16_peak) / 3

@@ -128,8 +128,9 @@ class Trainer:
         return iter(loader)
 
     # ---- one step -------------------------------------------------------------------------
-    def _forward_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed masked loss and number of loss tokens of one micro-batch."""
+    def _forward(self, batch: dict, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The model on one micro-batch, timed as the forward: per-token losses, or with
+        loss_weights [b, s] their weighted sum (GPTModel.forward)."""
         tokens = batch["tokens"].to(self.env.device, non_blocking=True)
         segment_ids = None
         if self.cfg.data.reset_attention_mask:
@@ -137,10 +138,12 @@ class Trainer:
         autocast = (torch.autocast(self.env.device.type, dtype=torch.bfloat16)
                     if self.cfg.training.bf16 else nullcontext())
         with autocast, self.timers.phase("forward"):
-            losses = self.model(
-                tokens, batch["position_ids"].to(self.env.device), segment_ids,
-                labels=batch["labels"].to(self.env.device),
-            )
+            return self.model(tokens, batch["position_ids"].to(self.env.device), segment_ids,
+                              labels=batch["labels"].to(self.env.device), loss_weights=loss_weights)
+
+    def _forward_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed masked loss and number of loss tokens of one micro-batch."""
+        losses = self._forward(batch)
         mask = self.model.context_parallel_slice(batch["loss_mask"]).to(self.env.device, dtype=losses.dtype)
         return (losses * mask).sum(), mask.sum()
 
@@ -200,10 +203,12 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             if self.grad_reducer is not None and i == len(micro_batches) - 1:
                 self.grad_reducer.arm(1)
-            loss_sum, _ = self._forward_losses(batch)
+            # Weights known before the forward: the fused loss head makes its gradients there.
+            weights = batch["loss_mask"].to(self.env.device, dtype=torch.float32) / total_tokens
+            loss = self._forward(batch, loss_weights=weights)
             with self.timers.phase("backward"):
-                (loss_sum / total_tokens).backward()
-            total_loss += loss_sum.detach() / total_tokens
+                loss.backward()
+            total_loss += loss.detach()
         return total_loss
 
     def _pipeline_inputs(self, micro_batches: list[dict]):
