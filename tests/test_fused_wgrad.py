@@ -188,6 +188,17 @@ def test_model_gradients_with_and_without_fusion_agree():
         torch.testing.assert_close(grad, grads[False][name], rtol=2e-2, atol=1e-3, msg=name)
 
 
+def test_training_with_the_forward_gradient_loss_head_follows_the_unfused_curve(fixture_data):
+    """The trainer's loss weights reach the fused head (GPTModel.weighted_loss), which makes its
+    gradients in the forward: the bf16 curve of the unfused logits path, two micro-batches a step."""
+    common = dict(train_iters=4, micro_batch_size=4, global_batch_size=8, seq_length=128, bf16=True)
+    fused = run_training(tiny_run(fixture_data, **common, cross_entropy_impl="reference"))
+    plain = run_training(tiny_run(fixture_data, **common, cross_entropy_impl="unfused"))
+    for got, want in zip(fused, plain, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)
+
+
 def test_bf16_training_with_and_without_fusion_follows_the_same_curve(fixture_data):
     common = dict(train_iters=4, micro_batch_size=2, global_batch_size=8, seq_length=128, bf16=True)
     fused = run_training(tiny_run(fixture_data, **common))

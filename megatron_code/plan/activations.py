@@ -200,7 +200,10 @@ def loss_backward_bytes(config: ModelConfig, mb: MicroBatch, padded_vocab: int) 
     released once the cross-entropy node has run), the output weight's new fp32 gradient (before
     it is added to .grad) with, under bf16, the weight's bf16 copy (fused: recast) or the bf16
     GEMM gradient (unfused), and the fp32 gradient of the head's input. With `step_output_weight`
-    the fused head has neither the copy nor the new gradient."""
+    the fused head has neither the copy nor the new gradient. The head that makes its gradients
+    in the forward (the trainer's weighted loss, kernels/weighted_linear_cross_entropy.py) holds
+    the same at the end of its forward (a token block's logits over the local vocabulary, within
+    the same 2^27 elements, and the fp32 hidden-state gradient) and less in its backward."""
     vocab = padded_vocab // mb.tensor_parallel
     head = norm_bytes(config, mb) + mb.tokens * mb.compute_bytes * config.hidden_size
     weight = vocab * config.hidden_size * (FP32 + (mb.compute_bytes if mb.bf16 else 0))
