@@ -44,20 +44,34 @@ class AdamWTensors(NamedTuple):
 
 
 @triton.jit
+def _operand(row, column: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """The address in the table row's `column` as a pointer of `like`'s type. The compiler cannot
+    see where a loaded address points: ALIGNED (every address of the launch 16-byte aligned, every
+    element count a multiple of 16, checked on the host) tells it, so that it may vectorize."""
+    pointer = tl.load(row + column).to(like.dtype)
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
 def _adamw_multi_tensor(TABLE, OWNER, FIRST_BLOCK, SCALE, P_AS, G_AS, S_AS, C_AS, beta1, beta2, eps, decay, step_size,
-                        bc2_sqrt, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                        bc2_sqrt, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr):
     # P_AS, G_AS, S_AS, C_AS: the first tensor's parameter, gradient, moment and copy, passed only
     # for their pointer types (every tensor of a launch shares them), which the table's addresses become.
     pid = tl.program_id(0)
     tensor = tl.load(OWNER + pid).to(tl.int64)
     row = TABLE + tensor * 6
     n = tl.load(row + 5)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
     offsets = (pid - tl.load(FIRST_BLOCK + tensor)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    P = tl.load(row + 0).to(P_AS.dtype)
-    G = tl.load(row + 1).to(G_AS.dtype)
-    M = tl.load(row + 2).to(S_AS.dtype)
-    V = tl.load(row + 3).to(S_AS.dtype)
+    P = _operand(row, 0, P_AS, ALIGNED)
+    G = _operand(row, 1, G_AS, ALIGNED)
+    M = _operand(row, 2, S_AS, ALIGNED)
+    V = _operand(row, 3, S_AS, ALIGNED)
     p = tl.load(P + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(M + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +86,7 @@ def _adamw_multi_tensor(TABLE, OWNER, FIRST_BLOCK, SCALE, P_AS, G_AS, S_AS, C_AS
     tl.store(M + offsets, m.to(S_AS.dtype.element_ty), mask=mask)
     tl.store(V + offsets, v.to(S_AS.dtype.element_ty), mask=mask)
     if HAS_COPY:
-        C = tl.load(row + 4).to(C_AS.dtype)
+        C = _operand(row, 4, C_AS, ALIGNED)
         tl.store(C + offsets, p.to(C_AS.dtype.element_ty), mask=mask)
 
 
@@ -92,10 +106,11 @@ def adamw_step_(tensors: Sequence[AdamWTensors], *, lr: float, beta1: float, bet
         first = launch[0]
         owner, first_block = block_owners(first.param.device, tuple(t.param.numel() for t in launch))
         scale = grad_scale if grad_scale is not None else owner  # any pointer; unread without HAS_SCALE
+        table, aligned = address_table(launch)
         _adamw_multi_tensor[(owner.numel(),)](
-            address_table(launch), owner, first_block, scale, first.param, first.grad, first.exp_avg,
-            first.param if first.copy is None else first.copy, **scalars,
-            HAS_SCALE=grad_scale is not None, HAS_COPY=first.copy is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            table, owner, first_block, scale, first.param, first.grad, first.exp_avg,
+            first.param if first.copy is None else first.copy, **scalars, HAS_SCALE=grad_scale is not None,
+            HAS_COPY=first.copy is not None, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def _dtypes(t: AdamWTensors) -> tuple:
@@ -114,12 +129,15 @@ def _check_operands(t: AdamWTensors) -> None:
         raise ValueError(f"AdamW moments in different dtypes: {t.exp_avg.dtype} and {t.exp_avg_sq.dtype}")
 
 
-def address_table(tensors: Sequence[AdamWTensors]) -> torch.Tensor:
-    """[len(tensors), 6] int64 on their device: each row the operands' addresses (0 for no copy)
-    and the element count. Rebuilt every step: gradients are new tensors after zero_grad."""
+def address_table(tensors: Sequence[AdamWTensors]) -> tuple[torch.Tensor, bool]:
+    """([len(tensors), 6] int64 on their device: each row the operands' addresses (0 for no copy)
+    and the element count; whether every address is 16-byte aligned and every count a multiple of
+    16 (the kernel's ALIGNED). Rebuilt every step: gradients are new tensors after zero_grad.
+    Separately allocated tensors are aligned; views into flat buffers (ZeRO-1 shards) may not be."""
     rows = [[t.param.data_ptr(), t.grad.data_ptr(), t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(),
              0 if t.copy is None else t.copy.data_ptr(), t.param.numel()] for t in tensors]
-    return torch.tensor(rows, dtype=torch.int64).to(tensors[0].param.device, non_blocking=True)
+    aligned = all(value % 16 == 0 for row in rows for value in row)
+    return torch.tensor(rows, dtype=torch.int64).to(tensors[0].param.device, non_blocking=True), aligned
 
 
 @functools.lru_cache(maxsize=32)

@@ -27,8 +27,11 @@ def zero1_worker(rank: int, world: int, port: int, overlap: bool = False) -> Non
     model, ref = _model(), _model()
     ref.load_state_dict(model.state_dict())
     cfg = OptimizerConfig(lr=0.05, weight_decay=0.1)
+    # shard_alignment 1: shards of a few elements (the default pads each to 64 for aligned loads)
     opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20,
-                               overlap_param_gather=overlap)
+                               overlap_param_gather=overlap, shard_alignment=1)
+    aligned = DistributedOptimizer(_model(), cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20)
+    assert all(b.shard_size % 64 == 0 and b.grad_buffer.numel() == world * b.shard_size for b in aligned.buckets)
     ref_opt = build_optimizer(ref, cfg)
     assert len(opt.buckets) == 3
     assert any(b.grad_buffer.numel() > sum(p.numel() for p in b.params) for b in opt.buckets)  # padding

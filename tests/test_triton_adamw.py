@@ -156,6 +156,25 @@ def test_one_call_steps_tensors_of_different_dtypes():
     assert not any(torch.equal(x, old) for x, old in zip(fp32 + low, before))  # every tensor stepped
 
 
+@runs_triton
+def test_the_kernel_is_told_alignment_only_where_every_operand_has_it():
+    """ALIGNED (vectorizing hints) needs every address 16-byte aligned and every count a multiple
+    of 16; a view one element into a flat buffer (a ZeRO-1 shard, say) turns it off, and the step
+    is the same either way."""
+    kernels = triton_module("triton_adamw")
+    flat, grads = torch.randn(4097, device=DEVICE), torch.randn(4097, device=DEVICE)
+    for offset in (0, 1):
+        param = flat.clone()[offset:offset + 4096]  # a view 4 bytes into its buffer at offset 1
+        grad = grads[offset:offset + 4096]
+        moments = torch.zeros(4096, device=DEVICE), torch.zeros(4096, device=DEVICE)
+        operands = [kernels.AdamWTensors(param, grad, *moments)]
+        assert kernels.address_table(operands)[1] == (offset == 0)
+        kernels.adamw_step_(operands, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1)
+        # the first AdamW step: decay, then lr times the gradient's sign (m / sqrt(v) after bias correction)
+        want = flat[offset:offset + 4096] * (1 - 1e-3) - 1e-2 * torch.sign(grad)
+        torch.testing.assert_close(param, want, rtol=1e-5, atol=1e-6)
+
+
 def bf16_steps(copies: bool, steps: int = 3) -> tuple[list[float], list[int]]:
     """A tiny model's bf16 training steps (gradient-accumulation fusion, two micro-batches) under
     build_optimizer's TritonAdamW; with or without the optimizer writing the weight copies.

@@ -5,7 +5,7 @@ here is the Adam state (exp_avg, exp_avg_sq: 8 bytes per parameter) and the opti
 
 Layout. Parameters are grouped into buckets of ~bucket_mb (in reverse definition order, the
 order backward produces gradients). Each bucket owns two flat buffers of the same length, padded
-to a multiple of the group size G: the parameters (every parameter's `.data` becomes a view into
+to a multiple of G x SHARD_ALIGNMENT (G the group size): the parameters (every parameter's `.data` becomes a view into
 it) and their gradients (every `.grad` a view, which autograd accumulates into in place, so no
 gradient is copied before communication). Rank r of the group owns elements [r*S, (r+1)*S) of
 each bucket, S = padded length / G.
@@ -58,14 +58,21 @@ class _Piece:
         self.tensor: torch.Tensor | None = None  # the view AdamW updates
 
 
+# Shards are whole multiples of this many elements, so each starts 256 bytes (fp32) into the
+# buffer: with parameter sizes multiples of 16 every piece TritonAdamW steps is then 16-byte
+# aligned, which its vectorized loads need (kernels/triton_adamw.py ALIGNED). Megatron-LM pads its
+# buckets for the same reason.
+SHARD_ALIGNMENT = 64
+
+
 class _Bucket:
-    def __init__(self, params: list[torch.nn.Parameter], group_size: int, group_rank: int):
+    def __init__(self, params: list[torch.nn.Parameter], group_size: int, group_rank: int, alignment: int):
         self.params = params
         self.offsets, total = [], 0
         for p in params:
             self.offsets.append(total)
             total += p.numel()
-        padded = -(-total // group_size) * group_size
+        padded = -(-total // (group_size * alignment)) * group_size * alignment
         self.shard_size = padded // group_size
         self.lo = group_rank * self.shard_size
         like = dict(dtype=params[0].dtype, device=params[0].device)
@@ -104,8 +111,10 @@ class DistributedOptimizer(BucketTrigger):
     (data x context parallel). Collective: every rank of the run builds it."""
 
     def __init__(self, model: torch.nn.Module, config: OptimizerConfig, parallel: ParallelState,
-                 group, bucket_mb: float = 25.0, overlap_param_gather: bool = False):
+                 group, bucket_mb: float = 25.0, overlap_param_gather: bool = False,
+                 shard_alignment: int = SHARD_ALIGNMENT):
         self.parallel, self.group = parallel, group
+        self.shard_alignment = shard_alignment
         self.overlap_param_gather = overlap_param_gather
         self.group_size = 1 if group is None else dist.get_world_size(group)
         self.group_rank = 0 if group is None else dist.get_rank(group)
@@ -136,7 +145,7 @@ class DistributedOptimizer(BucketTrigger):
                 current, size = [], 0
         if current:
             buckets.append(current)
-        return [_Bucket(b, self.group_size, self.group_rank) for b in buckets]
+        return [_Bucket(b, self.group_size, self.group_rank, self.shard_alignment) for b in buckets]
 
     def _build_adamw(self, config: OptimizerConfig, decay_of: dict, on_cuda: bool) -> torch.optim.AdamW:
         groups: dict[float, list] = {}
