@@ -85,10 +85,12 @@ def training_step_part(optimizer, model: GPTModel, copies: bool):
 
 def rows_to_time(device: str) -> list[tuple[str, str, bool]]:
     """(label, --optimizer-impl, whether the step also makes the next step's bf16 weight copies):
-    each implementation alone, then each with the copies (torch's step followed by the casts,
-    TritonAdamW writing them as it updates)."""
+    each implementation alone (TritonAdamW also with one launch per parameter), then each with
+    the copies (torch's step followed by the casts, TritonAdamW writing them as it updates)."""
     impls = ["torch", "triton"] if device == "cuda" else ["torch"]
-    return [(impl, impl, False) for impl in impls] + [(f"{impl} + bf16 copies", impl, True) for impl in impls]
+    per_parameter = [("triton, a launch per parameter", "triton", False)] if device == "cuda" else []
+    return ([(impl, impl, False) for impl in impls] + per_parameter
+            + [(f"{impl} + bf16 copies", impl, True) for impl in impls])
 
 
 def main(argv=None) -> list[dict]:
@@ -113,6 +115,7 @@ def main(argv=None) -> list[dict]:
         optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4, weight_decay=0.1, optimizer_impl=impl))
         if isinstance(optimizer, TritonAdamW):
             optimizer.write_weight_copies_for(model if copies else None)
+            optimizer.launch_per_parameter = "per parameter" in label
         ms = step_ms(training_step_part(optimizer, model, copies), optimizer, args.device, args.warmup, args.steps)
         moved = BYTES_PER_ELEMENT * numel + (COPY_BYTES_PER_ELEMENT * copied if copies else 0)
         gbps = moved / ms / 1e6

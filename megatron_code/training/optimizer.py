@@ -77,6 +77,7 @@ class TritonAdamW(torch.optim.AdamW):
     hands them to the model's cast cache, so the next step's first micro-batch does not cast."""
 
     clips_in_step = True
+    launch_per_parameter = False  # one launch per parameter instead of per group (benchmarks/bench_optimizer.py A/B)
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
@@ -110,8 +111,9 @@ class TritonAdamW(torch.optim.AdamW):
                     param, _dense(param.grad), state["exp_avg"], state["exp_avg_sq"], copy))
             beta1, beta2 = group["betas"]
             for step, tensors in by_step.items():
-                kernels.adamw_step_(tensors, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                    weight_decay=group["weight_decay"], step=step, grad_scale=self.grad_scale)
+                for launch in ([t] for t in tensors) if self.launch_per_parameter else [tensors]:
+                    kernels.adamw_step_(launch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                        weight_decay=group["weight_decay"], step=step, grad_scale=self.grad_scale)
         for cache, param, copy in made:
             cache.prepare(param, copy)
 
