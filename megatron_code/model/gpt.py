@@ -257,13 +257,12 @@ class GPTModel(nn.Module):
         backward recomputes no logits), and backward must start from this scalar (gradient 1).
         Otherwise: the per-token losses, weighted and summed."""
         fused = fused_loss_impl(self.config.cross_entropy_impl, hidden.device)
-        if fused is not None:
+        if fused is not None and self.weight_casts is not None and fusable(hidden, self.output_weight()):
             head = self._loss_head(hidden)
-            if head.fused_wgrad:
-                total, _ = weighted_linear_cross_entropy(
-                    head.hidden, head.weight, labels.t(), loss_weights.t(), vocab_size=self.config.vocab_size,
-                    vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=fused, weight_lp=head.weight_lp)
-                return total
+            total, _ = weighted_linear_cross_entropy(
+                head.hidden, head.weight, labels.t(), loss_weights.t(), vocab_size=self.config.vocab_size,
+                vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=fused, weight_lp=head.weight_lp)
+            return total
         return (self.token_losses(hidden, labels) * loss_weights).sum()
 
     def token_losses(self, hidden, labels):
