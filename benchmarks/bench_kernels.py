@@ -35,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_unfused  # noqa: E402
+from kernels.weighted_linear_cross_entropy import weighted_linear_cross_entropy  # noqa: E402
 from kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
 from kernels.rotary import apply_rotary_emb_qk, apply_rotary_emb_reference, split_qkv_rotary  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_halves, swiglu_reference  # noqa: E402
@@ -62,6 +63,8 @@ class Case:
     flops: int = 0
     compiled: Callable | None = field(default=None)
     """The unfused torch code to hand to torch.compile."""
+    unit_output_grads: bool = False
+    """Backward from gradient 1 (a loss), not a random output gradient."""
 
 
 def _rope_unfused(q, k, cos, sin):
@@ -159,8 +162,32 @@ def build_cases(device: torch.device, s: dict) -> list[Case]:
             **small_chunk_variant(s, ce, under_autocast),
         }, flops=6 * ce_tokens * vocab * h,
             compiled=under_autocast(lambda x, w, t: linear_cross_entropy_unfused(x, w, t, **ce))),
+        weighted_loss_case(device, s, ce_inputs, ce, under_autocast),
         *fused_layout_cases(device, s, leaf, rope_tables),
     ]
+
+
+def weighted_loss_case(device: torch.device, s: dict, ce_inputs, ce: dict, under_autocast) -> Case:
+    """The trainer's loss, sum_n w_n CE_n: the per-token heads weighted afterwards (the fused one
+    recomputes its logits in backward) against the head given the weights, which makes its
+    gradients in the forward (kernels/weighted_linear_cross_entropy.py)."""
+    tokens, vocab, h = s["ce_tokens"], s["vocab"], s["hidden"]
+
+    def inputs():
+        return *ce_inputs(), torch.rand(tokens, device=device) / tokens
+
+    def weighted_after(impl):
+        return under_autocast(lambda x, w, t, lw: (linear_cross_entropy(x, w, t, **ce, impl=impl) * lw).sum())
+
+    def in_forward(impl):
+        return under_autocast(lambda x, w, t, lw: weighted_linear_cross_entropy(x, w, t, lw, **ce, impl=impl)[0])
+
+    unfused = under_autocast(lambda x, w, t, lw: (linear_cross_entropy_unfused(x, w, t, **ce) * lw).sum())
+    return Case("linear + CE, weighted loss", f"N {tokens}, h {h}, V {vocab} (128 padded), {s['dtype']} GEMMs",
+                inputs, {"unfused torch": unfused, "reference": weighted_after("reference"),
+                         "reference, grads in forward": in_forward("reference"), "triton": weighted_after("triton"),
+                         "triton, grads in forward": in_forward("triton")},
+                flops=6 * tokens * vocab * h, compiled=unfused, unit_output_grads=True)
 
 
 def small_chunk_variant(s: dict, ce: dict, under_autocast) -> dict:
@@ -267,6 +294,8 @@ def prepare(case: Case, variants: dict[str, Callable], device, warmup: int) -> t
     by ~20%); a variant that fails becomes an error row instead of stopping the others."""
     inputs = case.make_inputs()
     grads = output_grads(next(iter(variants.values())), inputs)
+    if case.unit_output_grads:
+        grads = tuple(torch.ones_like(g) for g in grads)
     runs, errors = [], []
     for label, fn in variants.items():
         try:
@@ -297,7 +326,7 @@ def measure_case(case: Case, variants: dict[str, Callable], device, args) -> lis
 
 
 def variants_for(case: Case, device, args) -> dict[str, Callable]:
-    chosen = {k: v for k, v in case.variants.items() if k != "triton" or device.type == "cuda"}
+    chosen = {k: v for k, v in case.variants.items() if not k.startswith("triton") or device.type == "cuda"}
     if device.type == "cuda" and not args.no_compile:
         chosen["compiled"] = torch.compile(case.compiled)
     return chosen
