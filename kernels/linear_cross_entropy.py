@@ -117,6 +117,13 @@ def _chunk_targets(targets: torch.Tensor, start: int, size: int) -> torch.Tensor
     return local.masked_fill((local < 0) | (local >= size), -1)
 
 
+def _initial_stats(rows: int, device) -> torch.Tensor:
+    """[3, rows] running (max, sum exp, target logit) before any chunk: (-inf, 0, 0)."""
+    stats = torch.zeros(3, rows, dtype=torch.float32, device=device)
+    stats[0] = float("-inf")
+    return stats
+
+
 def _merge_stats(running: torch.Tensor, chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """running [3, rows] (max, sum exp relative to max, target logit) absorbs one chunk's, in place."""
     row_max, sum_exp, target_logit = running
@@ -181,8 +188,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.to(compute_dtype)
             local = _chunk_targets(targets, shard.start, shard.size)
-            stats = torch.zeros(3, h.shape[0], dtype=torch.float32, device=h.device)
-            stats[0] = float("-inf")
+            stats = _initial_stats(h.shape[0], h.device)
             for cols, w, valid in _vocab_chunks(weight, shard, blocking, compute_dtype, weight_lp):
                 for rows in _token_blocks(h.shape[0], blocking):
                     chunk_targets = _chunk_targets(local[rows], cols.start, cols.stop - cols.start)

@@ -21,8 +21,8 @@ import math
 import torch
 
 from kernels.linear_cross_entropy import (
-    LOGITS_BLOCK_ELEMENTS, Blocking, VocabShard, _chunk_targets, _combine_shards, _matmul_into, _merge_stats,
-    _token_blocks, _vocab_chunks, default_blocking, prepare_call,
+    LOGITS_BLOCK_ELEMENTS, Blocking, VocabShard, _chunk_targets, _combine_shards, _initial_stats, _matmul_into,
+    _merge_stats, _token_blocks, _vocab_chunks, prepare_call,
 )
 
 
@@ -30,8 +30,7 @@ def weighted_blocking(n_tokens: int, vocab_rows: int) -> Blocking:
     """Equal token blocks whose logits over all vocab_rows fit LOGITS_BLOCK_ELEMENTS (the whole
     local vocabulary in one chunk)."""
     blocks = max(1, math.ceil(n_tokens * vocab_rows / LOGITS_BLOCK_ELEMENTS))
-    tokens = max(1, math.ceil(n_tokens / blocks))
-    return Blocking(tokens, max(vocab_rows, default_blocking(tokens, vocab_rows).vocab))
+    return Blocking(max(1, math.ceil(n_tokens / blocks)), vocab_rows)
 
 
 class WeightedLinearCrossEntropy(torch.autograd.Function):
@@ -72,8 +71,7 @@ def _block_losses_and_grads(h, weight, local, weights, shard: VocabShard, ops, b
     ranks, then per chunk the logits turned into w (softmax - onehot) in place and the gradient
     GEMMs: grad_h (+)= dlogits W, grad_w[chunk] (+)= dlogits^T h. Returns the block's CE [T]."""
     grad_h, grad_w, accumulate_w = grads
-    stats = torch.zeros(3, h.shape[0], dtype=torch.float32, device=h.device)
-    stats[0] = float("-inf")
+    stats = _initial_stats(h.shape[0], h.device)
     kept = []
     for cols, w, valid in _vocab_chunks(weight, shard, blocking, h.dtype, weight_lp):
         chunk_targets = _chunk_targets(local, cols.start, cols.stop - cols.start)

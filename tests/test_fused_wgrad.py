@@ -119,8 +119,8 @@ def test_a_prepared_copy_serves_the_next_step_only_while_the_weight_is_unchanged
     casts.prepare(weight, prepared)
     assert not torch.equal(casts.cast(weight, torch.bfloat16), prepared)  # outside a step: always a cast
     with cached_weight_casts(model):
-        pass
-    assert casts.wanted == {} and not casts.prepared  # a step that cast nothing wants nothing
+        assert not casts.copies  # a step that casts nothing (the prepared copy goes unread) ...
+    assert casts.wanted == {} and not casts.prepared  # ... wants nothing next time
 
 
 def tiny_model(fusion: bool) -> GPTModel:

@@ -175,7 +175,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=None, is
                                        ({"is_causal": True}, False)], ids=["gqa", "repeat_kv", "torch_2_10"])
 def test_varlen_document_attention_equals_the_masked_path(signature, monkeypatch):
     """The varlen wrapper (layout, cu_seqlens, causal keyword, KV heads) against masked_sdpa, with a
-    CPU stand-in for torch's CUDA-only varlen kernel; tests/test_gpu.py runs the real one."""
+    CPU stand-in for torch's CUDA-only varlen kernel; tests/test_context_attention.py runs the real one."""
     from megatron_code.model import core_attention
 
     monkeypatch.setattr(core_attention, "torch_varlen_attn", lambda: (_reference_varlen, *signature))

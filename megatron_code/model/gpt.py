@@ -257,7 +257,7 @@ class GPTModel(nn.Module):
         backward recomputes no logits), and backward must start from this scalar (gradient 1).
         Otherwise: the per-token losses, weighted and summed."""
         fused = fused_loss_impl(self.config.cross_entropy_impl, hidden.device)
-        if fused is not None and self.weight_casts is not None and fusable(hidden, self.output_weight()):
+        if fused is not None and self._head_fuses_wgrad(hidden):
             head = self._loss_head(hidden)
             total, _ = weighted_linear_cross_entropy(
                 head.hidden, head.weight, labels.t(), loss_weights.t(), vocab_size=self.config.vocab_size,
@@ -291,8 +291,13 @@ class GPTModel(nn.Module):
         """The fused loss head's operands: hidden gathered over TP ([s, b, h]; the backward sums
         the TP partial grads), the output weight, and under gradient-accumulation fusion its
         per-step bf16 copy (fused_wgrad.py: the weight gradient then accumulates in fp32 in place)."""
+        fuse = self._head_fuses_wgrad(hidden)
         hidden = column_parallel_input(hidden, self.parallel)
         weight = self.output_weight()
-        fuse = self.weight_casts is not None and fusable(hidden, weight)
         weight_lp = self.weight_casts.cast(weight, torch.get_autocast_dtype(hidden.device.type)) if fuse else None
         return LossHead(hidden, weight, weight_lp, fuse)
+
+    def _head_fuses_wgrad(self, hidden) -> bool:
+        """Whether the loss head runs under gradient-accumulation fusion (decided before the hidden
+        states are gathered over TP: it depends only on the step, not on them)."""
+        return self.weight_casts is not None and fusable(hidden, self.output_weight())

@@ -44,13 +44,10 @@ class StepWeightCasts:
     def __init__(self):
         self.active = False
         self.copies: dict[tuple, object] = {}
-        self.cast_this_step: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
         self.wanted: dict[int, tuple[torch.Tensor, torch.dtype]] = {}  # what the last step cast: id -> (weight, dtype)
         self.prepared: dict[tuple, tuple] = {}  # (id, dtype) -> (weight, copy, weight's version then)
 
     def cast(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.active:
-            self.cast_this_step[id(weight)] = (weight, dtype)
         return self.memo(weight, dtype, lambda: self._take_prepared(weight, dtype))
 
     def prepare(self, weight: torch.Tensor, copy: torch.Tensor) -> None:
@@ -92,9 +89,11 @@ class StepWeightCasts:
         for (_, kind), (owner, _) in self.copies.items():
             if kind == "first-use" and hasattr(owner, "release_step_state"):
                 owner.release_step_state()
+        # cast()'s entries (kind: a dtype; memo's other users key by name) are what the next step wants
+        self.wanted = {id(owner): (owner, kind) for (_, kind), (owner, _) in self.copies.items()
+                       if isinstance(kind, torch.dtype)}
         self.copies.clear()
         self.prepared.clear()  # copies this step did not read (the weights it cast changed)
-        self.wanted, self.cast_this_step = self.cast_this_step, {}
 
 
 @contextmanager

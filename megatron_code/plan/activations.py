@@ -106,6 +106,14 @@ def attention_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = 
     return kept + mb.tokens * FP32 * nq + cp_mask_bytes(mb) + document_mask_bytes(config, mb)
 
 
+def document_kernel(document_attention: str | None, context_parallel: int) -> str | None:
+    """The kernel packed documents run on a rank: the one this torch picks without CP, the mask
+    under CP (model/core_attention.py runs varlen only without CP); None without packed documents."""
+    if document_attention is None:
+        return None
+    return "mask" if context_parallel > 1 else document_attention
+
+
 def document_mask_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     """Packed documents through the sdpa backend on CUDA, beyond what attention_bytes counts:
     - 'mask' (masked_sdpa): the kernels that take a mask take no grouped KV heads, so k and v are
@@ -115,7 +123,7 @@ def document_mask_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     - 'varlen-repeat-kv' (torch's varlen flash kernel without grouped KV heads): the repeated k, v;
     - 'varlen': nothing (the flash kernel keeps what attention_bytes counts).
     Not modeled: the CPU reference path (the math kernel, fused_kernels False)."""
-    kernel = "mask" if mb.document_attention and mb.context_parallel > 1 else mb.document_attention
+    kernel = document_kernel(mb.document_attention, mb.context_parallel)
     if kernel is None or kernel == "varlen" or not mb.fused_kernels:
         return 0
     _, d, nq, nkv, _ = _local(config, mb)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from megatron_code.model.config import ModelConfig
+from megatron_code.plan.activations import document_kernel
 from megatron_code.plan.hardware import GpuSpec
 from megatron_code.plan.layout import Layout
 from megatron_code.plan.memory import rank_parameters, recompute_split
@@ -133,16 +134,17 @@ def _rank_work(config: ModelConfig, layout: Layout, seq_length: int, padded_voca
     tp_bytes = tp_layer * (2 * layers + recomputed) + (first + last) * 2 * FP32 * tokens * h * _ring(layout.tp)
     kv = 2 * a * layout.micro_batch_size * seq_length * (config.num_kv_heads // layout.tp) * config.head_dim
     cp_bytes = kv * _ring(layout.cp) * (2 * layers + recomputed)
-    masked = document_attention is not None and (document_attention == "mask" or layout.cp > 1)
+    masked = document_kernel(document_attention, layout.cp) == "mask"
     return _Rank(gemm_flops=gemm_total + logits_total, attention_flops=0.0 if masked else attention_total,
-                 masked_attention_flops=2 * attention_total if masked else 0.0, fp8_flops=gemm_total if tm.precision == "fp8" else 0.0, tp_bytes=tp_bytes, cp_bytes=cp_bytes)
+                 masked_attention_flops=2 * attention_total if masked else 0.0,
+                 fp8_flops=gemm_total if tm.precision == "fp8" else 0.0, tp_bytes=tp_bytes, cp_bytes=cp_bytes)
 
 
 def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
                   padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig = TimeModelConfig(),
                   document_attention: str | None = None) -> TimeEstimate:
     """document_attention: the kernel packed documents run on (Execution.document_attention; under
-    CP always the mask, as activations.document_mask_bytes has it), None without packed documents.
+    CP always the mask: activations.document_kernel), None without packed documents.
     Varlen kernels are charged the causal count over the whole row, an upper bound: documents
     shorter than the row attend to fewer keys."""
     m = layout.micro_batches(global_batch_size)

@@ -61,8 +61,9 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip the global gradient L2 norm to this value (0 disables clipping)."""
     optimizer_impl: str = "auto"
-    """The AdamW step: triton (one Triton kernel per parameter, CUDA), torch (torch.optim.AdamW:
-    fused on CUDA, foreach on CPU), auto (triton on CUDA where Triton imports, else torch)."""
+    """The AdamW step: triton (TritonAdamW: multi-tensor Triton launches that also write the next
+    step's bf16 weight copies, CUDA), torch (torch.optim.AdamW: fused on CUDA, foreach on CPU), auto
+    (triton on CUDA where Triton imports, else torch)."""
 
 
 @dataclass
