@@ -58,20 +58,25 @@ def cast_wanted(model: GPTModel) -> None:
         weight.detach().to(dtype)
 
 
-def step_ms(step, optimizer, device: str, warmup: int, steps: int) -> float:
-    """Median ms of step(), clipping (by half) inside the optimizer's step where it can (CUDA)."""
-    clip_in_optimizer_step(optimizer, 1.0, torch.full((), 2.0, device=device))
+def median_ms(fn, device: str, warmup: int, steps: int) -> float:
+    """Median wall ms of fn() over `steps` calls after `warmup` (synchronized on CUDA)."""
     times = []
     for i in range(warmup + steps):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        fn()
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def step_ms(step, optimizer, device: str, warmup: int, steps: int) -> float:
+    """Median ms of step(), clipping (by half) inside the optimizer's step where it can (CUDA)."""
+    clip_in_optimizer_step(optimizer, 1.0, torch.full((), 2.0, device=device))
+    return median_ms(step, device, warmup, steps)
 
 
 def training_step_part(optimizer, model: GPTModel, copies: bool):

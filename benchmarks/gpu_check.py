@@ -9,7 +9,8 @@
      own table with the step-time breakdown, a JSON report and a torch.profiler trace; also SFT
      and DPO steps (synthetic conversations; DPO on as many layers as fit beside its frozen
      reference), each with the planner's predicted peak memory beside the measured one;
-  4. the kernel benchmark (benchmarks/bench_kernels.py --device cuda) when present.
+  4. the benchmarks of the kernels, the optimizer step and the FP8 weight-gradient GEMMs
+     (benchmarks/bench_kernels.py, bench_optimizer.py, bench_fp8_wgrad.py, each --device cuda).
 
     PYTHONPATH=. python benchmarks/gpu_check.py --out results/   # writes gpu_check.json + logs
 
@@ -63,16 +64,19 @@ class Variant(NamedTuple):
     fp32_residual: bool = False
     optimizer_impl: str = "auto"  # --optimizer-impl
     weight_copies: bool = True  # TritonAdamW writes the next step's bf16 weight copies
+    fp8_wgrad_impl: str = "auto"  # --fp8-wgrad-impl: how micro-batches add FP8 weight gradients
 
 
 VARIANTS = {"ours:bf16": Variant(), "ours-unfused:bf16": Variant(fusion=False),
             "ours-fp32-resid:bf16": Variant(fp32_residual=True),
             "ours-torch-adamw:bf16": Variant(optimizer_impl="torch"),
-            "ours-cast-copies:bf16": Variant(weight_copies=False), "ours:fp8": Variant(fp8=True)}
+            "ours-cast-copies:bf16": Variant(weight_copies=False), "ours:fp8": Variant(fp8=True),
+            "ours-fp8-wgrad-add:fp8": Variant(fp8=True, fp8_wgrad_impl="reference")}
 # A lent GPU comes with minutes, not hours: a hung subprocess must not take the other sections' time.
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_te_fp8.py", "tests/test_kernels_cuda.py",
-             "tests/test_context_attention.py", "tests/test_fused_wgrad.py", "tests/test_triton_adamw.py")
+             "tests/test_context_attention.py", "tests/test_fused_wgrad.py", "tests/test_triton_adamw.py",
+             "tests/test_fp8_wgrad.py")
 EXIT_SIGNAL_TESTS = tuple(f"tests/test_launch.py::{name}" for name in (
     "test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one",
     "test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored_or_blocked",
@@ -172,23 +176,25 @@ def hf_step(model, optimizer, tokens, accumulation: int):
     return step
 
 
-def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool) -> None:
+def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool, wgrad_impl: str = "auto") -> None:
     for layer in model.decoder.layers.values():
         for path in FP8_LINEARS:
             layer.get_submodule(path).fp8 = None
     if fp8:
-        enable_fp8(model.decoder.layers, config.replace(fp8_format="hybrid"))
+        enable_fp8(model.decoder.layers, config.replace(fp8_format="hybrid", fp8_wgrad_impl=wgrad_impl))
 
 
 def measure(name, precision, step, config, seq, args) -> dict:
     """The row of one timed configuration; {"error": "out of memory", ...} where it does not fit
-    (transformers' model at the longest sequence, on an 80 GB card): the other rows still run."""
+    (transformers' model at the longest sequence, on an 80 GB card), {"error": repr} where it
+    fails otherwise (a kernel that does not compile on this card): the other rows still run."""
     torch.cuda.reset_peak_memory_stats()
     try:
         seconds = time_steps(step, args.warmup, args.steps)
-    except torch.cuda.OutOfMemoryError:
-        print(f"  {name:<15} {precision:<5} seq {seq:>5}: out of memory", flush=True)
-        return {"model": name, "precision": precision, "seq": seq, "error": "out of memory",
+    except Exception as exc:  # noqa: BLE001 - recorded in the row; one broken row must not lose the others
+        error = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else repr(exc)[:500]
+        print(f"  {name:<15} {precision:<5} seq {seq:>5}: {error}", flush=True)
+        return {"model": name, "precision": precision, "seq": seq, "error": error,
                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     tokens_per_sec = seq * args.accumulation / seconds
     tflops = training_flops_per_token(config, seq, config.padded_vocab_size()) * tokens_per_sec / 1e12
@@ -222,7 +228,7 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
             if hasattr(optimizer, "write_weight_copies_for"):
                 optimizer.write_weight_copies_for(model if variant.weight_copies else None)
             name = label.split(":")[0]
-            set_fp8(model, config, variant.fp8)
+            set_fp8(model, config, variant.fp8, variant.fp8_wgrad_impl)
             model.set_gradient_accumulation_fusion(variant.fusion)  # all variants on the same weights
             model.embedding.fp32_residual_connection = variant.fp32_residual
             rows.append(measure(name, "fp8" if variant.fp8 else "bf16", ours_step(model, optimizer, tokens, args.accumulation),
@@ -346,7 +352,7 @@ def run_bench(script: str, out_dir: str) -> str | None:
     return text
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_results")
     parser.add_argument("--max-layers", type=int, default=16)
@@ -359,10 +365,14 @@ def main(argv=None) -> dict:
                         help="Which of our model's rows to time (default all).")
     parser.add_argument("--skip", nargs="*", action="extend", default=None,
                         choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels",
-                                 "optimizer"])
+                                 "optimizer", "fp8_wgrad"])
     parser.add_argument("--merge", nargs="+", metavar="GPU_CHECK_JSON",
                         help="Print one table of the rows of earlier runs' gpu_check.json files (same card), run nothing.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.merge:
         return merge_results(args.merge)
     args.skip = args.skip or []
@@ -382,7 +392,8 @@ def main(argv=None) -> dict:
                 # The frozen reference and pairs of sequences: as many layers as the planner fits.
                 "dpo": lambda: run_profile_command(dpo_layers_that_fit(args.max_layers), args.out, "bf16", "dpo"),
                 "kernels": lambda: run_bench("bench_kernels", args.out) is not None,
-                "optimizer": lambda: run_bench("bench_optimizer", args.out)}
+                "optimizer": lambda: run_bench("bench_optimizer", args.out),
+                "fp8_wgrad": lambda: run_bench("bench_fp8_wgrad", args.out)}
     for name, section in sections.items():
         if name in args.skip:
             continue

@@ -6,7 +6,8 @@
 # 1. the wheels carried in .whl/ (megatron-core) go into /tmp/site;
 # 2. Transformer Engine is built from .te/ into /tmp/te_site (benchmarks/te_install.py) on the CPUs,
 #    in the background, while phase 1 times our BF16/FP8 rows (with Triton's and torch's AdamW step),
-#    transformers' and the optimizer step alone (bench_optimizer.py) on the GPU;
+#    transformers', the optimizer step alone (bench_optimizer.py) and the FP8 weight-gradient GEMMs
+#    (bench_fp8_wgrad.py) on the GPU;
 # 3. phase 2, with TE importable: TE's rows, the GPU tests (tests/test_te_fp8.py among them) and the
 #    other sections, less those its flags skip (e.g. `--skip profile profile_fp8 kernels`);
 # 4. one table of both phases (gpu_check.py --merge).
@@ -26,7 +27,8 @@ if [ -d .te ]; then
     timeout 420 python3 benchmarks/te_install.py --site /tmp/te_site --jobs "$te_jobs" >"$out/te_install.log" 2>&1 &
     te_pid=$!
 fi
-timeout 270 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-torch-adamw:bf16 ours-cast-copies:bf16 ours:fp8 \
+timeout 290 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-torch-adamw:bf16 ours-cast-copies:bf16 ours:fp8 \
+    ours-fp8-wgrad-add:fp8 \
     --skip ours_te tests profile profile_fp8 sft dpo kernels
 if [ -n "${te_pid:-}" ]; then
     wait "$te_pid" && echo "Transformer Engine built" || echo "Transformer Engine build failed: $out/te_install.log"
@@ -34,6 +36,6 @@ if [ -n "${te_pid:-}" ]; then
     export PYTHONPATH=/tmp/te_site:$PYTHONPATH
     python3 -c "import importlib.metadata as m, transformer_engine.pytorch; print('transformer_engine', m.version('transformer_engine'))" 2>&1 | tail -2
 fi
-timeout 330 python3 benchmarks/gpu_check.py --out "$out/phase2" --skip ours transformers optimizer "$@"
+timeout 290 python3 benchmarks/gpu_check.py --out "$out/phase2" --skip ours transformers optimizer fp8_wgrad "$@"
 rm -f "$out"/phase*/trace_*.json.gz  # the device tool returns 8 files at most: logs and JSON first
 python3 benchmarks/gpu_check.py --merge "$out/phase1/gpu_check.json" "$out/phase2/gpu_check.json"

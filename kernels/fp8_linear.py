@@ -10,21 +10,33 @@ compute dtype (bf16 under autocast). `_scaled_mm` wants its first operand row-ma
 column-major, so each cast also writes the transposed layout its backward GEMM needs (x^T, dY^T,
 W^T) in the same pass; the forward keeps only x^T in FP8 for the backward, half the saved bytes of
 a bf16 linear. On CUDA every dimension must be a multiple of 16 (checked, with the fix named).
+
+Under gradient-accumulation fusion (megatron_code/parallel/fused_wgrad.py) the weight gradient goes
+straight into the fp32 leaf's `.grad`: the step's first micro-batch writes it with `_scaled_mm`,
+later ones add into it inside an FP8 GEMM (kernels/triton_fp8_gemm.py; `wgrad_impl` 'reference':
+`_scaled_mm`, then an add), and autograd gets no weight gradient to add.
 """
 from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import select, triton_module
 from kernels.fp8_history import AmaxHistories
 from kernels.fp8_scaling import ScalingConfig, TensorScaling, new_histories
 
 
+# How a fused weight gradient is added into the fp32 gradient (kernels.dispatch's rule for 'auto').
+FP8_WGRAD_IMPLS = ("auto", "triton", "reference")
+
+
 class Fp8LinearScaling:
     """The three scale slots of one FP8 linear layer (input, weight, output gradient), rows of
-    `histories` (one per model, so that a step advances all of them at once) or of their own."""
+    `histories` (one per model, so that a step advances all of them at once) or of their own;
+    `wgrad_impl` (FP8_WGRAD_IMPLS) adds a fused weight gradient into the fp32 gradient."""
 
-    def __init__(self, config: ScalingConfig, histories: AmaxHistories | None = None):
+    def __init__(self, config: ScalingConfig, histories: AmaxHistories | None = None, wgrad_impl: str = "auto"):
         self.config = config
+        self.wgrad_impl = wgrad_impl
         self.histories = histories if histories is not None else new_histories(config)
         self.input = TensorScaling(config, is_gradient=False, histories=self.histories)
         self.weight = TensorScaling(config, is_gradient=False, histories=self.histories)
@@ -45,30 +57,52 @@ def _check_shapes(x2d: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def _scaled_mm(a_fp8, b_fp8_colmajor, a_scale_inv, b_scale_inv, out_dtype, fast_accum=False):
+def _scaled_mm(a_fp8, b_fp8_colmajor, a_scale_inv, b_scale_inv, out_dtype, fast_accum=False, out=None):
     # scale_a/scale_b of _scaled_mm multiply the FP8 product back (dequantization scales).
     # fast_accum: Hopper's FP8 tensor cores accumulate in fewer bits unless partial sums are
     # promoted to fp32 every few steps; Transformer Engine skips the promotion in the forward GEMM
     # only, and so do we.
-    return torch._scaled_mm(a_fp8, b_fp8_colmajor, scale_a=a_scale_inv, scale_b=b_scale_inv,
-                            out_dtype=out_dtype, use_fast_accum=fast_accum)
+    # Autocast must not touch it: CPU's casts the fp32 scales to bf16 (up to 0.4% off, measured);
+    # every dtype here is already explicit. (The C++ guard costs 0.5 us, torch.autocast's 3.5 us.)
+    with torch._C._DisableAutocast():
+        return torch._scaled_mm(a_fp8, b_fp8_colmajor, scale_a=a_scale_inv, scale_b=b_scale_inv,
+                                out_dtype=out_dtype, use_fast_accum=fast_accum, out=out)
+
+
+def accumulate_wgrad(weight: torch.Tensor, grad_t: torch.Tensor, x_t: torch.Tensor, grad_scale_inv: torch.Tensor,
+                     x_scale_inv: torch.Tensor, impl: str) -> None:
+    """weight.grad (fp32, weight's shape, made when None) (+)= dY^T x, from dY^T [out, N] and
+    x^T [in, N] in FP8 with their dequantization scales; weight's rows are [out, in] flattened."""
+    fresh = weight.grad is None
+    if fresh:
+        weight.grad = torch.empty_like(weight)
+    target = weight.grad.view(-1, weight.shape[-1])  # [out, in]
+    if fresh:
+        _scaled_mm(grad_t, x_t.t(), grad_scale_inv, x_scale_inv, torch.float32, out=target)
+    elif select("fp8 weight gradient", impl, target.device, FP8_WGRAD_IMPLS) == "triton":
+        triton_module("triton_fp8_gemm").fp8_gemm(target, grad_t, x_t, grad_scale_inv, x_scale_inv, accumulate=True)
+    else:
+        target.add_(_scaled_mm(grad_t, x_t.t(), grad_scale_inv, x_scale_inv, torch.float32))
 
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scaling: Fp8LinearScaling, out_dtype: torch.dtype, cast_weight):
+    def forward(ctx, x, weight, scaling: Fp8LinearScaling, out_dtype: torch.dtype, cast_weight, fuse_wgrad: bool):
         x2d = x.reshape(-1, x.shape[-1])  # [N, in]
-        _check_shapes(x2d, weight)
+        weight2d = weight.view(-1, weight.shape[-1])  # [out, in] ([2, ffn, h] -> [2 ffn, h])
+        _check_shapes(x2d, weight2d)
         wants_grad_x, wants_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # x^T is what the weight gradient reads, and W^T what the input gradient reads: both made
         # by the casts, in the same pass.
         x_fp8 = scaling.input.cast(x2d, transpose=wants_grad_w)
-        w = cast_weight(weight) if cast_weight is not None else scaling.weight.cast(weight, transpose=wants_grad_x)
+        w = cast_weight(weight2d) if cast_weight is not None else scaling.weight.cast(weight2d, transpose=wants_grad_x)
         y = _scaled_mm(x_fp8.data, w.data.t(), x_fp8.scale_inv, w.scale_inv, out_dtype, fast_accum=True)  # [N, out]
         if wants_grad_w:
             ctx.save_for_backward(x_fp8.transposed(), x_fp8.scale_inv)  # [in, N]: x alone is not kept
-        ctx.w, ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = w, scaling, x.shape, x.dtype, weight.dtype
-        return y.view(*x.shape[:-1], weight.shape[0])
+        ctx.w, ctx.scaling, ctx.x_shape, ctx.x_dtype = w, scaling, x.shape, x.dtype
+        ctx.weight_shape, ctx.w_dtype = weight.shape, weight.dtype
+        ctx.fused_weight = weight if fuse_wgrad else None  # the fp32 leaf whose .grad the backward adds into
+        return y.view(*x.shape[:-1], weight2d.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -82,12 +116,19 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         if wants_grad_w:  # [out, N] x [N, in] (x column-major = x^T row-major, transposed view)
             x_t, x_scale_inv = ctx.saved_tensors
-            grad_w = _scaled_mm(g.transposed(), x_t.t(), g.scale_inv, x_scale_inv, torch.float32).to(ctx.w_dtype)
-        return grad_x, grad_w, None, None, None
+            if ctx.fused_weight is not None:
+                accumulate_wgrad(ctx.fused_weight, g.transposed(), x_t, g.scale_inv, x_scale_inv, ctx.scaling.wgrad_impl)
+            else:
+                grad_w = _scaled_mm(g.transposed(), x_t.t(), g.scale_inv, x_scale_inv, torch.float32)
+                grad_w = grad_w.to(ctx.w_dtype).view(ctx.weight_shape)
+        return grad_x, grad_w, None, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling, cast_weight=None) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T in FP8; output in the autocast dtype (else x's dtype).
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling, cast_weight=None,
+               fuse_wgrad: bool = False) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T in FP8 (a [k, out, in] weight is multiplied as [k out, in]);
+    output in the autocast dtype (else x's dtype). fuse_wgrad (weight an fp32 leaf): its gradient
+    goes into weight.grad in the backward (accumulate_wgrad) instead of through autograd.
     cast_weight(weight) -> Fp8Tensor (the weight in FP8 with its scales and transpose) replaces
     `scaling.weight.cast`: a caller that runs several micro-batches on unchanged weights passes one
     that casts once (Transformer Engine's first-micro-batch rule; the weight's amax history then
@@ -95,4 +136,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling,
     out_dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.get_autocast_dtype(x.device.type)
-    return _Fp8Linear.apply(x, weight, scaling, out_dtype, cast_weight)
+    return _Fp8Linear.apply(x, weight, scaling, out_dtype, cast_weight, fuse_wgrad)

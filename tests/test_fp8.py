@@ -92,28 +92,34 @@ def test_inside_a_step_delayed_scales_stay_fixed_and_histories_advance_once():
     assert all(cell.data_ptr() % 16 == 0 for cell in cells)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "under-autocast"])
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 @pytest.mark.parametrize("fp8_format", ["hybrid", "e4m3"])
-def test_fp8_linear_equals_dequantized_reference(fp8_format, recipe):
+def test_fp8_linear_equals_dequantized_reference(fp8_format, recipe, autocast):
+    """Also under bf16 autocast, forward and backward inside it: the output is bf16 then, but the
+    GEMMs' scales must stay fp32 (CPU's autocast once rounded them to bf16: 0.4% off)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 32, generator=gen, requires_grad=True)
     w = torch.randn(48, 32, generator=gen, requires_grad=True)
-    grad_y = torch.randn(2, 8, 48, generator=gen)
+    grad_y = torch.randn(2, 8, 48, generator=gen) * 1e-3  # scales far from a power of two
     scaling = Fp8LinearScaling(ScalingConfig(fp8_format=fp8_format, recipe=recipe))
     for _ in range(2):  # delayed: the second call casts with the first call's amaxes, the same ones
         x.grad = w.grad = None
-        y = fp8_linear(x, w, scaling)
-        y.backward(grad_y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fp8_linear(x, w, scaling)
+            y.backward(grad_y)
 
     def fake_quant(t, element):  # the values FP8 can hold, in fp32
         scale = scale_from_amax(t.abs().amax(), element, 0)
         return dequantize(quantize(t, scale, element), scale)
 
     xq, wq = fake_quant(x.detach(), "e4m3"), fake_quant(w.detach(), "e4m3")
-    gq = fake_quant(grad_y, "e5m2" if fp8_format == "hybrid" else "e4m3")
-    torch.testing.assert_close(y, xq @ wq.t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad, gq.flatten(0, 1).t() @ xq.flatten(0, 1), rtol=1e-5, atol=1e-4)
+    # under autocast y is bf16, and so is the gradient autograd hands its backward
+    gq = fake_quant(grad_y.to(y.dtype).float(), "e5m2" if fp8_format == "hybrid" else "e4m3")
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(y.float(), xq @ wq.t(), rtol=1e-2 if autocast else 1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(w.grad, gq.flatten(0, 1).t() @ xq.flatten(0, 1), rtol=1e-5, atol=1e-7)
 
 
 def _tiny(**fp8):
@@ -166,6 +172,7 @@ def test_first_and_last_layers_stay_in_bf16_and_state_dict_is_unchanged():
     (dict(fp8_format="hybrid", fp8_recipe="mxfp8"), "--fp8-recipe must be one of"),
     (dict(fp8_format="hybrid", num_layers_at_start_in_bf16=2, num_layers_at_end_in_bf16=2), "at most --num-layers"),
     (dict(fp8_format="hybrid", fp8_backend="tex"), "--fp8-backend must be one of"),
+    (dict(fp8_format="hybrid", fp8_wgrad_impl="cublas"), r"--fp8-wgrad-impl: implementation must be one of"),
 ])
 def test_bad_fp8_settings_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -95,6 +95,11 @@ class ModelConfig:
     """Delayed scaling: how many past amax values each tensor remembers."""
     fp8_amax_compute_algo: str = "max"
     """Delayed scaling: max over the amax history, or most_recent."""
+    fp8_wgrad_impl: str = "auto"
+    """FP8 (torch backend) under gradient-accumulation fusion: how micro-batches after a step's first
+    add their weight gradient into the fp32 gradient. triton: inside the FP8 GEMM's epilogue
+    (kernels/triton_fp8_gemm.py); reference: torch._scaled_mm writes it, then an add; auto: triton
+    on CUDA when triton imports, else reference."""
     num_layers_at_start_in_bf16: int = 0
     """Keep this many first transformer layers out of FP8."""
     num_layers_at_end_in_bf16: int = 0
@@ -219,13 +224,14 @@ def _check_kernels(config: ModelConfig) -> None:
     """Each *_impl names a known implementation whose package imports; whether the tensors' device
     suits it (Triton on CPU needs TRITON_INTERPRET=1) is checked at the kernel's first call."""
     from kernels.dispatch import KernelSelectionError, check_choice
+    from kernels.fp8_linear import FP8_WGRAD_IMPLS
     from kernels.linear_cross_entropy import LOSS_HEAD_IMPLS
     from kernels.rmsnorm import RMSNORM_IMPLS
     from kernels.rotary import ROPE_IMPLS
     from kernels.swiglu import SWIGLU_IMPLS
 
     choices = {"rmsnorm_impl": RMSNORM_IMPLS, "rope_impl": ROPE_IMPLS, "swiglu_impl": SWIGLU_IMPLS,
-               "cross_entropy_impl": LOSS_HEAD_IMPLS}
+               "cross_entropy_impl": LOSS_HEAD_IMPLS, "fp8_wgrad_impl": FP8_WGRAD_IMPLS}
     for name, allowed in choices.items():
         try:
             check_choice(f"--{_flag(name)}", getattr(config, name), allowed)

@@ -58,7 +58,7 @@ def enable_fp8(layers: nn.ModuleDict, config: ModelConfig, parallel: ParallelSta
     histories = new_histories(scaling)  # one set of buffers: a step advances every slot at once
     for layer in chosen:
         for path in FP8_LINEARS:
-            layer.get_submodule(path).fp8 = Fp8LinearScaling(scaling, histories)
+            layer.get_submodule(path).fp8 = Fp8LinearScaling(scaling, histories, config.fp8_wgrad_impl)
     return len(chosen)
 
 

@@ -36,7 +36,7 @@ class GateUpLinear(nn.Module):
             return self.te(x, self.weight, self.weight_casts)  # TE multiplies it as [2 ffn/tp, h]
         x = gemm_input(x, self.parallel)
         if self.fp8 is not None:  # one FP8 GEMM on [2 * ffn/tp, h]: one input cast, one weight scale
-            return local_linear(x, self.weight.flatten(0, 1), self.fp8, self.weight_casts)
+            return local_linear(x, self.weight, self.fp8, self.weight_casts)
         if self.weight_casts is not None and fusable(x, self.weight):
             return fused_wgrad_linear(x, self.weight, self.weight_casts)  # (gate, up), as below
         # Split the weight, not the output: two GEMMs on the contiguous [ffn/tp, h] halves give

@@ -33,10 +33,12 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8LinearScaling | 
                  weight_casts: StepWeightCasts | None = None) -> torch.Tensor:
     """This rank's GEMM x W^T: in FP8 when the layer was given FP8 scaling (model.fp8); with the
     weight gradient fused into the fp32 gradient when given weight casts (fused_wgrad.py) and
-    training under autocast; else F.linear."""
+    training under autocast; else F.linear. (In FP8 a [k, out, in] weight is multiplied as one
+    [k out, in] matrix.)"""
+    fuse_wgrad = weight_casts is not None and fusable(x, weight)
     if fp8 is not None:
-        return fp8_linear(x, weight, fp8, fp8_weight_cast(fp8, weight_casts))
-    if weight_casts is not None and fusable(x, weight):
+        return fp8_linear(x, weight, fp8, fp8_weight_cast(fp8, weight_casts), fuse_wgrad)
+    if fuse_wgrad:
         return fused_wgrad_linear(x, weight, weight_casts)
     return F.linear(x, weight)
 
