@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile shapes tried on CUDA, per (M, N, K): large tiles for the wgmma path; the fp32 tile of C the
-# epilogue reads back doubles the accumulator's registers, which 8 warps hold for 128 x 128.
+# Tile shapes the autotuner tries on CUDA, per (M, N, K): Hopper's wide FP8 tiles; mostly 8 warps,
+# since the fp32 accumulator, the partial sum promoted every BK and the C tile the epilogue reads
+# all live in registers.
 _CUDA_TILES = ((128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4))  # BM, BN, warps, stages
 # Under Triton's interpreter (CPU tests): small tiles, so edge tiles and several K steps are exercised.
 INTERPRETER_TILE = {"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 2}
