@@ -111,3 +111,15 @@ def test_bf16_autocast_training_runs_and_learns(fixture_data):
     history = run_training(tiny_run(fixture_data, train_iters=12, bf16=True, lr_warmup_iters=2))
     assert torch.isfinite(torch.tensor(losses(history))).all()
     assert losses(history)[-1] < losses(history)[0]
+
+
+def test_a_non_finite_loss_stops_the_run_and_its_step_is_not_saved(fixture_data, tmp_path):
+    """The loss is read back only after the step's optimizer launches (no host read mid-step):
+    a NaN loss must still stop the run, naming the iteration, with no checkpoint of that step."""
+    save = str(tmp_path / "ckpt")
+    values = tiny_run(fixture_data, train_iters=4, lr=1e30, min_lr=1e29, lr_warmup_iters=0, clip_grad=0.0,
+                      micro_batch_size=2, global_batch_size=2, seq_length=64, save=save, save_interval=1)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 3; stopping"):
+        run_training(values)
+    assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000001", "iter_0000002"]
+    assert checkpointing.latest_iteration(save) == 2

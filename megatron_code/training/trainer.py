@@ -181,15 +181,19 @@ class Trainer:
         if self.grad_reducer is not None:
             with self.timers.phase("grad-sync"):  # DP reduction not hidden behind backward
                 self.grad_reducer.finish()
-        loss = float(self._sum_over_dp(self._sum_over_pp(total_loss)))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
+        total_loss = self._sum_over_dp(self._sum_over_pp(total_loss))
         with self.timers.phase("grad-clip"):
             grad_norm = self._clip_gradients()
         lr = self.schedule(self.iteration + 1)
         set_learning_rate(self.optimizer, lr)
         with self.timers.phase("optimizer"):
             self.optimizer.step()
+        # Read back only now: a host read after the backward would drain the GPU while the host
+        # prepares the clipping and optimizer launches. A non-finite loss still stops the run
+        # before anything is saved (the update it made stays in memory only).
+        loss = float(total_loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
         return loss, float(grad_norm), lr
 
     def _loss_normalizer(self, micro_batches: list[dict]) -> float:
