@@ -232,17 +232,22 @@ def test_fp8_weights_are_cast_once_per_step_with_the_same_gradients(recipe):
             torch.testing.assert_close(grad, grads[False][name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("fp8", [{}, dict(fp8_format="hybrid", fp8_recipe="tensorwise", fp8_wgrad_impl="reference")],
+                         ids=["bf16", "fp8"])
 @pytest.mark.parametrize("recompute", [dict(recompute_granularity="full", recompute_method="uniform",
                                             recompute_num_layers=1),
                                        dict(recompute_granularity="selective")], ids=["full", "selective"])
-def test_fused_weight_gradients_under_activation_recompute(recompute):
+def test_fused_weight_gradients_under_activation_recompute(recompute, fp8):
     """Recompute reruns the forward (the fused linears included) inside backward: each weight's
-    gradient is still accumulated once per micro-batch, equal to the stored-activation run."""
+    gradient is still accumulated once per micro-batch, equal to the stored-activation run (also
+    for FP8 linears, whose weight gradients the fused path adds into .grad itself)."""
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(4))
     grads = []
     for extra in ({}, recompute):
         model = tiny_model(fusion=True)
         model = GPTModel(model.config.replace(**extra), init_seed=3)
+        if fp8:
+            enable_fp8(model.decoder.layers, model.config.replace(**fp8))
         calls = {}
         for name, p in model.named_parameters():
             p.register_post_accumulate_grad_hook(lambda param, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
