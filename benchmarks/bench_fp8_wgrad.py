@@ -21,15 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_optimizer import median_ms  # noqa: E402
-from benchmarks.gpu_check import seven_b_config  # noqa: E402
+from benchmarks.gpu_check import seven_b_config, time_steps  # noqa: E402
 from kernels.dispatch import package_imports  # noqa: E402
 
 
 def layer_shapes(tp: int) -> dict[str, tuple[int, int]]:
     """(out, in) of this rank's four FP8 linears of the 7B preset under tensor parallelism tp."""
     c = seven_b_config(1, 4096)
-    qkv = (c.num_attention_heads + 2 * c.num_query_groups) * c.head_dim
+    qkv = (c.num_attention_heads + 2 * c.num_kv_heads) * c.head_dim
     return {"linear_qkv": (qkv // tp, c.hidden_size), "linear_proj": (c.hidden_size, c.hidden_size // tp),
             "linear_fc1 (gate+up)": (2 * c.ffn_hidden_size // tp, c.hidden_size),
             "linear_fc2": (c.hidden_size, c.ffn_hidden_size // tp)}
@@ -72,7 +71,7 @@ def main(argv=None) -> list[dict]:
         target = torch.zeros(out, inp, device=args.device)
         baseline = None
         for label, fn in variants(grad_t, x_t, scale_a, scale_b, target, args.device).items():
-            ms = median_ms(fn, args.device, args.warmup, args.steps)
+            ms = 1000 * time_steps(fn, args.warmup, args.steps, args.device)
             baseline = ms if label.endswith("then add") else baseline
             tflops = 2 * out * inp * tokens / ms / 1e9
             rows.append({"linear": linear, "out": out, "in": inp, "impl": label, "ms": ms, "tflops": tflops})

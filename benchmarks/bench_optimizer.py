@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.gpu_check import seven_b_config  # noqa: E402
+from benchmarks.gpu_check import seven_b_config, time_steps  # noqa: E402
 from megatron_code.model import GPTModel  # noqa: E402
 from megatron_code.parallel.fused_wgrad import cached_weight_casts  # noqa: E402
 from megatron_code.parallel.grads import clip_in_optimizer_step  # noqa: E402
@@ -58,25 +56,10 @@ def cast_wanted(model: GPTModel) -> None:
         weight.detach().to(dtype)
 
 
-def median_ms(fn, device: str, warmup: int, steps: int) -> float:
-    """Median wall ms of fn() over `steps` calls after `warmup` (synchronized on CUDA)."""
-    times = []
-    for i in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def step_ms(step, optimizer, device: str, warmup: int, steps: int) -> float:
     """Median ms of step(), clipping (by half) inside the optimizer's step where it can (CUDA)."""
     clip_in_optimizer_step(optimizer, 1.0, torch.full((), 2.0, device=device))
-    return median_ms(step, device, warmup, steps)
+    return 1000 * time_steps(step, warmup, steps, device)
 
 
 def training_step_part(optimizer, model: GPTModel, copies: bool):

@@ -135,16 +135,18 @@ def run_gpu_tests(out_dir: str) -> dict:
     return results
 
 
-def time_steps(step, warmup: int, steps: int) -> float:
-    """Median seconds per training step."""
+def time_steps(step, warmup: int, steps: int, device: str = "cuda") -> float:
+    """Median seconds of step() over `steps` calls after `warmup` (synchronized on CUDA)."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

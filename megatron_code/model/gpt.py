@@ -258,7 +258,7 @@ class GPTModel(nn.Module):
         Otherwise: the per-token losses, weighted and summed."""
         fused = fused_loss_impl(self.config.cross_entropy_impl, hidden.device)
         if fused is not None and self._head_fuses_wgrad(hidden):
-            head = self._loss_head(hidden)
+            head = self._loss_head(hidden, fuse=True)
             total, _ = weighted_linear_cross_entropy(
                 head.hidden, head.weight, labels.t(), loss_weights.t(), vocab_size=self.config.vocab_size,
                 vocab_start=self.vocab_start(), group=self.parallel.tp_group, impl=fused, weight_lp=head.weight_lp)
@@ -287,11 +287,12 @@ class GPTModel(nn.Module):
                                       weight_lp=head.weight_lp, accumulate_wgrad=head.fused_wgrad)
         return losses.t()
 
-    def _loss_head(self, hidden) -> LossHead:
+    def _loss_head(self, hidden, fuse: bool | None = None) -> LossHead:
         """The fused loss head's operands: hidden gathered over TP ([s, b, h]; the backward sums
         the TP partial grads), the output weight, and under gradient-accumulation fusion its
-        per-step bf16 copy (fused_wgrad.py: the weight gradient then accumulates in fp32 in place)."""
-        fuse = self._head_fuses_wgrad(hidden)
+        per-step bf16 copy (fused_wgrad.py: the weight gradient then accumulates in fp32 in place).
+        `fuse`: _head_fuses_wgrad(hidden), when the caller already knows it."""
+        fuse = self._head_fuses_wgrad(hidden) if fuse is None else fuse
         hidden = column_parallel_input(hidden, self.parallel)
         weight = self.output_weight()
         weight_lp = self.weight_casts.cast(weight, torch.get_autocast_dtype(hidden.device.type)) if fuse else None
