@@ -65,13 +65,15 @@ class Variant(NamedTuple):
     optimizer_impl: str = "auto"  # --optimizer-impl
     weight_copies: bool = True  # TritonAdamW writes the next step's bf16 weight copies
     fp8_wgrad_impl: str = "auto"  # --fp8-wgrad-impl: how micro-batches add FP8 weight gradients
+    fp8_fused_swiglu: bool = True  # --fp8-fused-swiglu: the SwiGLU writes its FP8 operands itself
 
 
 VARIANTS = {"ours:bf16": Variant(), "ours-unfused:bf16": Variant(fusion=False),
             "ours-fp32-resid:bf16": Variant(fp32_residual=True),
             "ours-torch-adamw:bf16": Variant(optimizer_impl="torch"),
             "ours-cast-copies:bf16": Variant(weight_copies=False), "ours:fp8": Variant(fp8=True),
-            "ours-fp8-wgrad-add:fp8": Variant(fp8=True, fp8_wgrad_impl="reference")}
+            "ours-fp8-wgrad-add:fp8": Variant(fp8=True, fp8_wgrad_impl="reference"),
+            "ours-fp8-unfused-swiglu:fp8": Variant(fp8=True, fp8_fused_swiglu=False)}
 # A lent GPU comes with minutes, not hours: a hung subprocess must not take the other sections' time.
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_te_fp8.py", "tests/test_kernels_cuda.py",
@@ -178,10 +180,11 @@ def hf_step(model, optimizer, tokens, accumulation: int):
     return step
 
 
-def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool, wgrad_impl: str = "auto") -> None:
+def set_fp8(model: GPTModel, config: ModelConfig, fp8: bool, wgrad_impl: str = "auto", fused_swiglu: bool = True) -> None:
     for layer in model.decoder.layers.values():
         for path in FP8_LINEARS:
             layer.get_submodule(path).fp8 = None
+        layer.mlp.fp8_fused_swiglu = fused_swiglu
     if fp8:
         enable_fp8(model.decoder.layers, config.replace(fp8_format="hybrid", fp8_wgrad_impl=wgrad_impl))
 
@@ -230,7 +233,7 @@ def throughput_ours(num_layers: int, args) -> list[dict]:
             if hasattr(optimizer, "write_weight_copies_for"):
                 optimizer.write_weight_copies_for(model if variant.weight_copies else None)
             name = label.split(":")[0]
-            set_fp8(model, config, variant.fp8, variant.fp8_wgrad_impl)
+            set_fp8(model, config, variant.fp8, variant.fp8_wgrad_impl, variant.fp8_fused_swiglu)
             model.set_gradient_accumulation_fusion(variant.fusion)  # all variants on the same weights
             model.embedding.fp32_residual_connection = variant.fp32_residual
             rows.append(measure(name, "fp8" if variant.fp8 else "bf16", ours_step(model, optimizer, tokens, args.accumulation),

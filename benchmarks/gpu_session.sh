@@ -6,7 +6,8 @@
 # 1. the wheels carried in .whl/ (megatron-core) go into /tmp/site;
 # 2. Transformer Engine is built from .te/ into /tmp/te_site (benchmarks/te_install.py) on the CPUs,
 #    in the background, while phase 1 times on the GPU our BF16/FP8 rows (each beside the path it
-#    replaced: the casts of the weight copies, the FP8 weight-gradient adds), transformers', the
+#    replaced: the casts of the weight copies, the FP8 weight-gradient adds, the bf16 SwiGLU between
+#    FP8 GEMMs), transformers', the
 #    optimizer step alone (bench_optimizer.py) and the FP8 weight-gradient GEMMs (bench_fp8_wgrad.py);
 # 3. phase 2, with TE importable: TE's rows, the GPU tests (tests/test_te_fp8.py among them) and the
 #    other sections, less those its flags skip (e.g. `--skip profile profile_fp8 kernels`);
@@ -28,6 +29,7 @@ if [ -d .te ]; then
     te_pid=$!
 fi
 timeout 290 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-cast-copies:bf16 ours:fp8 ours-fp8-wgrad-add:fp8 \
+    ours-fp8-unfused-swiglu:fp8 \
     --skip ours_te tests profile profile_fp8 sft dpo kernels
 if [ -n "${te_pid:-}" ]; then
     wait "$te_pid" && echo "Transformer Engine built" || echo "Transformer Engine build failed: $out/te_install.log"

@@ -18,11 +18,13 @@ later ones add into it inside an FP8 GEMM (kernels/triton_fp8_gemm.py; `wgrad_im
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from kernels.dispatch import select, triton_module
 from kernels.fp8_history import AmaxHistories
-from kernels.fp8_scaling import ScalingConfig, TensorScaling, new_histories
+from kernels.fp8_scaling import Fp8Tensor, ScalingConfig, TensorScaling, new_histories
 
 
 # How a fused weight gradient is added into the fp32 gradient (kernels.dispatch's rule for 'auto').
@@ -43,7 +45,7 @@ class Fp8LinearScaling:
         self.grad_output = TensorScaling(config, is_gradient=True, histories=self.histories)
 
 
-def _check_shapes(x2d: torch.Tensor, weight: torch.Tensor) -> None:
+def check_shapes(x2d: torch.Tensor, weight: torch.Tensor) -> None:
     if x2d.device.type != "cuda":
         return
     dims = {"tokens (seq x micro batch)": x2d.shape[0], "in_features": weight.shape[1],
@@ -86,43 +88,71 @@ def accumulate_wgrad(weight: torch.Tensor, grad_t: torch.Tensor, x_t: torch.Tens
         target.add_(_scaled_mm(grad_t, x_t.t(), grad_scale_inv, x_scale_inv, torch.float32))
 
 
+class Fp8Weight(NamedTuple):
+    """The weight side of one FP8 linear, what its GEMMs need besides the input."""
+    weight: torch.Tensor
+    """[out, in], or [k, out, in] multiplied as [k out, in]; an fp32 leaf when fuse_wgrad."""
+    scaling: Fp8LinearScaling
+    cast_weight: Callable | None
+    """weight2d -> Fp8Tensor (with its transpose), replacing scaling.weight.cast (fp8_linear)."""
+    fuse_wgrad: bool
+    """The weight gradient goes into weight.grad in the backward (accumulate_wgrad), not to autograd."""
+
+    def cast(self, transpose: bool) -> Fp8Tensor:
+        """The weight [out, in] in FP8; transpose: also W^T, which the input gradient reads."""
+        weight2d = self.weight.view(-1, self.weight.shape[-1])  # [out, in] ([2, ffn, h] -> [2 ffn, h])
+        if self.cast_weight is not None:
+            return self.cast_weight(weight2d)
+        return self.scaling.weight.cast(weight2d, transpose=transpose)
+
+
+def forward_gemm(x: Fp8Tensor, w: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [N, in] W [out, in]^T -> [N, out] in out_dtype (fast accumulation, as Transformer Engine)."""
+    return _scaled_mm(x.data, w.data.t(), x.scale_inv, w.scale_inv, out_dtype, fast_accum=True)
+
+
+def backward_gemms(grad: Fp8Tensor, w: Fp8Tensor, x_t: torch.Tensor | None, x_scale_inv: torch.Tensor | None,
+                   grad_x_dtype: torch.dtype, side: Fp8Weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From dY [N, out] in FP8 (with dY^T when x_t is given): (dX = dY W [N, in] in grad_x_dtype, or
+    None when grad_x_dtype is None; dW = dY^T x in the weight's shape and dtype, or None when x_t
+    is None or the gradient went into weight.grad). x_t: x^T [in, N] in FP8, from the forward."""
+    grad_x = grad_w = None
+    if grad_x_dtype is not None:  # [N, out] x [out, in] (W column-major = W^T row-major, transposed view)
+        grad_x = _scaled_mm(grad.data, w.transposed().t(), grad.scale_inv, w.scale_inv, grad_x_dtype)
+    if x_t is not None:  # [out, N] x [N, in] (x column-major = x^T row-major, transposed view)
+        weight = side.weight
+        if side.fuse_wgrad:
+            accumulate_wgrad(weight, grad.transposed(), x_t, grad.scale_inv, x_scale_inv, side.scaling.wgrad_impl)
+        else:
+            grad_w = _scaled_mm(grad.transposed(), x_t.t(), grad.scale_inv, x_scale_inv, torch.float32)
+            grad_w = grad_w.to(weight.dtype).view(weight.shape)
+    return grad_x, grad_w
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scaling: Fp8LinearScaling, out_dtype: torch.dtype, cast_weight, fuse_wgrad: bool):
+    def forward(ctx, x, weight, side: Fp8Weight, out_dtype: torch.dtype):
         x2d = x.reshape(-1, x.shape[-1])  # [N, in]
-        weight2d = weight.view(-1, weight.shape[-1])  # [out, in] ([2, ffn, h] -> [2 ffn, h])
-        _check_shapes(x2d, weight2d)
+        check_shapes(x2d, weight.view(-1, weight.shape[-1]))
         wants_grad_x, wants_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # x^T is what the weight gradient reads, and W^T what the input gradient reads: both made
         # by the casts, in the same pass.
-        x_fp8 = scaling.input.cast(x2d, transpose=wants_grad_w)
-        w = cast_weight(weight2d) if cast_weight is not None else scaling.weight.cast(weight2d, transpose=wants_grad_x)
-        y = _scaled_mm(x_fp8.data, w.data.t(), x_fp8.scale_inv, w.scale_inv, out_dtype, fast_accum=True)  # [N, out]
+        x_fp8 = side.scaling.input.cast(x2d, transpose=wants_grad_w)
+        w = side.cast(transpose=wants_grad_x)
+        y = forward_gemm(x_fp8, w, out_dtype)  # [N, out]
         if wants_grad_w:
             ctx.save_for_backward(x_fp8.transposed(), x_fp8.scale_inv)  # [in, N]: x alone is not kept
-        ctx.w, ctx.scaling, ctx.x_shape, ctx.x_dtype = w, scaling, x.shape, x.dtype
-        ctx.weight_shape, ctx.w_dtype = weight.shape, weight.dtype
-        ctx.fused_weight = weight if fuse_wgrad else None  # the fp32 leaf whose .grad the backward adds into
-        return y.view(*x.shape[:-1], weight2d.shape[0])
+        ctx.w, ctx.side, ctx.x_shape, ctx.x_dtype = w, side, x.shape, x.dtype
+        return y.view(*x.shape[:-1], w.data.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         wants_grad_x, wants_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = ctx.w
         g2d = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
-        g = ctx.scaling.grad_output.cast(g2d, transpose=wants_grad_w)
-        grad_x = grad_w = None
-        if wants_grad_x:  # [N, out] x [out, in] (W column-major = W^T row-major, transposed view)
-            grad_x = _scaled_mm(g.data, w.transposed().t(), g.scale_inv, w.scale_inv, ctx.x_dtype)
-            grad_x = grad_x.view(ctx.x_shape)
-        if wants_grad_w:  # [out, N] x [N, in] (x column-major = x^T row-major, transposed view)
-            x_t, x_scale_inv = ctx.saved_tensors
-            if ctx.fused_weight is not None:
-                accumulate_wgrad(ctx.fused_weight, g.transposed(), x_t, g.scale_inv, x_scale_inv, ctx.scaling.wgrad_impl)
-            else:
-                grad_w = _scaled_mm(g.transposed(), x_t.t(), g.scale_inv, x_scale_inv, torch.float32)
-                grad_w = grad_w.to(ctx.w_dtype).view(ctx.weight_shape)
-        return grad_x, grad_w, None, None, None, None
+        g = ctx.side.scaling.grad_output.cast(g2d, transpose=wants_grad_w)
+        x_t, x_scale_inv = ctx.saved_tensors if wants_grad_w else (None, None)
+        grad_x, grad_w = backward_gemms(g, ctx.w, x_t, x_scale_inv, ctx.x_dtype if wants_grad_x else None, ctx.side)
+        return (None if grad_x is None else grad_x.view(ctx.x_shape)), grad_w, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling, cast_weight=None,
@@ -134,7 +164,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scaling: Fp8LinearScaling,
     `scaling.weight.cast`: a caller that runs several micro-batches on unchanged weights passes one
     that casts once (Transformer Engine's first-micro-batch rule; the weight's amax history then
     records once per step)."""
-    out_dtype = x.dtype
+    return _Fp8Linear.apply(x, weight, Fp8Weight(weight, scaling, cast_weight, fuse_wgrad), autocast_dtype(x))
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on x returns: autocast's where it is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
-        out_dtype = torch.get_autocast_dtype(x.device.type)
-    return _Fp8Linear.apply(x, weight, scaling, out_dtype, cast_weight, fuse_wgrad)
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

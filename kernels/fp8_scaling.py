@@ -128,9 +128,20 @@ class TensorScaling:
         """x2d [M, N] -> Fp8Tensor (with the transpose when asked); records x2d's amax for delayed
         scales. A delayed scale is known before reading x2d, so on CUDA the cast, the transpose and
         the amax are one pass; current scaling (and a slot's first cast) needs the amax first."""
+        return self.cast_produced(lambda: x2d, lambda scale, amax: cast_transpose(x2d, scale, self.element, transpose, amax),
+                                  transpose, x2d.device)
+
+    def cast_produced(self, values, write_fp8, transpose: bool, device: torch.device) -> Fp8Tensor:
+        """The cast of a tensor that its producing kernel can also write in FP8 itself (the fused
+        SwiGLU, kernels/fp8_swiglu.py). values() -> the tensor [M, N] in a float dtype;
+        write_fp8(scale, amax_cell) -> (data, data_t or None): the same cast written by the
+        producer, max |value| folded into amax_cell. With a delayed scale (known before the
+        tensor exists) the producer writes FP8 directly; current scaling, and a slot's first cast,
+        need the amax of values() first. `device`: where the tensor is made."""
         histories, slot, element = self.histories, self.slot, self.element
         delayed = self.config.recipe == "delayed"
         if not delayed or not histories.initialized[slot]:
+            x2d = values()
             amax = x2d.detach().abs().amax().float()
             scale = scale_from_amax(amax, element, self.config.margin)
             data, data_t = cast_transpose(x2d, scale, element, transpose)
@@ -138,11 +149,10 @@ class TensorScaling:
             if delayed:
                 histories.record(slot, amax)
         else:
-            scale, scale_inv = (histories.cell(name, slot, x2d.device) for name in ("scale", "scale_inv"))
+            scale, scale_inv = (histories.cell(name, slot, device) for name in ("scale", "scale_inv"))
             if not histories.active:  # the advance below rewrites the cells; keep the ones used here
                 scale, scale_inv = scale.clone(), scale_inv.clone()
-            data, data_t = cast_transpose(x2d, scale, element, transpose,
-                                          amax=histories.cell("pending", slot, x2d.device))
+            data, data_t = write_fp8(scale, histories.cell("pending", slot, device))
             histories.note(slot)
             scaled = Fp8Tensor(data, scale, scale_inv, data_t)
         if delayed and not histories.active:

@@ -31,3 +31,28 @@ def swiglu_halves(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         return triton_module("triton_swiglu").swiglu_halves_triton(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return swiglu_reference(gate, up)
+
+
+def swiglu_halves_values(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [..., 2 * ffn] in fp32, [..., ffn]: what the FP8 kernels
+    (kernels/fp8_swiglu.py) quantize, without a rounding to gate_up's dtype first."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_halves_grad_values(gate_up: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """The gradient of silu(gate) * up with respect to gate_up [..., 2 * ffn], given grad_y
+    [..., ffn], in fp32 (silu'(g) = sig(g) (1 + g (1 - sig(g))))."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    dy = grad_y.float()
+    sig = torch.sigmoid(gate)
+    return torch.cat([dy * up * sig * (1.0 + gate * (1.0 - sig)), dy * gate * sig], dim=-1)
+
+
+def swiglu_halves_grad(gate_up: torch.Tensor, grad_y: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """swiglu_halves_values' gradient rounded to gate_up's dtype, outside autograd (a caller that
+    runs its own backward: kernels/fp8_swiglu.py)."""
+    if select("swiglu", impl, gate_up.device, SWIGLU_IMPLS) == "triton":
+        rows = triton_module("triton_launch").as_rows(gate_up)
+        return triton_module("triton_swiglu").swiglu_halves_grad_rows(rows, grad_y).view(gate_up.shape)
+    return swiglu_halves_grad_values(gate_up, grad_y).to(gate_up.dtype)

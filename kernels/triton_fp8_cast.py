@@ -21,6 +21,20 @@ TILE = 64
 
 
 @triton.jit
+def quantize_store(OUT, OUT_T, x, scale, limit, rows, cols, mask, stride_out, stride_out_t,
+                   TRANSPOSE: tl.constexpr):
+    """Store saturate(x * scale) of the fp32 tile x [BM, BN] (zero where masked) at OUT[rows, cols]
+    in OUT's FP8 dtype and, when TRANSPOSE, its bytes at OUT_T[cols, rows] (a uint8 view); returns
+    the tile's max |x|. Shared by every kernel that writes an FP8 GEMM operand."""
+    q = tl.minimum(tl.maximum(x * scale, -limit), limit).to(OUT.dtype.element_ty)  # [BM, BN]
+    tl.store(OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :], q, mask=mask)
+    if TRANSPOSE:  # moved as bytes: the transpose does not care what the bits mean
+        out_t = OUT_T + cols[:, None].to(tl.int64) * stride_out_t + rows[None, :]  # [BN, BM]: out_t[c, r] = out[r, c]
+        tl.store(out_t, tl.trans(q.to(tl.uint8, bitcast=True)), mask=tl.trans(mask))
+    return tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+
+
+@triton.jit
 def _cast_transpose_kernel(X, OUT, OUT_T, SCALE, AMAX, M, N, stride_x, limit,
                            TRANSPOSE: tl.constexpr, WITH_AMAX: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr):
@@ -28,15 +42,9 @@ def _cast_transpose_kernel(X, OUT, OUT_T, SCALE, AMAX, M, N, stride_x, limit,
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scaled = tl.minimum(tl.maximum(x * tl.load(SCALE), -limit), limit)
-    q = scaled.to(OUT.dtype.element_ty)  # [BM, BN]
-    tl.store(OUT + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
-    if TRANSPOSE:  # moved as bytes: the transpose does not care what the bits mean
-        q_bytes = q.to(tl.uint8, bitcast=True)
-        out_t = OUT_T + cols[:, None].to(tl.int64) * M + rows[None, :]  # [BN, BM]: out_t[c, r] = out[r, c]
-        tl.store(out_t, tl.trans(q_bytes), mask=tl.trans(mask))
+    amax = quantize_store(OUT, OUT_T, x, tl.load(SCALE), limit, rows, cols, mask, N, M, TRANSPOSE)
     if WITH_AMAX:
-        tl.atomic_max(AMAX, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+        tl.atomic_max(AMAX, amax)
 
 
 def cast_transpose(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, limit: float,

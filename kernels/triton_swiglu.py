@@ -38,6 +38,21 @@ def _swiglu_backward(G, U, DY, DG, DU, stride_g, stride_u, stride_dy, stride_dg,
     tl.store(DU + row * stride_du + cols, (dy * g * sig).to(DU.dtype.element_ty), mask=mask)
 
 
+def _launch_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """g, u [R, f] (unit column stride) -> y = silu(g) * u [R, f] in g's dtype."""
+    y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    grid, block = _grid(g)
+    _swiglu_forward[grid](g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1], BLOCK=block)
+    return y
+
+
+def _launch_backward(g, u, dy, dg, du) -> None:
+    """dg, du [R, f] <- the gradients of silu(g) * u given dy [R, f]."""
+    grid, block = _grid(g)
+    _swiglu_backward[grid](g, u, dy, dg, du, g.stride(0), u.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
+                           g.shape[1], BLOCK=block)
+
+
 def _grid(rows: torch.Tensor) -> tuple[tuple[int, int], int]:
     block = min(next_power_of_2(rows.shape[1]), BLOCK_COLS_MAX)
     return (rows.shape[0], -(-rows.shape[1] // block)), block
@@ -47,23 +62,26 @@ class TritonSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         g, u = as_rows(gate), as_rows(up)
-        y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
-        grid, block = _grid(g)
-        _swiglu_forward[grid](g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1], BLOCK=block)
         ctx.save_for_backward(g, u)
         ctx.shape = gate.shape
-        return y.view(gate.shape)
+        return _launch_forward(g, u).view(gate.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
         g, u = ctx.saved_tensors
-        dy = as_rows(grad_y)
         dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        grid, block = _grid(g)
-        _swiglu_backward[grid](g, u, dy, dg, du, g.stride(0), u.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
-                               g.shape[1], BLOCK=block)
+        _launch_backward(g, u, as_rows(grad_y), dg, du)
         return dg.view(ctx.shape), du.view(ctx.shape)
+
+
+def swiglu_halves_grad_rows(rows: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """rows [R, 2f] (gate, then up), grad_y [.., f] -> the gradient of silu(gate) * up with
+    respect to rows, one [R, 2f] tensor in rows' dtype."""
+    g, u = rows.chunk(2, dim=1)  # [R, f] views, row stride 2f
+    grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)  # [R, 2f]
+    _launch_backward(g, u, as_rows(grad_y), *grad.chunk(2, dim=1))
+    return grad
 
 
 class TritonSwiGLUHalves(torch.autograd.Function):
@@ -75,25 +93,15 @@ class TritonSwiGLUHalves(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
         rows = as_rows(gate_up)  # [R, 2f]
-        g, u = rows.chunk(2, dim=1)  # [R, f] views, row stride 2f
-        y = torch.empty(g.shape, dtype=gate_up.dtype, device=gate_up.device)
-        grid, block = _grid(g)
-        _swiglu_forward[grid](g, u, y, g.stride(0), u.stride(0), y.stride(0), g.shape[1], BLOCK=block)
+        y = _launch_forward(*rows.chunk(2, dim=1))  # [R, f]
         ctx.save_for_backward(rows)
         ctx.shape = gate_up.shape
-        return y.view(*gate_up.shape[:-1], g.shape[1])
+        return y.view(*gate_up.shape[:-1], y.shape[1])
 
     @staticmethod
     def backward(ctx, grad_y):
         (rows,) = ctx.saved_tensors
-        g, u = rows.chunk(2, dim=1)
-        dy = as_rows(grad_y)
-        grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)  # [R, 2f]
-        dg, du = grad.chunk(2, dim=1)
-        grid, block = _grid(g)
-        _swiglu_backward[grid](g, u, dy, dg, du, g.stride(0), u.stride(0), dy.stride(0), dg.stride(0), du.stride(0),
-                               g.shape[1], BLOCK=block)
-        return grad.view(ctx.shape)
+        return swiglu_halves_grad_rows(rows, grad_y).view(ctx.shape)
 
 
 def swiglu_halves_triton(gate_up: torch.Tensor) -> torch.Tensor:

@@ -94,3 +94,66 @@ def test_tuned_fp8_gemm_accumulates_the_weight_gradient_of_the_7b_shapes(m, n):
     errors = [((got.double() - exact).abs().max() / exact.abs().max()).item() for got in (c, cublas)]
     # a wrong tile, scale or operand is off by O(1); one e4m3 step is 6%
     assert errors[0] < 1e-3, f"relative error {errors[0]:.2e} (cuBLAS, then an add: {errors[1]:.2e})"
+
+
+@pytest.mark.parametrize("element", ["e4m3", "e5m2"])
+def test_swiglu_fp8_kernels_match_torch_casts_of_their_values(element):
+    """kernels/triton_fp8_swiglu.py on the GPU against torch's cast of the fp32 SwiGLU (and its
+    gradient): only silu's fp32 rounding may differ (CUDA's sigmoid is not torch's), so a few
+    elements may sit one FP8 step apart, never more; layouts and amax exact."""
+    from kernels import triton_fp8_swiglu
+    from kernels.fp8_scaling import FP8_DTYPES, FP8_MAX, quantize
+    from kernels.swiglu import swiglu_halves_grad_values, swiglu_halves_values
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    gate_up = (torch.randn(2051, 2 * 3584, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    grad = torch.randn(2051, 3584, device="cuda", generator=gen).to(torch.bfloat16)
+    scale = torch.tensor(5.3, device="cuda")
+    fp8 = FP8_DTYPES[element], FP8_MAX[element]
+    for values, (out, out_t), amax in (
+        (swiglu_halves_values(gate_up), *_with_amax(lambda a: triton_fp8_swiglu.swiglu_cast_transpose(
+            gate_up, scale, *fp8, True, a))),
+        (swiglu_halves_grad_values(gate_up, grad), *_with_amax(lambda a: triton_fp8_swiglu.swiglu_grad_cast_transpose(
+            gate_up, grad, scale, *fp8, True, a))),
+    ):
+        want = quantize(values, scale, element)
+        differ = out.view(torch.uint8) != want.view(torch.uint8)
+        assert differ.float().mean().item() < 1e-4
+        steps = (out.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()  # same sign: adjacent codes
+        assert steps.max().item() <= 1
+        assert torch.equal(out_t.view(torch.uint8), out.t().contiguous().view(torch.uint8))
+        torch.testing.assert_close(amax, values.abs().max(), rtol=1e-6, atol=0)
+
+
+def _with_amax(write):
+    amax = torch.zeros((), device="cuda")
+    return write(amax), amax
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_swiglu_mlp_with_triton_kernels_matches_the_reference_on_cuda(recipe):
+    """The fused FP8 MLP (kernels/fp8_mlp.py) with the Triton SwiGLU kernels against the torch
+    reference of the same computation, under bf16 autocast, second call (delayed scales in use)."""
+    from kernels.fp8_linear import Fp8LinearScaling, Fp8Weight
+    from kernels.fp8_mlp import fp8_swiglu_mlp
+    from kernels.fp8_scaling import ScalingConfig
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2048, 1024, device="cuda", generator=gen)
+    weights = (torch.randn(2, 2816, 1024, device="cuda", generator=gen) * 0.03,
+               torch.randn(1024, 2816, device="cuda", generator=gen) * 0.03)
+    grad_y = torch.randn(2048, 1024, device="cuda", generator=gen)
+    results = {}
+    for impl in ("reference", "triton"):
+        xi = x.clone().requires_grad_()
+        w1, w2 = (torch.nn.Parameter(w.clone()) for w in weights)
+        fc1, fc2 = (Fp8LinearScaling(ScalingConfig(recipe=recipe)) for _ in range(2))
+        for _ in range(2):
+            xi.grad = w1.grad = w2.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fp8_swiglu_mlp(xi, Fp8Weight(w1, fc1, None, False), Fp8Weight(w2, fc2, None, False), impl)
+            y.backward(grad_y)
+        results[impl] = [y.float(), xi.grad, w1.grad, w2.grad]
+    for got, want in zip(results["triton"], results["reference"]):
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 1e-3, error  # a few FP8 elements one step apart (silu's rounding); a bug is O(1)

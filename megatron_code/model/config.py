@@ -100,6 +100,10 @@ class ModelConfig:
     add their weight gradient into the fp32 gradient. triton: inside the FP8 GEMM's epilogue
     (kernels/triton_fp8_gemm.py); reference: torch._scaled_mm writes it, then an add; auto: triton
     on CUDA when triton imports, else reference."""
+    fp8_fused_swiglu: bool = True
+    """FP8 (torch backend): the MLP's SwiGLU writes its output and its input gradient directly in FP8
+    for the GEMMs on either side (kernels/fp8_mlp.py), instead of in bf16 for those GEMMs' casts to
+    read again. Off: two FP8 linears around a bf16 SwiGLU (for A/B timing)."""
     num_layers_at_start_in_bf16: int = 0
     """Keep this many first transformer layers out of FP8."""
     num_layers_at_end_in_bf16: int = 0

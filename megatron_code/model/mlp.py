@@ -3,11 +3,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fp8_mlp import fp8_swiglu_mlp
 from kernels.swiglu import swiglu, swiglu_halves
 from megatron_code.model.config import ModelConfig
 from megatron_code.parallel.fused_wgrad import StepWeightCasts, fusable, fused_wgrad_linear
 from megatron_code.parallel.layers import (
-    SINGLE, RowParallelLinear, gemm_input, local_linear, mark_tensor_parallel,
+    SINGLE, RowParallelLinear, fp8_weight, gemm_input, local_linear, mark_tensor_parallel, row_parallel_output,
 )
 from megatron_code.parallel.state import ParallelState
 
@@ -52,9 +53,16 @@ class SwiGLUMLP(nn.Module):
         self.linear_fc1 = GateUpLinear(config.hidden_size, config.ffn_hidden_size, parallel)
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, parallel)
         self.swiglu_impl = config.swiglu_impl
+        self.fp8_fused_swiglu = config.fp8_fused_swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.linear_fc1(x)
+        """x [s, b, h] -> [s, b, h] ([s/tp, b, h] in and out under sequence parallelism)."""
+        fc1, fc2 = self.linear_fc1, self.linear_fc2
+        if self.fp8_fused_swiglu and fc1.fp8 is not None and fc2.fp8 is not None:  # torch backend FP8
+            x = gemm_input(x, fc1.parallel)
+            y = fp8_swiglu_mlp(x, fp8_weight(x, fc1), fp8_weight(x, fc2), self.swiglu_impl)
+            return row_parallel_output(y, fc2.parallel)
+        gate_up = fc1(x)
         if isinstance(gate_up, tuple):
-            return self.linear_fc2(swiglu(*gate_up, self.swiglu_impl))
-        return self.linear_fc2(swiglu_halves(gate_up, self.swiglu_impl))
+            return fc2(swiglu(*gate_up, self.swiglu_impl))
+        return fc2(swiglu_halves(gate_up, self.swiglu_impl))

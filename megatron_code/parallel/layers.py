@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cross_entropy
-from kernels.fp8_linear import Fp8LinearScaling, fp8_linear
+from kernels.fp8_linear import Fp8LinearScaling, Fp8Weight, fp8_linear
 from megatron_code.parallel.fused_wgrad import StepWeightCasts, embedding_lookup, fusable, fused_wgrad_linear
 from megatron_code.parallel.mappings import (
     copy_to_tensor_parallel, gather_sequence_parallel, reduce_from_tensor_parallel,
@@ -41,6 +41,14 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8LinearScaling | 
     if fuse_wgrad:
         return fused_wgrad_linear(x, weight, weight_casts)
     return F.linear(x, weight)
+
+
+def fp8_weight(x: torch.Tensor, linear: nn.Module) -> Fp8Weight:
+    """The weight side of an FP8 linear module (one with `fp8` set) for a GEMM on x: as local_linear
+    gives it, for callers that run the FP8 GEMMs themselves (kernels/fp8_mlp.py)."""
+    casts = linear.weight_casts
+    fuse_wgrad = casts is not None and fusable(x, linear.weight)
+    return Fp8Weight(linear.weight, linear.fp8, fp8_weight_cast(linear.fp8, casts), fuse_wgrad)
 
 
 def fp8_weight_cast(fp8: Fp8LinearScaling, weight_casts: StepWeightCasts | None):
