@@ -55,13 +55,22 @@ class TransformerLayer(nn.Module):
         self.mlp = SwiGLUMLP(config, parallel)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None):
-        """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
-        attn = self.self_attention(self.input_layernorm(x), rotary_cos, rotary_sin, segment_ids, cp_chunks)
-        # The residual add runs inside the norm kernel.
+    def forward(self, x, rotary_cos, rotary_sin, segment_ids=None, cp_chunks=None, delta=None, add_output=True):
+        """x: [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism).
+
+        The layer runs on the residual stream x + delta, where delta (or None) is the previous
+        layer's MLP output not yet added. add_output=False returns (the stream after attention,
+        this layer's MLP output) for the next layer to add: each residual add then runs inside the
+        norm that reads the sum (add_rms_norm: one pass each way, where an add, then the norm,
+        take two, and the backward one more to add the residual's gradient)."""
+        if delta is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm.add_and_norm(x, delta)
+        attn = self.self_attention(normed, rotary_cos, rotary_sin, segment_ids, cp_chunks)
         x, normed = self.pre_mlp_layernorm.add_and_norm(x, F.dropout(attn, self.hidden_dropout, self.training))
-        mlp = self.mlp(normed)
-        return x + F.dropout(mlp, self.hidden_dropout, self.training)
+        mlp = F.dropout(self.mlp(normed), self.hidden_dropout, self.training)
+        return x + mlp if add_output else (x, mlp)
 
 
 class TransformerBlock(nn.Module):
@@ -101,9 +110,12 @@ class TransformerBlock(nn.Module):
 
 
 def _run_layers(layers, x, *args):
+    """x through `layers`; each layer's MLP output is added to the stream by the next layer's
+    first norm (TransformerLayer.forward's add_output), the last one's here."""
+    delta = None
     for layer in layers:
-        x = layer(x, *args)
-    return x
+        x, delta = layer(x, *args, delta=delta, add_output=False)
+    return x + delta
 
 
 class Embedding(nn.Module):

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from kernels.rmsnorm import add_rms_norm, rms_norm
+from megatron_code.parallel.param_gather import wait_until_gathered
 
 
 class RMSNorm(nn.Module):
@@ -23,9 +24,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.impl, self._out_dtype(x.dtype, x.device))
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, this norm of it): the residual add fused into the norm (kernels.add_rms_norm)."""
+        """(x + delta, this norm of it): the residual add fused into the norm (kernels.add_rms_norm).
+        A method call runs no forward pre-hooks, so it waits for the weight's all-gather itself
+        (--overlap-param-gather, param_gather.py)."""
         dtype = torch.result_type(x, delta)
-        return add_rms_norm(x, delta, self.weight, self.eps, self.impl, self._out_dtype(dtype, x.device))
+        weight = wait_until_gathered(self.weight)
+        return add_rms_norm(x, delta, weight, self.eps, self.impl, self._out_dtype(dtype, x.device))
 
     @staticmethod
     def _out_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
