@@ -93,6 +93,7 @@ class Fp8Weight(NamedTuple):
     weight: torch.Tensor
     """[out, in], or [k, out, in] multiplied as [k out, in]; an fp32 leaf when fuse_wgrad."""
     scaling: Fp8LinearScaling
+    """The layer's scale slots (input, weight, output gradient)."""
     cast_weight: Callable | None
     """weight2d -> Fp8Tensor (with its transpose), replacing scaling.weight.cast (fp8_linear)."""
     fuse_wgrad: bool
@@ -112,7 +113,7 @@ def forward_gemm(x: Fp8Tensor, w: Fp8Tensor, out_dtype: torch.dtype) -> torch.Te
 
 
 def backward_gemms(grad: Fp8Tensor, w: Fp8Tensor, x_t: torch.Tensor | None, x_scale_inv: torch.Tensor | None,
-                   grad_x_dtype: torch.dtype, side: Fp8Weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                   grad_x_dtype: torch.dtype | None, side: Fp8Weight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """From dY [N, out] in FP8 (with dY^T when x_t is given): (dX = dY W [N, in] in grad_x_dtype, or
     None when grad_x_dtype is None; dW = dY^T x in the weight's shape and dtype, or None when x_t
     is None or the gradient went into weight.grad). x_t: x^T [in, N] in FP8, from the forward."""

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_fp8_cast import TILE, quantize_store
+from kernels.triton_launch import as_rows
 
 
 @triton.jit
@@ -52,19 +53,19 @@ def _swiglu_grad_cast_kernel(GU, DY, OUT_G, OUT_U, OUT_T_G, OUT_T_U, SCALE, AMAX
         tl.atomic_max(AMAX, tl.maximum(amax_g, amax_u))
 
 
-def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
-    rows = t.reshape(-1, t.shape[-1])
-    if rows.stride(1) != 1:
-        raise ValueError(f"{name} must have unit stride along its last dim, got strides {tuple(t.stride())}")
-    return rows
+def _gate_up_rows(gate_up: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """gate_up [.., 2f] -> (its rows [M, 2f] with unit column stride, M, f)."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu: gate_up's last dim must hold gate and up halves, got {gate_up.shape[-1]}.")
+    rows = as_rows(gate_up)
+    return rows, rows.shape[0], rows.shape[1] // 2
 
 
 def swiglu_cast_transpose(gate_up: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, limit: float,
                           transpose: bool, amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gate_up [.., 2f] -> (saturate(silu(gate) * up * scale) [M, f] in fp8_dtype, its transpose
     [f, M] or None); folds the activation's max |value| into the fp32 cell `amax` when given."""
-    gu = _rows(gate_up, "gate_up")
-    m, f = gu.shape[0], gu.shape[1] // 2
+    gu, m, f = _gate_up_rows(gate_up)
     out = torch.empty((m, f), dtype=fp8_dtype, device=gu.device)
     out_t = torch.empty((f, m), dtype=torch.uint8, device=gu.device) if transpose else None
     grid = (triton.cdiv(m, TILE), triton.cdiv(f, TILE))
@@ -80,8 +81,7 @@ def swiglu_grad_cast_transpose(gate_up: torch.Tensor, grad_y: torch.Tensor, scal
     """gate_up [.., 2f], grad_y [.., f] -> (the gradient of silu(gate) * up with respect to gate_up,
     saturate(grad * scale) [M, 2f] in fp8_dtype, its transpose [2f, M] or None); folds the
     gradient's max |value| into `amax` when given."""
-    gu, dy = _rows(gate_up, "gate_up"), _rows(grad_y, "grad_y")
-    m, f = gu.shape[0], gu.shape[1] // 2
+    (gu, m, f), dy = _gate_up_rows(gate_up), as_rows(grad_y)
     if dy.shape != (m, f):
         raise ValueError(f"swiglu gradient: grad_y must be [{m}, {f}] for gate_up {tuple(gu.shape)}, got {tuple(dy.shape)}")
     out = torch.empty((m, 2 * f), dtype=fp8_dtype, device=gu.device)

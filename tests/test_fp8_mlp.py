@@ -158,3 +158,15 @@ def test_fp8_swiglu_mlp_refuses_a_gate_up_weight_of_another_shape():
     with pytest.raises(ValueError, match=r"must be \[2, ffn, hidden\]"):
         fp8_swiglu_mlp(torch.zeros(4, 32), Fp8Weight(w, Fp8LinearScaling(config), None, False),
                        Fp8Weight(torch.zeros(32, 48), Fp8LinearScaling(config), None, False))
+
+
+def test_swiglu_fp8_kernels_refuse_a_gate_up_without_two_halves():
+    pytest.importorskip("triton")
+    from kernels import triton_fp8_swiglu
+
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="must hold gate and up halves, got 7"):
+        triton_fp8_swiglu.swiglu_cast_transpose(torch.zeros(4, 7), one, torch.float8_e4m3fn, 448.0, True, None)
+    with pytest.raises(ValueError, match=r"grad_y must be \[4, 3\]"):
+        triton_fp8_swiglu.swiglu_grad_cast_transpose(torch.zeros(4, 6), torch.zeros(4, 6), one,
+                                                     torch.float8_e4m3fn, 448.0, True, None)
