@@ -39,6 +39,9 @@ from kernels.weighted_linear_cross_entropy import weighted_linear_cross_entropy 
 from kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
 from kernels.rotary import apply_rotary_emb_qk, apply_rotary_emb_reference, split_qkv_rotary  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_halves, swiglu_reference  # noqa: E402
+from kernels.fp8_linear import Fp8LinearScaling, Fp8Weight, fp8_linear  # noqa: E402
+from kernels.fp8_mlp import fp8_swiglu_mlp  # noqa: E402
+from kernels.fp8_scaling import ScalingConfig  # noqa: E402
 
 # Per device: rows/tokens, hidden, heads (q, kv), head dim, FFN, vocabulary, loss-head tokens, activation dtype,
 # and optionally a vocabulary chunk smaller than the default block (shows the loss head's memory trade-off).
@@ -164,7 +167,35 @@ def build_cases(device: torch.device, s: dict) -> list[Case]:
             compiled=under_autocast(lambda x, w, t: linear_cross_entropy_unfused(x, w, t, **ce))),
         weighted_loss_case(device, s, ce_inputs, ce, under_autocast),
         *fused_layout_cases(device, s, leaf, rope_tables),
+        fp8_mlp_case(device, s, leaf, under_autocast),
     ]
+
+
+def fp8_mlp_case(device: torch.device, s: dict, leaf, under_autocast) -> Case:
+    """The MLP's GEMMs in FP8 (delayed scaling, fp32 master weights under autocast): two FP8 linears
+    around the SwiGLU ("unfused torch": the activation and the gate/up gradient pass through the
+    activation dtype and a cast, `--no-fp8-fused-swiglu`) against kernels/fp8_mlp.py, where the
+    SwiGLU writes them in FP8. Each variant keeps its scales across calls: after the warm-up they
+    are delayed scales, as in training."""
+    n, h, ffn = s["tokens"], s["hidden"], s["ffn"]
+
+    def scales():
+        return Fp8LinearScaling(ScalingConfig()), Fp8LinearScaling(ScalingConfig())
+
+    def unfused():
+        fc1, fc2 = scales()
+        return under_autocast(lambda x, w1, w2: fp8_linear(swiglu_halves(fp8_linear(x, w1, fc1)), w2, fc2))
+
+    def fused(impl):
+        fc1, fc2 = scales()
+        return under_autocast(lambda x, w1, w2: fp8_swiglu_mlp(
+            x, Fp8Weight(w1, fc1, None, False), Fp8Weight(w2, fc2, None, False), impl))
+
+    return Case("FP8 SwiGLU MLP", f"x [{n}, {h}], FFN {ffn}, FP8 GEMMs (hybrid, delayed)",
+                lambda: (leaf(n, h), leaf(2, ffn, h, scale=0.02, dt=torch.float32),
+                         leaf(h, ffn, scale=0.02, dt=torch.float32)),
+                {"unfused torch": unfused(), "reference": fused("reference"), "triton": fused("triton")},
+                flops=18 * n * ffn * h)
 
 
 def weighted_loss_case(device: torch.device, s: dict, ce_inputs, ce: dict, under_autocast) -> Case:
@@ -327,7 +358,7 @@ def measure_case(case: Case, variants: dict[str, Callable], device, args) -> lis
 
 def variants_for(case: Case, device, args) -> dict[str, Callable]:
     chosen = {k: v for k, v in case.variants.items() if not k.startswith("triton") or device.type == "cuda"}
-    if device.type == "cuda" and not args.no_compile:
+    if device.type == "cuda" and not args.no_compile and case.compiled is not None:
         chosen["compiled"] = torch.compile(case.compiled)
     return chosen
 
@@ -353,7 +384,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column (CUDA)")
-    parser.add_argument("--kernels", nargs="+", default=None, help="only these (RMSNorm, RoPE, SwiGLU, linear)")
+    parser.add_argument("--kernels", nargs="+", default=None,
+                        help="only these (RMSNorm, RoPE, SwiGLU, linear, FP8): case names starting so")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here.")

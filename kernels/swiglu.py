@@ -42,11 +42,19 @@ def swiglu_halves_values(gate_up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_halves_grad_values(gate_up: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """The gradient of silu(gate) * up with respect to gate_up [..., 2 * ffn], given grad_y
-    [..., ffn], in fp32 (silu'(g) = sig(g) (1 + g (1 - sig(g))))."""
+    [..., ffn], in fp32: d up = dy silu(g), d gate = dy up silu'(g) with
+    silu'(g) = sig(g) (1 + g (1 - sig(g))) = sig(g) + silu(g) (1 - sig(g)). Written into the two
+    halves of one tensor, with three [..., ffn] temporaries."""
     gate, up = gate_up.float().chunk(2, dim=-1)
     dy = grad_y.float()
+    grad = torch.empty(gate_up.shape, dtype=torch.float32, device=gate_up.device)
+    d_gate, d_up = grad.chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
-    return torch.cat([dy * up * sig * (1.0 + gate * (1.0 - sig)), dy * gate * sig], dim=-1)
+    silu = gate * sig
+    torch.mul(dy, silu, out=d_up)
+    silu_prime = torch.sub(1.0, sig).mul_(silu).add_(sig)
+    torch.mul(dy, up, out=d_gate).mul_(silu_prime)
+    return grad
 
 
 def swiglu_halves_grad(gate_up: torch.Tensor, grad_y: torch.Tensor, impl: str = "auto") -> torch.Tensor:
