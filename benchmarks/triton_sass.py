@@ -128,28 +128,22 @@ def compile_kernel(spec: KernelSpec):
     return triton.compile(source, target=GPUTarget("cuda", TARGET_ARCH, 32), options=spec.options)
 
 
-def sass_of(cubin: bytes) -> str:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump's output for a cubin (Triton's own copy of the tool)."""
     import triton
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def registers_and_spills(cubin: bytes) -> tuple[int | None, int | None]:
-    """From cuobjdump's resource usage (-res-usage): REG and the spill stores' bytes."""
-    import triton
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    spills = re.search(r"STACK:(\d+)", usage)
-    return (int(regs.group(1)) if regs else None), (int(spills.group(1)) if spills else None)
+def registers_and_stack(cubin: bytes) -> tuple[int | None, int | None]:
+    """Registers per thread and stack bytes (where spilled registers go) from the resource usage."""
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
 def opcode_counts(sass: str) -> collections.Counter:
@@ -169,8 +163,8 @@ def summarize(spec: KernelSpec) -> dict:
     except Exception as err:  # noqa: BLE001 - a kernel that does not compile is a row, not the end
         return {"kernel": spec.name, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"}
     cubin = compiled.asm["cubin"]
-    sass = sass_of(cubin)
-    regs, stack = registers_and_spills(cubin)
+    sass = _cuobjdump(cubin, "--dump-sass")
+    regs, stack = registers_and_stack(cubin)
     return {"kernel": spec.name, "registers": regs, "stack_bytes": stack, "shared_bytes": compiled.metadata.shared,
             "opcodes": dict(sorted(opcode_counts(sass).items())), "sass": sass}
 
