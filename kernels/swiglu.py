@@ -56,11 +56,3 @@ def swiglu_halves_grad_values(gate_up: torch.Tensor, grad_y: torch.Tensor) -> to
     torch.mul(dy, up, out=d_gate).mul_(silu_prime)
     return grad
 
-
-def swiglu_halves_grad(gate_up: torch.Tensor, grad_y: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """swiglu_halves_values' gradient rounded to gate_up's dtype, outside autograd (a caller that
-    runs its own backward: kernels/fp8_swiglu.py)."""
-    if select("swiglu", impl, gate_up.device, SWIGLU_IMPLS) == "triton":
-        rows = triton_module("triton_launch").as_rows(gate_up)
-        return triton_module("triton_swiglu").swiglu_halves_grad_rows(rows, grad_y).view(gate_up.shape)
-    return swiglu_halves_grad_values(gate_up, grad_y).to(gate_up.dtype)

@@ -66,9 +66,9 @@ class TransformerLayer(nn.Module):
         if delta is None:
             normed = self.input_layernorm(x)
         else:
-            x, normed = self.input_layernorm.add_and_norm(x, delta)
+            x, normed = self.input_layernorm(x, delta)
         attn = self.self_attention(normed, rotary_cos, rotary_sin, segment_ids, cp_chunks)
-        x, normed = self.pre_mlp_layernorm.add_and_norm(x, F.dropout(attn, self.hidden_dropout, self.training))
+        x, normed = self.pre_mlp_layernorm(x, F.dropout(attn, self.hidden_dropout, self.training))
         mlp = F.dropout(self.mlp(normed), self.hidden_dropout, self.training)
         return x + mlp if add_output else (x, mlp)
 

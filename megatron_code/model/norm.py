@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from kernels.rmsnorm import add_rms_norm, rms_norm
-from megatron_code.parallel.param_gather import wait_until_gathered
 
 
 class RMSNorm(nn.Module):
@@ -17,19 +16,17 @@ class RMSNorm(nn.Module):
         # gradient is a partial sum that must be all-reduced over TP.
         self.weight.sequence_parallel_grad = sequence_parallel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., h] (the residual stream) -> normalized [..., h]. Under autocast the output is
-        stored in the autocast dtype: only GEMMs read it, which would cast it anyway, and the
-        kernel rounds its fp32 result once, as that cast would (same values, one pass less)."""
-        return rms_norm(x, self.weight, self.eps, self.impl, self._out_dtype(x.dtype, x.device))
-
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, this norm of it): the residual add fused into the norm (kernels.add_rms_norm).
-        A method call runs no forward pre-hooks, so it waits for the weight's all-gather itself
-        (--overlap-param-gather, param_gather.py)."""
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+        """x [..., h] (the residual stream) -> normalized [..., h]; given delta, the residual add
+        fused into the norm (kernels.add_rms_norm): (x + delta, its norm). Under autocast the
+        normalized output is stored in the autocast dtype: only GEMMs read it, which would cast it
+        anyway, and the kernel rounds its fp32 result once, as that cast would (same values, one
+        pass less). Both forms go through the module call, so its forward pre-hooks run (the
+        parameter all-gather waits of --overlap-param-gather)."""
+        if delta is None:
+            return rms_norm(x, self.weight, self.eps, self.impl, self._out_dtype(x.dtype, x.device))
         dtype = torch.result_type(x, delta)
-        weight = wait_until_gathered(self.weight)
-        return add_rms_norm(x, delta, weight, self.eps, self.impl, self._out_dtype(dtype, x.device))
+        return add_rms_norm(x, delta, self.weight, self.eps, self.impl, self._out_dtype(dtype, x.device))
 
     @staticmethod
     def _out_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
