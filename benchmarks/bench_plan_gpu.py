@@ -57,10 +57,23 @@ RECOMPUTE = {
 GIB = 2**30
 
 
+def backward_node_names(output: torch.Tensor) -> set[str]:
+    """Class names of the autograd nodes behind `output` (which kernels and functions ran)."""
+    seen, stack, names = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def saved_bytes(fn, exclude) -> tuple[int, list[str]]:
     """Bytes of the distinct storages autograd saves while running fn(), minus `exclude`'s, and
     the autograd node names seen (to tell which SDPA kernel ran)."""
-    storages, names = {}, set()
+    storages = {}
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -68,15 +81,7 @@ def saved_bytes(fn, exclude) -> tuple[int, list[str]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    node, seen = out.grad_fn, []
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.append(n)
-        names.add(type(n).__name__)
-        stack.extend(next_fn for next_fn, _ in n.next_functions)
+    names = backward_node_names(out)
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     return sum(v for k, v in storages.items() if k not in skip), sorted(n for n in names if "ttention" in n)
 

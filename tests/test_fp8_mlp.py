@@ -143,27 +143,15 @@ def test_fp8_swiglu_mlp_with_the_triton_kernels_matches_the_reference(recipe, mo
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
-def _backward_nodes(loss: torch.Tensor) -> set[str]:
-    """Names of the autograd nodes behind loss."""
-    seen, stack, names = set(), [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_model_routes_its_fp8_mlp_by_the_flag(fused):
     """--fp8-fused-swiglu picks the MLP's path: the one fused function, or two FP8 linears."""
+    from benchmarks.bench_plan_gpu import backward_node_names
     from megatron_code.model.gpt import GPTModel
 
     model = GPTModel(_tiny(fp8_format="hybrid", fp8_fused_swiglu=fused), init_seed=0)
     tokens = torch.randint(0, 200, (2, 17), generator=torch.Generator().manual_seed(0))
-    nodes = _backward_nodes(model(tokens[:, :-1], labels=tokens[:, 1:]).mean())
+    nodes = backward_node_names(model(tokens[:, :-1], labels=tokens[:, 1:]).mean())
     assert ("_Fp8SwiGLUMLPBackward" in nodes) == fused
     assert "_Fp8LinearBackward" in nodes  # the attention's linears, and the MLP's when unfused
 
