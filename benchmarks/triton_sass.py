@@ -4,6 +4,7 @@ that decide speed (tensor-core ops, asynchronous copies, the width of each globa
 
     python benchmarks/triton_sass.py                # every kernel below, as a table
     python benchmarks/triton_sass.py --kernels fp8_gemm --sass   # + the full SASS listing
+    PYTHONPATH=/tmp/triton36:. python benchmarks/triton_sass.py  # another Triton: the GPU machine's
 
 Triton ships ptxas and cuobjdump, so a kernel goes from source to SASS on a CPU. Lent GPU time is
 short: a kernel that does not compile, or compiles to the wrong instructions (no QGMMA in an FP8
@@ -181,6 +182,9 @@ def main() -> None:
     if args.json:
         print(json.dumps([{k: v for k, v in summarize(spec).items() if k != "sass"} for spec in specs]))
         return
+    import triton
+
+    print(f"Triton {triton.__version__} ({os.path.dirname(triton.__file__)})\n")
     print(f"| kernel (sm_{TARGET_ARCH}a) | registers | stack B | shared KiB | SASS: count of each opcode |")
     print("| --- | ---: | ---: | ---: | --- |")
     for spec in specs:

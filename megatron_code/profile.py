@@ -12,8 +12,9 @@ It also writes a JSON report (--report), a torch.profiler trace per rank for a f
 Phase timing synchronizes the GPU at phase edges: each edge leaves the GPU idle while Python
 launches the next phase's first kernels, and hides any overlap between phases (on an H200 the
 16-layer 7B step took 763 ms timed against 704 ms untimed). So the step time, tokens/s and MFU
-come from --profile-steps steps run as in training (no synchronization inside a step), and the
-breakdown from --phase-steps more steps timed phase by phase, reported with their own median.
+come from --profile-steps steps run as in training (no synchronization inside or between steps:
+each step's time is measured between CUDA events, training/launched_step.py), and the breakdown
+from --phase-steps more steps timed phase by phase, reported with their own median.
 """
 from __future__ import annotations
 
@@ -87,11 +88,11 @@ class ProfilerHooks:
         self.trainer = trainer
         trainer.timers.timed = False  # until the measured steps are done (_time_phases_after)
         trainer.timers.nvtx = self.args.nvtx and trainer.env.device.type == "cuda"
-        trainer.after_step.append(self._time_phases_after)
+        trainer.step_hooks.append(self._time_phases_after)
         ranks = self.args.trace_ranks
         if self.args.trace_dir and self.args.trace_steps and (ranks is None or trainer.env.rank in ranks):
             self.profiler = self._start_profiler(trainer)
-            trainer.after_step.append(lambda record: self.profiler.step())
+            trainer.step_hooks.append(lambda iteration: self.profiler.step())
 
     def _start_profiler(self, trainer: Trainer):
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -107,8 +108,8 @@ class ProfilerHooks:
         profiler.start()
         return profiler
 
-    def _time_phases_after(self, record: dict) -> None:
-        if record["step"] == self.args.profile_warmup + self.args.profile_steps:
+    def _time_phases_after(self, iteration: int) -> None:
+        if iteration == self.args.profile_warmup + self.args.profile_steps:
             self.trainer.timers.timed = self.args.phase_steps > 0
 
     def stop(self) -> None:

@@ -86,3 +86,39 @@ def test_exit_signal_reaches_the_trainer_after_cuda_and_nccl_setup():
     print(proc.stdout, proc.stderr[-2000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["received"], proc.stdout
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_the_trainer_launches_its_steps_without_waiting_for_the_gpu(fixture_data, precision):
+    """After the first step (lazy initialization, autotuning), launching a step makes no
+    synchronizing CUDA call: loading its micro-batches, their forward and backward, the clipping,
+    the optimizer and the copy of its loss to the host (training/launched_step.py). Any `.item()`,
+    blocking copy or data-dependent shape (`nonzero`) there would leave the GPU idle while the
+    host catches up; torch's sync debug mode raises at the first one, naming it."""
+    from megatron_code.training.arguments import run_config_from_values
+    from megatron_code.training.trainer import train
+    from tests.conftest import tiny_run
+
+    if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need sm_89 or newer")
+    checked = []
+
+    def check_launches(trainer):
+        launch = trainer._launch_step
+
+        def launch_checked(loader):
+            if trainer.iteration == 0:
+                return launch(loader)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(loader)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(trainer.iteration)
+        trainer._launch_step = launch_checked
+
+    extra = {"fp8_format": "hybrid"} if precision == "fp8" else {}
+    values = tiny_run(fixture_data, train_iters=4, bf16=True, micro_batch_size=2, global_batch_size=8, **extra)
+    history = train(run_config_from_values(values), prepare=check_launches)
+    assert checked == [2, 3, 4] and len(history) == 4
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["ms_per_step"] > 0 for r in history)

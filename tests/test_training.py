@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from megatron_code.training import checkpointing
+from megatron_code.training.arguments import run_config_from_values
+from megatron_code.training.trainer import train
 from tests.conftest import run_training, tiny_run
 
 
@@ -113,13 +115,31 @@ def test_bf16_autocast_training_runs_and_learns(fixture_data):
     assert losses(history)[-1] < losses(history)[0]
 
 
-def test_a_non_finite_loss_stops_the_run_and_its_step_is_not_saved(fixture_data, tmp_path):
-    """The loss is read back only after the step's optimizer launches (no host read mid-step):
-    a NaN loss must still stop the run, naming the iteration, with no checkpoint of that step."""
+@pytest.mark.parametrize("save_interval", [1, None], ids=["saving-every-step", "saving-at-the-end"])
+def test_a_non_finite_loss_stops_the_run_and_its_step_is_not_saved(fixture_data, tmp_path, save_interval):
+    """A step's loss is read back once the next step is launched (training/launched_step.py), or
+    at once before a save: a NaN loss must still stop the run, naming its iteration, with no
+    checkpoint of that step or any later one."""
     save = str(tmp_path / "ckpt")
-    values = tiny_run(fixture_data, train_iters=4, lr=1e30, min_lr=1e29, lr_warmup_iters=0, clip_grad=0.0,
-                      micro_batch_size=2, global_batch_size=2, seq_length=64, save=save, save_interval=1)
+    values = tiny_run(fixture_data, train_iters=5, lr=1e30, min_lr=1e29, lr_warmup_iters=0, clip_grad=0.0,
+                      micro_batch_size=2, global_batch_size=2, seq_length=64, save=save, save_interval=save_interval)
     with pytest.raises(FloatingPointError, match=r"loss is nan at iteration 3; stopping"):
         run_training(values)
-    assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000001", "iter_0000002"]
-    assert checkpointing.latest_iteration(save) == 2
+    saved = sorted(d for d in os.listdir(save) if d.startswith("iter_")) if os.path.exists(save) else []
+    assert saved == (["iter_0000001", "iter_0000002"] if save_interval else [])
+
+
+def test_each_step_is_read_back_after_the_next_one_is_launched(fixture_data):
+    """The host never waits for the step it just launched: step k's record is logged after step
+    k + 1 is queued (so the GPU is never left without work while the host logs and loads data), and
+    at once where the host must know it (validation at step 2, the last step)."""
+    events = []
+
+    def watch(trainer):
+        trainer.step_hooks.append(lambda iteration: events.append(f"launch {iteration}"))
+        log_step = trainer.metrics.log_step
+        trainer.metrics.log_step = lambda record: (events.append(f"log {record['step']}"), log_step(record))
+
+    train(run_config_from_values(tiny_run(fixture_data, train_iters=5, eval_interval=2, eval_iters=1)), prepare=watch)
+    assert events == ["launch 1", "launch 2", "log 1", "log 2", "launch 3", "launch 4", "log 3", "log 4",
+                      "launch 5", "log 5"]

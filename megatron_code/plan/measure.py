@@ -102,16 +102,16 @@ class StepMemoryProbe:
 
     def __call__(self, trainer) -> None:
         self._trainer = trainer
-        trainer.after_step.append(self._after_step)
+        trainer.step_hooks.append(self._after_step)
         self._handle = _torch_optimizer(trainer.optimizer).register_step_pre_hook(self._before_optimizer_step)
         self._tracker.track(*state_tensors(trainer.model, trainer.optimizer).values(), *_reference_weights(trainer))
         self._tracker.__enter__()
 
-    def _after_step(self, record: dict) -> None:
-        if record["step"] == self.step - 1:
+    def _after_step(self, iteration: int) -> None:
+        if iteration == self.step - 1:
             self._tracker.reset_peak()
             self._measuring = True
-        elif record["step"] == self.step:
+        elif iteration == self.step:
             self._stop()
 
     def _before_optimizer_step(self, *_) -> None:

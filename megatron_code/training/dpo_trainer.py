@@ -67,7 +67,7 @@ class DPOTrainer(Trainer):
     def _response_log_probs(self, model: GPTModel, batch: dict) -> torch.Tensor:
         """[b, 2, s] pairs -> [b, 2] summed response log-probs (column 0 chosen, 1 rejected)."""
         device = self.env.device
-        tokens, positions, labels, mask = (batch[key].flatten(0, 1).to(device) for key in
+        tokens, positions, labels, mask = (batch[key].flatten(0, 1).to(device, non_blocking=True) for key in
                                            ("tokens", "position_ids", "labels", "loss_mask"))
         segment_ids = segment_ids_from_eod(tokens, self.tokenizer.eod) if self.cfg.data.reset_attention_mask else None
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.cfg.training.bf16 else nullcontext())
@@ -101,11 +101,13 @@ class DPOTrainer(Trainer):
         self._step_sums = self._sum_over_dp(sums) / total_pairs
         return total_loss
 
-    def step_metrics(self) -> dict:
-        """Means over the step's pairs, measured before its update."""
-        chosen, rejected, accuracy = self._step_sums.tolist()
-        return {"reward_chosen": chosen, "reward_rejected": rejected, "reward_accuracy": accuracy,
-                "reward_margin": chosen - rejected}
+    def step_tensors(self) -> dict[str, torch.Tensor]:
+        """Means over the step's pairs, measured before its update (on the device)."""
+        chosen, rejected, accuracy = self._step_sums
+        return {"reward_chosen": chosen, "reward_rejected": rejected, "reward_accuracy": accuracy}
+
+    def step_metrics(self, values: dict[str, float]) -> dict:
+        return {**values, "reward_margin": values["reward_chosen"] - values["reward_rejected"]}
 
     @torch.no_grad()
     def evaluate(self) -> float:

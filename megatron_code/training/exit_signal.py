@@ -1,7 +1,8 @@
 """Save-and-exit on a signal. A scheduler about to stop the job (Slurm's `--signal=B:USR1@300`,
 forwarded by launch/slurm/common.sh; SIGTERM at the time limit or from torchrun) makes each
-process record the signal; the trainer all-reduces the record after every step, so all ranks stop
-after the same iteration, save (collectively) and exit 0. The handler only records: saving from
+process record the signal; the trainer all-reduces the record after every step and reads the
+result with that step's loss, once it has launched the next step, so all ranks stop after the same
+iteration (one or two steps after the signal), save (collectively) and exit 0. The handler only records: saving from
 inside a signal handler could interrupt a collective half-way."""
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def native_handler(sig: int) -> int | None:
 
 
 class ExitSignal:
-    """Installs handlers for SIGTERM and the configured signal (restored by `restore`); `agreed`
+    """Installs handlers for SIGTERM and the configured signal (restored by `restore`); `agreement`
     is the per-step collective that tells every rank whether any rank got one."""
 
     def __init__(self, name: str):
@@ -87,7 +88,7 @@ class ExitSignal:
         self.received = signum
         if os.environ.get("RANK", "0") == "0":
             # os.write: print() can fail when the signal interrupts another print.
-            os.write(2, f"received {signal.Signals(signum).name}: saving and exiting after this step\n".encode())
+            os.write(2, f"received {signal.Signals(signum).name}: saving and exiting after the next step\n".encode())
 
     def reclaim(self) -> list[signal.Signals]:
         """Reinstall the handlers a native library replaced since they were installed (such a
@@ -104,15 +105,20 @@ class ExitSignal:
                             f"{sig.name} still saves and exits\n".encode())
         return taken
 
-    def agreed(self, device: torch.device) -> signal.Signals | None:
-        """Collective (every rank, every step): the signal that stops the run, or None."""
+    def agreement(self, device: torch.device) -> torch.Tensor:
+        """Collective (every rank, every step): a 0-d device tensor holding the largest signal
+        number any rank got so far (0: none), left on the device. The trainer reads it with the
+        step's loss (training/launched_step.py) and passes it to `decide`."""
         self.reclaim()
-        flag = torch.tensor([self.received], dtype=torch.int32, device=device)
+        flag = torch.full((), self.received, dtype=torch.int32, device=device)  # a fill: no blocking copy
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        value = int(flag.item())
-        if value:
-            self.stopped_by = signal.Signals(value)
+        return flag
+
+    def decide(self, agreed: float) -> signal.Signals | None:
+        """The signal that stops the run, given an `agreement` read back on the host, or None."""
+        if agreed and self.stopped_by is None:
+            self.stopped_by = signal.Signals(int(agreed))
         return self.stopped_by
 
     def stop_message(self, iteration: int, train_iters: int, saved_to: str | None) -> str:

@@ -6,7 +6,6 @@ import json
 import os
 import resource
 import sys
-import time
 
 import torch
 
@@ -113,25 +112,6 @@ def _init_wandb(config: LoggingConfig, run_config_dict: dict, save_dir: str | No
     return wandb.init(
         project=config.wandb_project, name=config.wandb_exp_name, dir=directory, config=run_config_dict,
     )
-
-
-class StepTimer:
-    """Wall time of one optimizer step (synchronizing CUDA so the time is the step's, not the launch's)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds = time.perf_counter() - self.start
 
 
 def print_rank0(*args, enabled: bool = True) -> None:

@@ -33,7 +33,8 @@ from megatron_code.training.data import (
 )
 from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
-from megatron_code.training.metrics import MetricsLogger, StepTimer, peak_memory_gib, print_rank0
+from megatron_code.training.launched_step import DeviceScalars, LaunchedStep, StepClock
+from megatron_code.training.metrics import MetricsLogger, peak_memory_gib, print_rank0
 from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.timers import PhaseTimers
 from megatron_code.training.exit_signal import ExitSignal
@@ -80,7 +81,9 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save)
         self.history: list[dict] = []
         self.timers = PhaseTimers(env.device)  # megatron_code.profile turns timing/NVTX on
-        self.after_step: list = []  # callables(record) run after each step's record is logged
+        self.step_hooks: list = []
+        """callables(iteration) run once each step's work is launched, before its record exists
+        (records are logged when the step's results reach the host: launched_step.py)."""
 
     # ---- setup ----------------------------------------------------------------------------
     def _build_datasets(self):
@@ -131,6 +134,8 @@ class Trainer:
     def _forward(self, batch: dict, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The model on one micro-batch, timed as the forward: per-token losses, or with
         loss_weights [b, s] their weighted sum (GPTModel.forward)."""
+        # Non-blocking: a blocking host-to-device copy waits for all queued work (the previous
+        # micro-batch's backward), leaving the GPU idle while this forward's first kernels launch.
         tokens = batch["tokens"].to(self.env.device, non_blocking=True)
         segment_ids = None
         if self.cfg.data.reset_attention_mask:
@@ -138,8 +143,8 @@ class Trainer:
         autocast = (torch.autocast(self.env.device.type, dtype=torch.bfloat16)
                     if self.cfg.training.bf16 else nullcontext())
         with autocast, self.timers.phase("forward"):
-            return self.model(tokens, batch["position_ids"].to(self.env.device), segment_ids,
-                              labels=batch["labels"].to(self.env.device), loss_weights=loss_weights)
+            positions, labels = (batch[key].to(self.env.device, non_blocking=True) for key in ("position_ids", "labels"))
+            return self.model(tokens, positions, segment_ids, labels=labels, loss_weights=loss_weights)
 
     def _forward_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed masked loss and number of loss tokens of one micro-batch."""
@@ -162,11 +167,12 @@ class Trainer:
         clip_grads_by_norm(self.params, self.cfg.optimizer.clip_grad, grad_norm, self.optimizer)
         return grad_norm
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, float]:
+    def train_step(self, micro_batches: list[dict]) -> tuple[dict[str, torch.Tensor], float]:
         """Gradient accumulation over this rank's share of the global batch. Every micro-batch's
         summed token loss is divided by the loss-token count of the whole global batch (all DP
         ranks), so the summed gradients are the exact global-batch gradient, independent of how
-        the batch is cut into micro-batches and ranks."""
+        the batch is cut into micro-batches and ranks. Returns ({loss, grad_norm}: 0-d device
+        tensors, not read here), the learning rate applied."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_tokens = self._loss_normalizer(micro_batches)
@@ -188,27 +194,25 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)
         with self.timers.phase("optimizer"):
             self.optimizer.step()
-        # Read back only now: a host read after the backward would drain the GPU while the host
-        # prepares the clipping and optimizer launches. A non-finite loss still stops the run
-        # before anything is saved (the update it made stays in memory only).
-        loss = float(total_loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at iteration {self.iteration + 1}; stopping.")
-        return loss, float(grad_norm), lr
+        return {"loss": total_loss, "grad_norm": grad_norm}, lr
 
-    def _loss_normalizer(self, micro_batches: list[dict]) -> float:
-        """What each micro-batch's summed loss is divided by: the loss tokens of the global batch."""
+    def _loss_normalizer(self, micro_batches: list[dict]) -> float | torch.Tensor:
+        """What each micro-batch's summed loss is divided by: the loss tokens of the global batch,
+        a number from the host's batches, or a 0-d device tensor where ranks must add theirs up
+        (left on the device: reading it back would wait for the previous step's work)."""
         local_tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in micro_batches)
-        # On the device: NCCL groups reduce only CUDA tensors.
-        return float(self._sum_over_dp(torch.tensor(local_tokens, dtype=torch.float64, device=self.env.device)))
+        if self.parallel.dp * self.parallel.cp == 1:
+            return local_tokens
+        # On the device: NCCL groups reduce only CUDA tensors. A fill, not a blocking copy.
+        return self._sum_over_dp(torch.full((), local_tokens, dtype=torch.float64, device=self.env.device))
 
-    def _accumulate_gradients(self, micro_batches: list[dict], total_tokens: float) -> torch.Tensor:
+    def _accumulate_gradients(self, micro_batches: list[dict], total_tokens: float | torch.Tensor) -> torch.Tensor:
         total_loss = torch.zeros((), device=self.env.device)
         for i, batch in enumerate(micro_batches):
             if self.grad_reducer is not None and i == len(micro_batches) - 1:
                 self.grad_reducer.arm(1)
             # Weights known before the forward: the fused loss head makes its gradients there.
-            weights = batch["loss_mask"].to(self.env.device, dtype=torch.float32) / total_tokens
+            weights = batch["loss_mask"].to(self.env.device, dtype=torch.float32, non_blocking=True) / total_tokens
             loss = self._forward(batch, loss_weights=weights)
             with self.timers.phase("backward"):
                 loss.backward()
@@ -219,10 +223,8 @@ class Trainer:
         """This rank's micro-batches as whole tensors [B_local, s] for the pipeline schedule, which
         cuts them again; masked labels become IGNORE_LABEL so the loss needs no extra tensor."""
         device = self.env.device
-        tokens = torch.cat([b["tokens"] for b in micro_batches]).to(device)
-        positions = torch.cat([b["position_ids"] for b in micro_batches]).to(device)
-        labels = torch.cat([b["labels"] for b in micro_batches]).to(device)
-        mask = torch.cat([b["loss_mask"] for b in micro_batches]).to(device)
+        tokens, positions, labels, mask = (torch.cat([b[key] for b in micro_batches]).to(device, non_blocking=True)
+                                           for key in ("tokens", "position_ids", "labels", "loss_mask"))
         labels = labels.masked_fill(mask == 0, IGNORE_LABEL)
         segments = (segment_ids_from_eod(tokens, self.tokenizer.eod) if self.cfg.data.reset_attention_mask
                     else torch.zeros_like(tokens))
@@ -267,24 +269,28 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        """Train to train_iters. Each step's results are read (and logged) once the next step is
+        launched, or at once where the host must know them: before validating, saving, exiting."""
         t, ck = self.cfg.training, self.cfg.checkpoint
-        micro_per_step = t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
         loader = self._train_loader()
-        tokens_per_step = t.global_batch_size * self.sequences_per_sample * self.cfg.data.seq_length
         last_saved = self.iteration if ck.load else None
+        unread: LaunchedStep | None = None
         while self.iteration < t.train_iters:
-            with StepTimer(self.env.device) as timer:
-                with self.timers.phase("data-wait"):
-                    micro_batches = list(islice(loader, micro_per_step))
-                loss, grad_norm, lr = self.train_step(micro_batches)
-            self.iteration += 1
-            self._log(loss, grad_norm, lr, timer.seconds, tokens_per_step)
-            self._publish_async_save(wait=False)
-            if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
+            launched = self._launch_step(loader)
+            if unread is not None:
+                self._finish(unread)  # waits for that step only: this one stays queued
+            unread = launched
+            validating = (bool(t.eval_interval) and self.iteration % t.eval_interval == 0
+                          and self.datasets.valid is not None)
+            due = bool(ck.save) and bool(ck.save_interval) and self.iteration % ck.save_interval == 0
+            exiting = (self.exit_signal is not None and self.exit_signal.stopped_by is not None) or (
+                bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
+            if validating or due or exiting or self.iteration == t.train_iters:
+                self._finish(unread)  # so a checkpoint never holds a step whose loss was not finite
+                unread = None
+            if validating:
                 self._log_validation()
-            signalled = self.exit_signal is not None and self.exit_signal.agreed(self.env.device)  # collective
-            exiting = signalled or (bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
-            due = bool(ck.save_interval) and self.iteration % ck.save_interval == 0
+            self._publish_async_save(wait=False)
             if ck.save and (due or exiting):
                 self.save()
                 last_saved = self.iteration
@@ -341,32 +347,62 @@ class Trainer:
         if path is not None:
             print_rank0(f" saved checkpoint {path}", enabled=self.env.is_main)
 
-    def _log(self, loss, grad_norm, lr, seconds, tokens_per_step) -> None:
-        tokens_per_sec = tokens_per_step / seconds
+    def _launch_step(self, loader) -> LaunchedStep:
+        """Queue one optimizer step (data, forward/backward, clip, AdamW) and the copy of its
+        results to the host; read nothing back."""
+        t = self.cfg.training
+        clock = StepClock(self.env.device)
+        with self.timers.phase("data-wait"):
+            micro_batches = list(islice(loader, t.global_batch_size // (t.micro_batch_size * self.parallel.dp)))
+        values, lr = self.train_step(micro_batches)
+        values.update(self.step_tensors())
+        if self.exit_signal is not None:
+            values["exit_signal"] = self.exit_signal.agreement(self.env.device)  # collective
+        clock.stop()
+        self.iteration += 1
+        launched = LaunchedStep(self.iteration, lr, DeviceScalars(values), clock, self.timers.pop())
+        for hook in self.step_hooks:
+            hook(self.iteration)
+        return launched
+
+    def _finish(self, step: LaunchedStep) -> None:
+        """Read a launched step's results (waiting for its work only), stop on a non-finite loss
+        before anything after it is saved, note an agreed exit signal, log the step's record."""
+        values = step.scalars.read()
+        loss, grad_norm = values.pop("loss"), values.pop("grad_norm")
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at iteration {step.iteration}; stopping.")
+        if self.exit_signal is not None:
+            self.exit_signal.decide(values.pop("exit_signal"))
+        seconds = step.clock.seconds()
+        t = self.cfg.training
+        tokens_per_sec = t.global_batch_size * self.sequences_per_sample * self.cfg.data.seq_length / seconds
         tflops = self.flops_per_token * tokens_per_sec / 1e12 / self.env.world_size
         record = {
-            "step": self.iteration, "train_iters": self.cfg.training.train_iters, "loss": loss,
-            "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+            "step": step.iteration, "train_iters": t.train_iters, "loss": loss,
+            "lr": step.lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
             "ms_per_step": 1000 * seconds, "tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_mem_gib": peak_memory_gib(self.env.device),
-            "consumed_samples": self.iteration * self.cfg.training.global_batch_size,
-            **self.step_metrics(),
+            "consumed_samples": step.iteration * t.global_batch_size,
+            **self.step_metrics(values),
         }
-        phases = self.timers.pop()
-        if phases:
-            record["phase_ms"] = {name: 1000 * sec for name, sec in phases.items()}
+        if step.phase_seconds:
+            record["phase_ms"] = {name: 1000 * sec for name, sec in step.phase_seconds.items()}
         self.history.append(record)
         self.metrics.log_step(record)
-        for callback in self.after_step:
-            callback(record)
 
     def _log_validation(self) -> None:
         self.metrics.log_validation(self.iteration, self.evaluate())
 
-    def step_metrics(self) -> dict:
-        """Mode-specific values of the last step for its metrics record (DPO's rewards)."""
+    def step_tensors(self) -> dict[str, torch.Tensor]:
+        """Mode-specific 0-d device tensors of the step just launched (DPO's reward sums), read
+        back with its loss."""
         return {}
+
+    def step_metrics(self, values: dict[str, float]) -> dict:
+        """The step record's mode-specific fields, from `step_tensors`' values read back."""
+        return values
 
 
 def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
