@@ -190,6 +190,34 @@ def test_varlen_document_attention_equals_the_masked_path(signature, monkeypatch
     torch.testing.assert_close(got, want.permute(2, 0, 1, 3).reshape(s, b, nq * d), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [None, "selective"])
+def test_a_packed_forward_finds_its_documents_once_not_once_per_layer(recompute, monkeypatch):
+    """cu_seqlens and the longest document are read from the device, a wait for all queued work:
+    every layer (and the selective recompute in backward) reuses the first layer's, and the model
+    computes what the masked path computes."""
+    from megatron_code.model import core_attention
+
+    calls = []
+    compute = core_attention._compute_cu_seqlens
+    monkeypatch.setattr(core_attention, "_compute_cu_seqlens", lambda ids: calls.append(1) or compute(ids))
+    monkeypatch.setattr(core_attention, "torch_varlen_attn", lambda: (_reference_varlen, {"window_size": (-1, 0)}, True))
+    torch.manual_seed(0)
+    model = GPTModel(small_config(num_layers=3, recompute_granularity=recompute))
+    tokens = torch.randint(0, 300, (2, 16))
+    segment_ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7])
+    monkeypatch.setattr(core_attention, "varlen_runs", lambda q, dropout: False)
+    masked = model(tokens, None, segment_ids)
+    monkeypatch.setattr(core_attention, "varlen_runs", lambda q, dropout: True)
+    varlen = model(tokens, None, segment_ids)
+    varlen.sum().backward()
+    assert len(calls) == 1
+    torch.testing.assert_close(varlen, masked, rtol=1e-5, atol=1e-5)
+    segment_ids[1, 9:] = 2  # changed in place: its documents are found again
+    core_attention.packed_cu_seqlens(segment_ids)
+    core_attention.packed_cu_seqlens(segment_ids.clone())  # another tensor
+    assert len(calls) == 3
+
+
 def test_parameter_count_formula_matches_model():
     model = GPTModel(small_config())
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()

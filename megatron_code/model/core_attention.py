@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,30 @@ def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same_segment)[:, None]
 
 
+_last_packing: tuple | None = None
+"""(weak reference to a segment_ids tensor, its version counter, its packed_cu_seqlens result)."""
+
+
 def packed_cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cumulative segment lengths of the batch flattened to b * s tokens (varlen kernels' input).
 
     A segment ends where the id changes or a sample ends. Returns (cu_seqlens int32 [n + 1], max len).
+    Both need the device's values on the host (the number of segments, the longest), which waits
+    for all queued work. Every layer of a forward (and of its recompute) gets the same segment_ids
+    tensor, so the last result is kept for that tensor while it is unchanged: one wait per
+    forward instead of one per layer.
     """
+    global _last_packing
+    if _last_packing is not None:
+        tensor, version, result = _last_packing
+        if tensor() is segment_ids and segment_ids._version == version:
+            return result
+    result = _compute_cu_seqlens(segment_ids)
+    _last_packing = (weakref.ref(segment_ids), segment_ids._version, result)
+    return result
+
+
+def _compute_cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     b, s = segment_ids.shape
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
