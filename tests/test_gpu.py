@@ -88,13 +88,14 @@ def test_exit_signal_reaches_the_trainer_after_cuda_and_nccl_setup():
     assert json.loads(proc.stdout.strip().splitlines()[-1])["received"], proc.stdout
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "bf16-packed"])
 def test_the_trainer_launches_its_steps_without_waiting_for_the_gpu(fixture_data, precision):
     """After the first step (lazy initialization, autotuning), launching a step makes no
     synchronizing CUDA call: loading its micro-batches, their forward and backward, the clipping,
     the optimizer and the copy of its loss to the host (training/launched_step.py). Any `.item()`,
     blocking copy or data-dependent shape (`nonzero`) there would leave the GPU idle while the
-    host catches up; torch's sync debug mode raises at the first one, naming it."""
+    host catches up; torch's sync debug mode raises at the first one, naming it. `bf16-packed`:
+    documents packed with --reset-attention-mask, their cu_seqlens found on the host."""
     from megatron_code.training.arguments import run_config_from_values
     from megatron_code.training.trainer import train
     from tests.conftest import tiny_run
@@ -117,7 +118,7 @@ def test_the_trainer_launches_its_steps_without_waiting_for_the_gpu(fixture_data
                 checked.append(trainer.iteration)
         trainer._launch_step = launch_checked
 
-    extra = {"fp8_format": "hybrid"} if precision == "fp8" else {}
+    extra = {"fp8": {"fp8_format": "hybrid"}, "bf16-packed": {"reset_attention_mask": True}}.get(precision, {})
     values = tiny_run(fixture_data, train_iters=4, bf16=True, micro_batch_size=2, global_batch_size=8, **extra)
     history = train(run_config_from_values(values), prepare=check_launches)
     assert checked == [2, 3, 4] and len(history) == 4

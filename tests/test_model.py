@@ -218,6 +218,25 @@ def test_a_packed_forward_finds_its_documents_once_not_once_per_layer(recompute,
     assert len(calls) == 3
 
 
+def test_documents_packed_on_the_host_are_not_searched_for_again_on_the_device(monkeypatch):
+    """pack_documents (the trainer's path) finds cu_seqlens on the host; the forward's layers then
+    reuse them and make no device read of their own."""
+    from megatron_code.model import core_attention
+
+    searched = []
+    compute = core_attention._compute_cu_seqlens
+    monkeypatch.setattr(core_attention, "_compute_cu_seqlens", lambda ids: searched.append(ids) or compute(ids))
+    monkeypatch.setattr(core_attention, "torch_varlen_attn", lambda: (_reference_varlen, {"window_size": (-1, 0)}, True))
+    monkeypatch.setattr(core_attention, "varlen_runs", lambda q, dropout: True)
+    on_host = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7])
+    segment_ids = core_attention.pack_documents(on_host, torch.device("cpu"))
+    assert searched == [on_host]
+    model = GPTModel(small_config(num_layers=3))
+    model(torch.randint(0, 300, (2, 16)), None, segment_ids).sum().backward()
+    assert len(searched) == 1
+    assert core_attention.packed_cu_seqlens(segment_ids)[0].tolist() == [0, 5, 16, 25, 32]
+
+
 def test_parameter_count_formula_matches_model():
     model = GPTModel(small_config())
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()

@@ -50,12 +50,27 @@ def packed_cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     tensor, so the last result is kept for that tensor while it is unchanged: one wait per
     forward instead of one per layer.
     """
-    global _last_packing
     if _last_packing is not None:
         tensor, version, result = _last_packing
         if tensor() is segment_ids and segment_ids._version == version:
             return result
-    result = _compute_cu_seqlens(segment_ids)
+    return _remember(segment_ids, _compute_cu_seqlens(segment_ids))
+
+
+def pack_documents(segment_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host segment ids [b, s] -> the same on `device`, with their cu_seqlens and longest document
+    found on the host and copied along (non-blocking), so that no layer waits for the device to
+    find them (what Megatron-LM's PackedSeqParams, made by the data pipeline, are for)."""
+    cu_seqlens, max_len = _compute_cu_seqlens(segment_ids)  # on the host: no wait
+    if device.type == "cuda":  # pinned: a non-blocking copy from pageable memory may be staged synchronously
+        segment_ids, cu_seqlens = segment_ids.pin_memory(), cu_seqlens.pin_memory()
+    on_device = segment_ids.to(device, non_blocking=True)
+    _remember(on_device, (cu_seqlens.to(device, non_blocking=True), max_len))
+    return on_device
+
+
+def _remember(segment_ids: torch.Tensor, result: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, int]:
+    global _last_packing
     _last_packing = (weakref.ref(segment_ids), segment_ids._version, result)
     return result
 

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from megatron_code.model import GPTModel
+from megatron_code.model.core_attention import pack_documents
 from megatron_code.training import checkpointing
 from megatron_code.training.data import segment_ids_from_eod
 from megatron_code.training.dpo_loss import PairLosses, dpo_losses, sequence_log_probs
@@ -69,7 +70,9 @@ class DPOTrainer(Trainer):
         device = self.env.device
         tokens, positions, labels, mask = (batch[key].flatten(0, 1).to(device, non_blocking=True) for key in
                                            ("tokens", "position_ids", "labels", "loss_mask"))
-        segment_ids = segment_ids_from_eod(tokens, self.tokenizer.eod) if self.cfg.data.reset_attention_mask else None
+        segment_ids = None
+        if self.cfg.data.reset_attention_mask:  # documents found on the host (core_attention.pack_documents)
+            segment_ids = pack_documents(segment_ids_from_eod(batch["tokens"].flatten(0, 1), self.tokenizer.eod), device)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.cfg.training.bf16 else nullcontext())
         with autocast:
             losses = model(tokens, positions, segment_ids, labels=labels)

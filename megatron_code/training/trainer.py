@@ -16,6 +16,7 @@ import torch
 from megatron_code.distributed import DistributedEnv, destroy_distributed, init_distributed
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
+from megatron_code.model.core_attention import pack_documents
 from megatron_code.model.fp8 import describe_fp8
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
 from megatron_code.parallel.fused_wgrad import cached_weight_casts
@@ -138,8 +139,8 @@ class Trainer:
         # micro-batch's backward), leaving the GPU idle while this forward's first kernels launch.
         tokens = batch["tokens"].to(self.env.device, non_blocking=True)
         segment_ids = None
-        if self.cfg.data.reset_attention_mask:
-            segment_ids = segment_ids_from_eod(tokens, self.tokenizer.eod)
+        if self.cfg.data.reset_attention_mask:  # documents found on the host (core_attention.pack_documents)
+            segment_ids = pack_documents(segment_ids_from_eod(batch["tokens"], self.tokenizer.eod), self.env.device)
         autocast = (torch.autocast(self.env.device.type, dtype=torch.bfloat16)
                     if self.cfg.training.bf16 else nullcontext())
         with autocast, self.timers.phase("forward"):
