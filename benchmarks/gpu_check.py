@@ -138,19 +138,30 @@ def run_gpu_tests(out_dir: str) -> dict:
 
 
 def time_steps(step, warmup: int, steps: int, device: str = "cuda") -> float:
-    """Median seconds of step() over `steps` calls after `warmup` (synchronized on CUDA)."""
+    """Median seconds of step() over `steps` calls after `warmup`, run back to back as training runs
+    them: on CUDA each step's time is the GPU timeline between CUDA events recorded at the step
+    boundaries, with no synchronization between steps (the host queues the next step while the GPU
+    runs this one, as the trainer does: training/launched_step.py; idle time the GPU spends waiting
+    for the host still counts). Until 2026-11-27 each step was synchronized before and after, which
+    also counted the GPU's idle start while the host launched each step's first kernels. On CPU the
+    host clock."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    if device != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    marks[0].record()
+    for mark in marks[1:]:
         step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        mark.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) / 1000 for start, end in zip(marks, marks[1:]))
 
 
 def ours_step(model, optimizer, tokens, accumulation: int):
