@@ -16,7 +16,9 @@ from megatron_code.training import checkpointing
 from tests.conftest import run_training, tiny_run
 
 STEPS = 3
-COMMON = dict(train_iters=STEPS, micro_batch_size=2, global_batch_size=8, seq_length=128)
+# Validation after the last step too: its loss must not depend on the layout either.
+COMMON = dict(train_iters=STEPS, micro_batch_size=2, global_batch_size=8, seq_length=128, eval_interval=STEPS,
+              eval_iters=1)
 
 
 def cli_args(values: dict) -> list[str]:
@@ -32,30 +34,41 @@ def cli_args(values: dict) -> list[str]:
     return args
 
 
-def torchrun(nproc: int, values: dict, metrics: str) -> list[dict]:
+def torchrun(nproc: int, values: dict, metrics: str, may_fail: bool = False) -> list[dict]:
+    """The job's step and validation records. A failed job is an error unless may_fail (a test
+    that kills a rank on purpose): a run that crashed after logging its steps once passed here,
+    hiding a validation that failed under the V-shaped pipeline schedules."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "megatron_code.train", *cli_args({**values, "metrics_file": metrics})]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     records = []
     if os.path.exists(metrics):
-        records = [json.loads(line) for line in open(metrics) if '"loss"' in line]
-    if result.returncode != 0 and not records:
+        records = [json.loads(line) for line in open(metrics) if '"loss"' in line or '"valid_loss"' in line]
+    if result.returncode != 0 and not (may_fail and records):
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return records
 
 
 @pytest.fixture(scope="module")
-def reference(fixture_data):
-    """The single-process run every layout must reproduce."""
-    return run_training(tiny_run(fixture_data, **COMMON))
+def reference(fixture_data, tmp_path_factory):
+    """The single-process run every layout must reproduce: its steps, then its validation records."""
+    metrics = str(tmp_path_factory.mktemp("reference") / "m.jsonl")
+    run_training(tiny_run(fixture_data, **COMMON, metrics_file=metrics))
+    return [json.loads(line) for line in open(metrics) if '"loss"' in line or '"valid_loss"' in line]
 
 
 def assert_same_numbers(records, reference):
-    assert [r["step"] for r in records] == [r["step"] for r in reference]
-    for got, want in zip(records, reference):
+    """Same steps with the same losses and grad norms; where both ran validation, the same loss."""
+    steps, want_steps = ([r for r in rs if "valid_loss" not in r] for rs in (records, reference))
+    assert [r["step"] for r in steps] == [r["step"] for r in want_steps]
+    for got, want in zip(steps, want_steps):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (got["step"], got["loss"], want["loss"])
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    valid, want_valid = ([r for r in rs if "valid_loss" in r] for rs in (records, reference))
+    if valid and want_valid:
+        assert [r["step"] for r in valid] == [r["step"] for r in want_valid]
+        assert [r["valid_loss"] for r in valid] == pytest.approx([r["valid_loss"] for r in want_valid], rel=1e-5)
 
 
 LAYOUTS = {
@@ -86,6 +99,7 @@ def test_layout_matches_single_process(layout, fixture_data, reference, tmp_path
     nproc, extra = LAYOUTS[layout]
     records = torchrun(nproc, tiny_run(fixture_data, **COMMON, **extra), str(tmp_path / "m.jsonl"))
     assert_same_numbers(records, reference)
+    assert [r["step"] for r in records + reference if "valid_loss" in r] == [STEPS, STEPS]  # compared above
 
 
 def test_context_parallel_with_packed_documents(fixture_data, tmp_path):
@@ -253,7 +267,7 @@ def test_rank_killed_during_save_leaves_previous_checkpoint(fixture_data, refere
     ckpt = str(tmp_path / "ckpt")
     monkeypatch.setenv(checkpointing.KILL_DURING_SAVE_ENV, "3")  # read by rank 1 only
     values = tiny_run(fixture_data, **COMMON, save=ckpt, save_interval=2, use_distributed_optimizer=True)
-    records = torchrun(2, values, str(tmp_path / "a.jsonl"))
+    records = torchrun(2, values, str(tmp_path / "a.jsonl"), may_fail=True)
     assert_same_numbers(records, reference)  # the steps ran; only the last save failed
     assert checkpointing.latest_iteration(ckpt) == 2
     assert not os.path.exists(checkpointing.checkpoint_dir(ckpt, 3))

@@ -21,6 +21,7 @@ from torch.distributed.pipelining import (
 from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
 from megatron_code.model.config import ModelConfig
+from megatron_code.parallel.pipeline_eval import forward_in_stage_order
 from megatron_code.parallel.state import ParallelState
 
 SCHEDULES = {
@@ -82,8 +83,12 @@ def build_stage_models(config: ModelConfig, parallel: ParallelState, init_seed: 
     """This PP rank's stages as GPTModel chunks, in the order the schedule expects."""
     num_stages = parallel.pp * vp
     per_stage = config.num_layers // num_stages
-    if schedule not in WEIGHT_GRADS_THROUGH_AUTOGRAD:  # they run each weight's backward apart (fused_wgrad.py)
-        config = config.replace(gradient_accumulation_fusion=False)
+    # Zero-bubble schedules run each weight's backward apart (fused_wgrad.py), and under 1f1b and
+    # interleaved-1f1b with --bf16 the fused path gave NaN gradients from the first step (CPU, gloo;
+    # found 2026-11-27 when tests/test_parallel.py stopped accepting failed runs; the activations
+    # the last stage received were already NaN, while the sent ones were finite; cause not yet
+    # found). So every pipeline schedule runs autograd's weight-gradient path.
+    config = config.replace(gradient_accumulation_fusion=False)
     chunks = []
     for stage in local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp")):
         layers = range(stage * per_stage, (stage + 1) * per_stage)
@@ -137,6 +142,11 @@ class PipelineRunner:
                  micro_batches: int, device: torch.device, use_segments: bool, bf16: bool = False):
         num_stages = parallel.pp * vp
         stage_ids = local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp"))
+        self.owners = [0] * num_stages  # stage index -> the PP rank that holds it
+        for rank in range(parallel.pp):
+            for sid in local_stage_ids(schedule, parallel.pp, vp, rank):
+                self.owners[sid] = rank
+        self.micro_batches, self.v_shaped = micro_batches, schedule in V_SHAPED
         self.stages = [
             PipelineStage(_StageModule(chunk, use_segments, bf16), sid, num_stages, device, group=parallel.group("pp"))
             for chunk, sid in zip(chunks, stage_ids)
@@ -170,10 +180,22 @@ class PipelineRunner:
         args = (tokens, position_ids, segment_ids) if self.has_first else ()
         losses: list[torch.Tensor] = []
         target = labels if self.last is not None else None
-        run = self.schedule.step if train else self.schedule.eval
-        # return_outputs=False: otherwise the last stage keeps every micro-batch's output until the
-        # step ends, to merge outputs we never use (m x [s, b, h] hidden states).
-        run(*args, target=target, losses=losses if self.last is not None else None, return_outputs=False)
+        if not train and self.v_shaped:  # torch's eval() of these schedules fails: pipeline_eval.py
+            losses = self._forward_in_stage_order(args, target)
+        else:
+            run = self.schedule.step if train else self.schedule.eval
+            # return_outputs=False: otherwise the last stage keeps every micro-batch's output until the
+            # step ends, to merge outputs we never use (m x [s, b, h] hidden states).
+            run(*args, target=target, losses=losses if self.last is not None else None, return_outputs=False)
         if not losses:
             return torch.zeros((), device=tokens.device)
         return torch.stack([loss.detach().float() for loss in losses]).sum()
+
+    def _forward_in_stage_order(self, args: tuple, target: torch.Tensor | None) -> list[torch.Tensor]:
+        """The schedule's micro-batches (the same split of dim 0), forward only, stage after stage."""
+        def split(t):
+            return torch.tensor_split(t, self.micro_batches) if t is not None else [None] * self.micro_batches
+        inputs = list(zip(*(split(a) for a in args))) if args else [None] * self.micro_batches
+        stages = {stage.stage_index: stage.submod for stage in self.stages}
+        return forward_in_stage_order(stages, self.owners, self.parallel.rank("pp"), self.parallel.group("pp"),
+                                      list(zip(inputs, split(target))), self._loss, self.stages[0].device)

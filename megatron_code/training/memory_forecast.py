@@ -39,7 +39,9 @@ def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
     """The planner's estimate of the fullest GPU of this run, as it runs on CUDA."""
     execution = Execution(bf16=cfg.training.bf16, fused_kernels=True,
                           fp32_residual=cfg.model.fp32_residual_connection,
-                          step_weight_copies=cfg.model.gradient_accumulation_fusion,
+                          # pipeline stages run without the fusion (parallel/pipeline.py)
+                          step_weight_copies=(cfg.model.gradient_accumulation_fusion
+                                              and cfg.parallel.pipeline_model_parallel_size == 1),
                           document_attention=document_attention(cfg))
     request = PlanRequest(model=cfg.model, gpus=world_size, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
                           global_batch_size=cfg.training.global_batch_size,

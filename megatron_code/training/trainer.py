@@ -150,7 +150,8 @@ class Trainer:
     def _forward_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed masked loss and number of loss tokens of one micro-batch."""
         losses = self._forward(batch)
-        mask = self.model.context_parallel_slice(batch["loss_mask"]).to(self.env.device, dtype=losses.dtype)
+        mask = self.model.context_parallel_slice(batch["loss_mask"]).to(self.env.device, dtype=losses.dtype,
+                                                                        non_blocking=True)
         return (losses * mask).sum(), mask.sum()
 
     def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
@@ -251,12 +252,10 @@ class Trainer:
                 group = batches[start:start + per_step]
                 loss = self.pipeline.run(*self._pipeline_inputs(group), 1.0, train=False)
                 tokens = sum(float(self.model.context_parallel_slice(b["loss_mask"]).sum()) for b in group)
-                totals += torch.tensor([float(self._sum_over_pp(loss)), tokens], dtype=torch.float64,
-                                       device=totals.device)
+                totals += torch.stack([self._sum_over_pp(loss).double(), torch.full_like(totals[0], tokens)])
         for batch in batches if self.pipeline is None else []:
-            batch_loss, batch_tokens = self._forward_losses(batch)
-            totals += torch.tensor([float(batch_loss), float(batch_tokens)], dtype=torch.float64, device=totals.device)
-        loss_sum, token_count = self._sum_over_dp(totals).tolist()
+            totals += torch.stack([value.double() for value in self._forward_losses(batch)])
+        loss_sum, token_count = self._sum_over_dp(totals).tolist()  # the one read: no wait per micro-batch
         return loss_sum / max(token_count, 1.0)
 
     def _validation_batches(self) -> list[dict]:
