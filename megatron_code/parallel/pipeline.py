@@ -83,12 +83,8 @@ def build_stage_models(config: ModelConfig, parallel: ParallelState, init_seed: 
     """This PP rank's stages as GPTModel chunks, in the order the schedule expects."""
     num_stages = parallel.pp * vp
     per_stage = config.num_layers // num_stages
-    # Zero-bubble schedules run each weight's backward apart (fused_wgrad.py), and under 1f1b and
-    # interleaved-1f1b with --bf16 the fused path gave NaN gradients from the first step (CPU, gloo;
-    # found 2026-11-27 when tests/test_parallel.py stopped accepting failed runs; the activations
-    # the last stage received were already NaN, while the sent ones were finite; cause not yet
-    # found). So every pipeline schedule runs autograd's weight-gradient path.
-    config = config.replace(gradient_accumulation_fusion=False)
+    if schedule not in WEIGHT_GRADS_THROUGH_AUTOGRAD:  # they run each weight's backward apart (fused_wgrad.py)
+        config = config.replace(gradient_accumulation_fusion=False)
     chunks = []
     for stage in local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp")):
         layers = range(stage * per_stage, (stage + 1) * per_stage)
@@ -135,11 +131,34 @@ class _StageModule(nn.Module):
         return hidden, position_ids, segment_ids
 
 
+def stage_example_args(stage: int, num_stages: int, config: ModelConfig, parallel: ParallelState,
+                       micro_batch_size: int, seq_length: int, bf16: bool) -> tuple[tuple, tuple]:
+    """(inputs, outputs) of one stage as meta tensors: the shapes and dtypes the stages exchange,
+    given to PipelineStage up front (its static mode). Without them torch.distributed.pipelining
+    infers them at the first step by running every stage's forward and backward on empty tensors,
+    whose side effects are real: the fused weight-gradient path writes into weight.grad (NaN
+    gradients under --bf16, found 2026-11-27) and FP8 layers record those tensors' amaxes."""
+    mb, local = micro_batch_size, seq_length // parallel.cp  # this CP rank's tokens of each sample
+    tokens_of_rank = local // parallel.tp if parallel.sequence_parallel else local
+    compute = torch.bfloat16 if bf16 else torch.float32
+    residual = torch.float32 if config.fp32_residual_connection else compute
+
+    def meta(*shape, dtype=torch.int64, grad=False):
+        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+    samples = meta(mb, seq_length)  # tokens, position ids, segment ids: [b, s] of whole samples
+    handed_on = (meta(tokens_of_rank, mb, config.hidden_size, dtype=residual, grad=True),  # [s, b, h]
+                 meta(mb, local), samples)  # positions sliced for CP by the first stage
+    inputs = (samples, samples, samples) if stage == 0 else handed_on
+    last = (meta(tokens_of_rank, mb, config.hidden_size, dtype=compute, grad=True),)  # final norm's output
+    return inputs, (last if stage == num_stages - 1 else handed_on)
+
+
 class PipelineRunner:
     """Runs one step (forward + backward of all micro-batches) through the schedule."""
 
     def __init__(self, chunks: list[GPTModel], parallel: ParallelState, schedule: str, vp: int,
-                 micro_batches: int, device: torch.device, use_segments: bool, bf16: bool = False):
+                 micro_batches: int, device: torch.device, use_segments: bool, bf16: bool = False,
+                 micro_batch_size: int = 1, seq_length: int | None = None):
         num_stages = parallel.pp * vp
         stage_ids = local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp"))
         self.owners = [0] * num_stages  # stage index -> the PP rank that holds it
@@ -147,10 +166,13 @@ class PipelineRunner:
             for sid in local_stage_ids(schedule, parallel.pp, vp, rank):
                 self.owners[sid] = rank
         self.micro_batches, self.v_shaped = micro_batches, schedule in V_SHAPED
-        self.stages = [
-            PipelineStage(_StageModule(chunk, use_segments, bf16), sid, num_stages, device, group=parallel.group("pp"))
-            for chunk, sid in zip(chunks, stage_ids)
-        ]
+        seq_length = seq_length or chunks[0].config.max_position_embeddings
+        self.stages = []
+        for chunk, sid in zip(chunks, stage_ids):
+            inputs, outputs = stage_example_args(sid, num_stages, chunk.config, parallel, micro_batch_size,
+                                                 seq_length, bf16)
+            self.stages.append(PipelineStage(_StageModule(chunk, use_segments, bf16), sid, num_stages, device,
+                                             input_args=inputs, output_args=outputs, group=parallel.group("pp")))
         self.last = next((c for c in chunks if c.post_process), None)
         self.has_first = any(c.pre_process for c in chunks)
         self.parallel, self.total_tokens, self.bf16 = parallel, 1.0, bf16

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from megatron_code.model.core_attention import packed_attention_kernel
+from megatron_code.parallel.pipeline import WEIGHT_GRADS_THROUGH_AUTOGRAD
 from megatron_code.parallel.state import virtual_stages
 from megatron_code.plan.hardware import GPUS
 from megatron_code.plan.layout import Layout
@@ -39,9 +40,10 @@ def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
     """The planner's estimate of the fullest GPU of this run, as it runs on CUDA."""
     execution = Execution(bf16=cfg.training.bf16, fused_kernels=True,
                           fp32_residual=cfg.model.fp32_residual_connection,
-                          # pipeline stages run without the fusion (parallel/pipeline.py)
+                          # zero-bubble pipeline stages run without the fusion (parallel/pipeline.py)
                           step_weight_copies=(cfg.model.gradient_accumulation_fusion
-                                              and cfg.parallel.pipeline_model_parallel_size == 1),
+                                              and (cfg.parallel.pipeline_model_parallel_size == 1
+                                                   or cfg.parallel.pipeline_schedule in WEIGHT_GRADS_THROUGH_AUTOGRAD)),
                           document_attention=document_attention(cfg))
     request = PlanRequest(model=cfg.model, gpus=world_size, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
                           global_batch_size=cfg.training.global_batch_size,

@@ -415,7 +415,8 @@ def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
     t = cfg.training
     micro_batches = t.global_batch_size // (t.micro_batch_size * parallel.dp)
     runner = PipelineRunner(chunks, parallel, schedule, vp, micro_batches, device, cfg.data.reset_attention_mask,
-                            bf16=cfg.training.bf16)
+                            bf16=cfg.training.bf16, micro_batch_size=t.micro_batch_size,
+                            seq_length=cfg.data.seq_length)
     return ModelChunks(chunks), runner
 
 
