@@ -137,17 +137,21 @@ def test_checkpoint_resumes_under_another_layout(case, fixture_data, reference, 
     assert_same_numbers(records, reference[2:])
 
 
-@pytest.fixture(scope="module")
-def bf16_reference(fixture_data):
-    """One process in bf16 with one intra-op thread, as every torchrun worker has (OMP_NUM_THREADS=1):
+def one_thread_run(values: dict) -> list[dict]:
+    """One process with one intra-op thread, as every torchrun worker has (OMP_NUM_THREADS=1):
     CPU bf16 GEMMs round partial sums per thread, and in a full suite run the in-process reference
     with the default threads once landed 2.3e-3 away from the PP2 run."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_training(tiny_run(fixture_data, **COMMON, bf16=True))
+        return run_training(values)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(fixture_data):
+    return one_thread_run(tiny_run(fixture_data, **COMMON, bf16=True))
 
 
 @pytest.mark.parametrize("layout", [
@@ -167,6 +171,19 @@ def test_bf16_layouts_match_one_process_bf16(layout, fixture_data, reference, bf
     records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, **layout), str(tmp_path / "m.jsonl"))
     assert any(abs(w["loss"] - f["loss"]) > 1e-4 for w, f in zip(bf16_reference, reference))  # bf16 shows
     for got, want in zip(records, bf16_reference):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)
+
+
+def test_fp8_pipeline_matches_one_process_fp8(fixture_data, tmp_path):
+    """FP8 (torch backend, delayed scaling) through two pipeline stages. Without the stages' shapes
+    given up front, torch's shape inference ran each stage on empty tensors at the first step and
+    this run failed (checked 2026-11-27)."""
+    values = tiny_run(fixture_data, **COMMON, bf16=True, fp8_format="hybrid")
+    reference = one_thread_run(values)
+    records = torchrun(2, {**values, "pipeline_model_parallel_size": 2}, str(tmp_path / "m.jsonl"))
+    steps = [r for r in records if "valid_loss" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for got, want in zip(steps, reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)
 
 
