@@ -2,8 +2,8 @@
 forwarded by launch/slurm/common.sh; SIGTERM at the time limit or from torchrun) makes each
 process record the signal; the trainer all-reduces the record after every step and reads the
 result with that step's loss, once it has launched the next step, so all ranks stop after the same
-iteration (one or two steps after the signal), save (collectively) and exit 0. The handler only records: saving from
-inside a signal handler could interrupt a collective half-way."""
+iteration (one or two steps after the signal), save (collectively) and exit 0. The handler only
+records: saving from inside a signal handler could interrupt a collective half-way."""
 from __future__ import annotations
 
 import ctypes

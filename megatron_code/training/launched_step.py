@@ -50,17 +50,12 @@ class StepClock:
 class DeviceScalars:
     """Named 0-d tensors of one step, copied to the host without waiting for them."""
 
-    def __init__(self, values: dict[str, torch.Tensor | float]):
+    def __init__(self, values: dict[str, torch.Tensor]):
         self.names = list(values)
-        tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        # One [n] float64 tensor on the device, one copy. A Python number becomes a fill kernel:
-        # torch.tensor(number, device=cuda) would be a blocking host-to-device copy.
-        stacked = torch.stack([v.detach().to(torch.float64).reshape(()) if isinstance(v, torch.Tensor)
-                               else torch.full((), float(v), dtype=torch.float64, device=device)
-                               for v in values.values()])
+        # One [n] float64 tensor on the device, one copy to the host.
+        stacked = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values.values()])
         self._ready = None
-        if device.type == "cuda":
+        if stacked.is_cuda:
             self._host = torch.empty(len(self.names), dtype=torch.float64, pin_memory=True)
             self._host.copy_(stacked, non_blocking=True)
             self._ready = torch.cuda.Event()
