@@ -34,20 +34,26 @@ def cli_args(values: dict) -> list[str]:
     return args
 
 
+def launch(nproc: int, values: dict, program: tuple[str, ...] = ("-m", "megatron_code.train")):
+    """Run `program` (mcode-train by default) under torchrun with one intra-op thread per worker."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           *program, *cli_args(values)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
 def torchrun(nproc: int, values: dict, metrics: str, may_fail: bool = False) -> list[dict]:
     """The job's step and validation records. A failed job is an error unless may_fail (a test
     that kills a rank on purpose): a run that crashed after logging its steps once passed here,
     hiding a validation that failed under the V-shaped pipeline schedules."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_code.train", *cli_args({**values, "metrics_file": metrics})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = launch(nproc, {**values, "metrics_file": metrics})
     records = []
     if os.path.exists(metrics):
         records = [json.loads(line) for line in open(metrics) if '"loss"' in line or '"valid_loss"' in line]
     # A process that aborts at interpreter exit after the run printed its end-of-run memory line
-    # ("terminate called without an active exception", seen once in 2026-11-27's CI) finished
-    # everything the test compares; an earlier failure never prints that line.
+    # ("terminate called without an active exception", seen once in 2026-11-27's CI, before
+    # destroy_distributed freed the groups' threads) finished everything the test compares; an
+    # earlier failure never prints that line.
     finished = " memory: peak" in result.stdout and "terminate called" in result.stderr
     if result.returncode != 0 and not (may_fail and records) and not finished:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -112,6 +118,21 @@ def test_context_parallel_with_packed_documents(fixture_data, tmp_path):
     expected = run_training(tiny_run(fixture_data, **packed))
     records = torchrun(2, tiny_run(fixture_data, **packed, context_parallel_size=2), str(tmp_path / "m.jsonl"))
     assert_same_numbers(records, expected)
+
+
+def test_a_finished_run_leaves_no_process_group_threads(fixture_data, tmp_path):
+    """When mcode-train's main() returns, the process groups are freed with their gloo threads,
+    rather than left running into interpreter finalization (where a thread that takes the GIL
+    aborts the process). A PP2 worker that saved a checkpoint still had 12 of them."""
+    values = tiny_run(fixture_data, **COMMON, pipeline_model_parallel_size=2, save=str(tmp_path / "ckpt"))
+    probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_threads_probe.py")
+    result = launch(2, values, program=(probe,))
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads(line.split("threads at exit: ", 1)[1]) for line in result.stdout.splitlines()
+               if "threads at exit: " in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert not [name for name in report["threads"] if "gloo" in name], report
 
 
 RESHARD = {

@@ -451,21 +451,27 @@ def train(cfg: RunConfig, prepare=None) -> list[dict]:
     env = init_distributed()
     exit_signal = ExitSignal(cfg.training.exit_signal)  # from here on: save and exit on the signal
     try:
-        trainer_class = Trainer
-        if cfg.training.training_mode == "dpo":
-            from megatron_code.training.dpo_trainer import DPOTrainer  # it subclasses Trainer
-
-            trainer_class = DPOTrainer
-        te_fp8 = cfg.model.fp8_format is not None and cfg.model.fp8_backend == "te"
-        parallel = build_parallel_state(cfg.parallel, env.device, fp8_amax_group=te_fp8)
-        trainer = trainer_class(cfg, env, tokenizer, parallel, exit_signal)
-        _print_summary(trainer)
-        if prepare is not None:
-            prepare(trainer)
-        return trainer.run()
+        # The trainer lives in _build_and_run's frame only, so that it is gone when the
+        # process groups are destroyed and freed (destroy_distributed).
+        return _build_and_run(cfg, env, tokenizer, exit_signal, prepare)
     finally:
         exit_signal.restore()
         destroy_distributed()
+
+
+def _build_and_run(cfg: RunConfig, env, tokenizer, exit_signal: ExitSignal, prepare) -> list[dict]:
+    trainer_class = Trainer
+    if cfg.training.training_mode == "dpo":
+        from megatron_code.training.dpo_trainer import DPOTrainer  # it subclasses Trainer
+
+        trainer_class = DPOTrainer
+    te_fp8 = cfg.model.fp8_format is not None and cfg.model.fp8_backend == "te"
+    parallel = build_parallel_state(cfg.parallel, env.device, fp8_amax_group=te_fp8)
+    trainer = trainer_class(cfg, env, tokenizer, parallel, exit_signal)
+    _print_summary(trainer)
+    if prepare is not None:
+        prepare(trainer)
+    return trainer.run()
 
 
 def _print_summary(trainer: Trainer) -> None:
