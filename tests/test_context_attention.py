@@ -4,6 +4,8 @@ positions (and the explicit-mask path), values and gradients; on CUDA it must ke
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.core_attention import SDPAttention
@@ -43,6 +45,32 @@ def test_chunked_context_parallel_attention_equals_full_causal_attention(cp):
         summed = [a + g for a, g in zip(summed, grads)]  # CP sums K/V gradients over ranks
     for got, want in zip(summed, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_context_parallel_attention_runs_under_a_dispatch_mode():
+    """Tools run the model under TorchDispatchModes (torch's FlopCounterMode, the planner's memory
+    probe), under which torch cannot construct the lower-right CausalBias subclass."""
+    s = 24
+    q, k, v = _inputs(s)
+    chunks = local_chunks(s, 2, 1, "cpu")
+    q_local = q.index_select(0, chunks.indices)
+    attention = SDPAttention(ModelConfig())
+    with FlopCounterMode(display=False), OpNames() as seen:
+        out = attention(q_local, k, v, None, chunks)
+    torch.testing.assert_close(out, attention(q_local, k, v, None, chunks))
+    assert any("attention" in name for name in seen.names), seen.names
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the ATen operators run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def test_chunk_geometry():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 from megatron_code.model.config import ModelConfig
 from megatron_code.parallel.context import LocalChunks, context_parallel_mask
@@ -186,10 +187,19 @@ class SDPAttention(nn.Module):
         causality bottom-right), so no [s/cp, s] mask is built or kept for backward."""
         outs = []
         for q_chunk, end in zip(q.split(chunks.length, dim=2), chunks.key_ends()):
-            bias = causal_lower_right(chunks.length, end)
+            bias = _lower_right_causal(chunks.length, end)
             outs.append(F.scaled_dot_product_attention(q_chunk, k[:, :, :end], v[:, :, :end], attn_mask=bias,
                                                        dropout_p=dropout, enable_gqa=True))
         return torch.cat(outs, dim=2)
+
+
+def _lower_right_causal(q_len: int, kv_len: int):
+    """torch's lower-right CausalBias, constructed with any TorchDispatchMode set aside: torch
+    cannot construct a Tensor subclass under one ("the raw Tensor object is already associated to
+    a python object"), and tools run the model under such modes (torch's FlopCounterMode, the
+    planner's memory probe, plan/measure.py). The bias holds no data for a mode to see."""
+    with _disable_current_modes():
+        return causal_lower_right(q_len, kv_len)
 
 
 class FlashAttention(nn.Module):
