@@ -10,7 +10,7 @@ plain-torch kernels), one process in-process or a torchrun job. Step 2 is measur
 has no allocator peak counter and the process RSS is mostly the Python/torch runtime). Measured
 "activations" = the peak of live tensor bytes before the optimizer step minus the weights,
 gradients and optimizer state held after the step; the prediction is memory.rank_memory for the
-same layout with Execution(bf16=False, fused_kernels=False).
+same layout with Execution(bf16=False, fused_kernels=False) (bf16 and fp8 as the run has them).
 """
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ LAYOUTS = [  # (name, processes, overrides)
     ("DP2", 2, {}),
     ("DP2 + ZeRO-1", 2, dict(use_distributed_optimizer=True)),
     ("CP2", 2, dict(context_parallel_size=2)),
+    ("1 process, FP8", 1, dict(fp8_format="hybrid")),
+    ("1 process, FP8, bf16 autocast", 1, dict(fp8_format="hybrid", bf16=True)),
+    ("TP2 + SP, FP8", 2, dict(tensor_model_parallel_size=2, sequence_parallel=True, fp8_format="hybrid")),
     # DPO on synthetic conversations: micro-batches of 2 pairs (4 sequences) beside the frozen
     # reference, whose weights the "weights" columns include.
     ("DPO, 1 process", 1, dict(training_mode="dpo", data_path=[], mock_data=True)),
@@ -72,7 +75,7 @@ def predict(values: dict, processes: int, pp_rank: int) -> dict:
     cfg = run_config_from_values(values)
     cfg.model.vocab_size = SentencePieceTokenizer(TOKENIZER).vocab_size
     layout = layout_of(values, processes)
-    execution = Execution(bf16=values.get("bf16", False), fused_kernels=False)
+    execution = Execution(bf16=values.get("bf16", False), fused_kernels=False, fp8=values.get("fp8_format") is not None)
     if cfg.training.training_mode == "dpo":  # pairs as sequences plus the reference (no PP in DPO)
         request = PlanRequest(model=cfg.model, gpus=processes, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
                               global_batch_size=cfg.training.global_batch_size, execution=execution,
@@ -126,8 +129,8 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(*args.worker)
     rows = []
-    print(f"{'layout':28} {'rank':>4} | {'MiB predicted / measured':^60} | {'total':>7}")
-    print(f"{'':28} {'':>4} | {'weights':>14} {'grads':>14} {'optimizer':>14} {'activations':>15} | {'error':>7}")
+    print(f"{'layout':32} {'rank':>4} | {'MiB predicted / measured':^60} | {'total':>7}")
+    print(f"{'':32} {'':>4} | {'weights':>14} {'grads':>14} {'optimizer':>14} {'activations':>15} | {'error':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         data = preprocess_data(os.path.join(FIXTURES, "stdlib_sample.jsonl"), TOKENIZER, os.path.join(tmp, "sample"),
                                progress=False).outputs["text"]
@@ -151,7 +154,7 @@ def _format(row: dict) -> str:
     p, m = row["predicted"], row["measured"]
     cells = " ".join(f"{p[k] / MIB:6.2f}/{m[k] / MIB:<6.2f}" + ("" if k != "activations" else " ")
                      for k in ("weights", "grads", "optimizer", "activations"))
-    return f"{row['layout']:28} {row['rank']:>4} | {cells} | {100 * (p['total'] / m['total'] - 1):+6.1f}%"
+    return f"{row['layout']:32} {row['rank']:>4} | {cells} | {100 * (p['total'] / m['total'] - 1):+6.1f}%"
 
 
 if __name__ == "__main__":

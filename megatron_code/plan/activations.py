@@ -48,6 +48,10 @@ class MicroBatch:
     cp_mask_element_bytes: int | None = None
     """Bytes per element of the attention masks SDPA keeps under context parallelism off CUDA
     (torch converts bool masks to the query dtype; None: that dtype)."""
+    fp8: bool = False
+    """This layer's linears run in FP8 (the torch backend, with its default fused SwiGLU): each
+    keeps its input as the FP8 transpose its weight gradient reads (one byte per element), not in
+    the compute dtype, and the SwiGLU keeps gate_up in the compute dtype (kernels/fp8_mlp.py)."""
     document_attention: str | None = None
     """Packed documents (--reset-attention-mask) on the sdpa backend: the kernel that runs them
     without CP (model/core_attention.py packed_attention_kernel: varlen, varlen-repeat-kv, mask;
@@ -89,7 +93,12 @@ def norm_bytes(config: ModelConfig, mb: MicroBatch) -> int:
 def gemm_input_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     """The inputs linear_qkv and the MLP's gate/up GEMMs keep: the full local sequence even under
     SP (the all-gathered input is what F.linear saves). Under bf16 each input is cast once before
-    the gather (parallel/layers.py gemm_input), so gate and up share one bf16 copy."""
+    the gather (parallel/layers.py gemm_input), so gate and up share one bf16 copy. In FP8 each is
+    kept as its FP8 transpose; linear_proj keeps one of the context too (in bf16 the context
+    linear_proj keeps is the one counted in attention_bytes)."""
+    if mb.fp8:
+        _, d, nq, _, _ = _local(config, mb)
+        return mb.tokens * (config.hidden_size * 2 + nq * d)
     return mb.tokens * mb.compute_bytes * config.hidden_size * 2
 
 
@@ -148,9 +157,13 @@ def cp_mask_bytes(mb: MicroBatch) -> int:
 
 def mlp_bytes(config: ModelConfig, mb: MicroBatch) -> int:
     """SwiGLU: gate, up and their product silu(gate) * up (linear_fc2's input); the reference
-    kernel also keeps silu(gate), the Triton kernel recomputes it."""
+    kernel also keeps silu(gate), the Triton kernel recomputes it. In FP8: gate and up, and the
+    product as linear_fc2's FP8 transpose (either kernel writes it straight from fp32)."""
+    f = _local(config, mb)[4]
+    if mb.fp8:
+        return mb.tokens * f * (2 * mb.compute_bytes + 1)
     tensors = 3 if mb.fused_kernels else 4
-    return tensors * mb.tokens * mb.compute_bytes * _local(config, mb)[4]
+    return tensors * mb.tokens * mb.compute_bytes * f
 
 
 def layer_bytes(config: ModelConfig, mb: MicroBatch, recompute_core: bool = False) -> int:

@@ -84,7 +84,8 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
     packed = args.training_mode == "sft" if args.packed_documents is None else args.packed_documents
     request = PlanRequest(model=run.model, gpus=args.gpus, gpu=gpu, seq_length=seq, global_batch_size=batch,
                           micro_batch_sizes=tuple(args.micro_batch_sizes), training_mode=args.training_mode,
-                          execution=Execution(document_attention=packed_attention_kernel("cuda") if packed else None))
+                          execution=Execution(document_attention=packed_attention_kernel("cuda") if packed else None,
+                                              fp8=args.precision == "fp8"))
     return request, tm
 
 

@@ -4,10 +4,13 @@ and the activations of the micro-batches a pipeline rank has in flight (activati
 docs/planner.md derives every term; benchmarks/bench_plan_memory.py measures them."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from megatron_code.model.config import ModelConfig
+from megatron_code.model.fp8 import fp8_layer_indices
 from megatron_code.plan import activations as act
 from megatron_code.plan.layout import Layout
 
@@ -46,6 +49,10 @@ class Execution:
     document_attention: str | None = None
     """Packed documents (--reset-attention-mask) on the sdpa backend: the kernel that runs them
     (varlen, varlen-repeat-kv, mask: activations.document_mask_bytes); None: none or another backend."""
+    fp8: bool = False
+    """FP8 linears (torch backend) in the layers ModelConfig does not keep in bf16
+    (num_layers_at_start/end_in_bf16): smaller saved inputs (activations.MicroBatch.fp8), and each
+    weight cast to FP8 with its transpose (2 bytes per element, also without bf16 autocast)."""
 
 
 def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
@@ -137,23 +144,57 @@ def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatc
     return micro_batches * sum((stage > 0) * (hidden + ids) + (stage < stages - 1) * hidden for stage in local)
 
 
+def rank_chunks(config: ModelConfig, layout: Layout, pp_rank: int) -> list[range]:
+    """Global indices of the layers of each chunk (stage) a pipeline rank holds: stages r, r + PP, ..."""
+    chunk_layers = config.num_layers // (layout.pp * layout.vp)
+    stages = [pp_rank + k * layout.pp for k in range(layout.vp)]
+    return [range(stage * chunk_layers, (stage + 1) * chunk_layers) for stage in stages]
+
+
+def weight_copy_bytes(execution: Execution, fp8_layer: bool) -> int:
+    """Bytes per GEMM weight element of a layer's low-precision weights: bf16 copies under autocast,
+    FP8 casts with their transposes in an FP8 layer, none in fp32."""
+    return BF16 if execution.bf16 or fp8_layer else 0
+
+
+def layer_memory(config: ModelConfig, mb: act.MicroBatch, execution: Execution, selective: bool,
+                 per_layer_copies: bool) -> Callable[[int], int]:
+    """bytes(layer index): what one stored layer keeps, with its weight copies when they are made
+    per micro-batch (no step weight copies)."""
+    fp8_layers = fp8_layer_indices(config) if execution.fp8 else range(0)
+    gemm = layer_parameters(config, mb.tensor_parallel).gemm
+
+    def bytes_of(index: int) -> int:
+        fp8 = index in fp8_layers
+        copies = weight_copy_bytes(execution, fp8) * gemm if per_layer_copies else 0
+        return act.layer_bytes(config, dataclasses.replace(mb, fp8=fp8), recompute_core=selective) + copies
+    return bytes_of
+
+
 def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro_batches: int, pp_rank: int,
                      padded_vocab: int, execution: Execution) -> tuple[int, int]:
-    """(peak activation bytes, in-flight chunk micro-batches) of one pipeline rank."""
+    """(peak activation bytes, in-flight chunk micro-batches) of one pipeline rank. Where its chunks
+    differ (FP8 and bf16 layers), each in-flight micro-batch is counted as the largest."""
     mb = micro_batch(layout, seq_length, execution)
-    chunk_layers = config.num_layers // (layout.pp * layout.vp)
+    chunks = rank_chunks(config, layout, pp_rank)
+    chunk_layers = len(chunks[0])
     full, groups, rebuilt = recompute_split(layout, chunk_layers)
     per_layer = layer_parameters(config, layout.tp)
-    copy = BF16 if execution.bf16 else 0  # bf16 weight copies (none in fp32)
+    fp8_layers = fp8_layer_indices(config) if execution.fp8 else range(0)
     # Per-step copies of all this rank's layers, or autocast's, kept per stored layer and in flight.
-    step_copies = copy * per_layer.gemm * config.num_layers // layout.pp if execution.step_weight_copies else 0
+    step_copies = 0
+    if execution.step_weight_copies:
+        step_copies = sum(weight_copy_bytes(execution, i in fp8_layers) * per_layer.gemm for c in chunks for i in c)
     holds_last = pp_rank == layout.pp - 1
     if holds_last and mb.step_output_weight:  # the fused loss head's per-step bf16 output weight
         step_copies += BF16 * padded_vocab // layout.tp * config.hidden_size
-    copy = 0 if execution.step_weight_copies else copy
-    selective = layout.recompute_granularity == "selective"
-    full_layer = act.layer_bytes(config, mb, recompute_core=selective) + copy * per_layer.gemm
-    chunk = full * full_layer + groups * act.layer_input_bytes(config, mb) + act.rope_table_bytes(config, mb)
+    copy = 0 if execution.step_weight_copies else BF16 * execution.bf16
+    stored_layer = layer_memory(config, mb, execution, layout.recompute_granularity == "selective",
+                                per_layer_copies=not execution.step_weight_copies)
+    # Block recompute rebuilds a chunk's first layers and stores the last `full` ones.
+    full_layer = max(stored_layer(i) for c in chunks for i in c)
+    chunk = (max(sum(stored_layer(i) for i in c[chunk_layers - full:]) for c in chunks)
+             + groups * act.layer_input_bytes(config, mb) + act.rope_table_bytes(config, mb))
     in_flight = in_flight_micro_batches(layout, micro_batches, pp_rank)
     stored = in_flight * chunk + pipeline_buffer_bytes(config, layout, mb, micro_batches, pp_rank) + step_copies
     if layout.pp > 1:  # the schedule keeps each in-flight chunk's output (sent on) until its backward

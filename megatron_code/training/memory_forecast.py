@@ -44,7 +44,7 @@ def forecast(cfg: RunConfig, world_size: int) -> MemoryEstimate:
                           step_weight_copies=(cfg.model.gradient_accumulation_fusion
                                               and (cfg.parallel.pipeline_model_parallel_size == 1
                                                    or cfg.parallel.pipeline_schedule in WEIGHT_GRADS_THROUGH_AUTOGRAD)),
-                          document_attention=document_attention(cfg))
+                          document_attention=document_attention(cfg), fp8=cfg.model.fp8_format is not None)
     request = PlanRequest(model=cfg.model, gpus=world_size, gpu=GPUS["h100-sxm"], seq_length=cfg.data.seq_length,
                           global_batch_size=cfg.training.global_batch_size,
                           micro_batch_sizes=(cfg.training.micro_batch_size,), execution=execution,
