@@ -120,11 +120,15 @@ def test_context_parallel_with_packed_documents(fixture_data, tmp_path):
     assert_same_numbers(records, expected)
 
 
-def test_a_finished_run_leaves_no_process_group_threads(fixture_data, tmp_path):
+@pytest.mark.parametrize("layout", [dict(pipeline_model_parallel_size=2),  # 12 gloo threads were left
+                                    dict(async_save=True),  # the async-save group was cached at module level
+                                    dict(use_distributed_optimizer=True)],  # gradient hooks held their group
+                         ids=["pp2", "dp2_async_save", "dp2_zero1"])
+def test_a_finished_run_leaves_no_process_group_threads(layout, fixture_data, tmp_path):
     """When mcode-train's main() returns, the process groups are freed with their gloo threads,
     rather than left running into interpreter finalization (where a thread that takes the GIL
-    aborts the process). A PP2 worker that saved a checkpoint still had 12 of them."""
-    values = tiny_run(fixture_data, **COMMON, pipeline_model_parallel_size=2, save=str(tmp_path / "ckpt"))
+    aborts the process)."""
+    values = tiny_run(fixture_data, **COMMON, **layout, save=str(tmp_path / "ckpt"))
     probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_threads_probe.py")
     result = launch(2, values, program=(probe,))
     assert result.returncode == 0, result.stderr[-4000:]

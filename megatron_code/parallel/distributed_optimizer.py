@@ -124,8 +124,7 @@ class DistributedOptimizer(BucketTrigger):
         params = [p for p in model.parameters() if p.requires_grad]
         self.buckets = self._make_buckets(params, bucket_mb)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._on_gradient_ready)
+        self._watch(params)
         self.optimizer = self._build_adamw(config, decay_of, params[0].is_cuda)
         if overlap_param_gather:
             self._install_gather_waits(model)

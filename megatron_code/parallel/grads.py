@@ -7,6 +7,7 @@ global batch, so the exact global gradient is the SUM of the data-parallel ranks
 from __future__ import annotations
 
 import abc
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,21 @@ class BucketTrigger(abc.ABC):
     def arm(self, accumulations: int = 1) -> None:
         self._accumulations_left = dict.fromkeys(self.bucket_of, accumulations)
         self.armed = True
+
+    def _watch(self, params) -> None:
+        """Call `_on_gradient_ready` after each parameter's gradient accumulation, through a weak
+        reference: the hook lives in C++ on the parameter, where the garbage collector cannot see
+        it, so a strong one made a cycle nothing frees (parameter -> hook -> this object -> its
+        buckets -> parameter) and kept this object's process group alive until exit."""
+        ready = weakref.WeakMethod(self._on_gradient_ready)
+
+        def hook(param: torch.nn.Parameter) -> None:
+            method = ready()
+            if method is not None:
+                method(param)
+
+        for param in params:
+            param.register_post_accumulate_grad_hook(hook)
 
     def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
         if not self.armed:
@@ -75,8 +91,7 @@ class GradientReducer(BucketTrigger):
         if current:
             self.buckets.append(_Bucket(current))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        for param in self.bucket_of_params():
-            param.register_post_accumulate_grad_hook(self._on_gradient_ready)
+        self._watch(self.bucket_of_params())
 
     def bucket_of_params(self):
         return [p for b in self.buckets for p in b.params]

@@ -5,6 +5,7 @@ docs/planner.md derives every term; benchmarks/bench_plan_memory.py measures the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -164,11 +165,11 @@ def layer_memory(config: ModelConfig, mb: act.MicroBatch, execution: Execution, 
     fp8_layers = fp8_layer_indices(config) if execution.fp8 else range(0)
     gemm = layer_parameters(config, mb.tensor_parallel).gemm
 
-    def bytes_of(index: int) -> int:
-        fp8 = index in fp8_layers
+    @functools.cache  # the search asks for every layer of thousands of layouts; there are two kinds
+    def bytes_of_kind(fp8: bool) -> int:
         copies = weight_copy_bytes(execution, fp8) * gemm if per_layer_copies else 0
         return act.layer_bytes(config, dataclasses.replace(mb, fp8=fp8), recompute_core=selective) + copies
-    return bytes_of
+    return lambda index: bytes_of_kind(index in fp8_layers)
 
 
 def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro_batches: int, pp_rank: int,

@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import weakref
 
 import numpy as np
 import torch
@@ -178,7 +179,9 @@ class _PendingSave:
 
 
 _pending: _PendingSave | None = None
-_save_group: tuple | None = None  # (default process group, gloo group for async saves)
+# default process group -> the gloo group of its async saves; weak, so that both are freed with the
+# run's groups (destroy_distributed) instead of living to interpreter exit.
+_save_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, parallel: ParallelState,
@@ -278,13 +281,12 @@ def _default_group():
 def _async_save_group():
     """A gloo group of all ranks for the background thread of async saves (one per process group
     lifetime: in-process tests create several)."""
-    global _save_group
     if not dist.is_initialized():
         return None
     default = _default_group()
-    if _save_group is None or _save_group[0] is not default:
-        _save_group = (default, dist.new_group(backend="gloo"))
-    return _save_group[1]
+    if default not in _save_groups:
+        _save_groups[default] = dist.new_group(backend="gloo")
+    return _save_groups[default]
 
 
 def _finalize(root: str, tmp_dir: str, final_dir: str, iteration: int, keep_last: int | None) -> None:
