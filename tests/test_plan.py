@@ -327,6 +327,22 @@ def test_dry_run_memory_forecast_is_the_planners_estimate_of_the_run():
     assert "h100-sxm DOES NOT FIT" in single[1] and "activations" in single[0]
 
 
+def test_fp8_run_forecast_is_the_planners_fp8_estimate():
+    """An --fp8-format run is forecast with FP8 layers (except those kept in bf16): what
+    `mcode-plan --precision fp8` predicts for the layout, and less than the same run in bf16."""
+    values = {**get_preset("7b"), "vocab_size": 49152, "seq_length": 4096, "bf16": True, "micro_batch_size": 4,
+              "global_batch_size": 1024, "tensor_model_parallel_size": 4, "sequence_parallel": True}
+    fp8_values = {**values, "fp8_format": "hybrid"}
+    request = PlanRequest(model=run_config_from_values(fp8_values).model, gpus=512, gpu=GPUS["h100-sxm"],
+                          seq_length=4096, global_batch_size=1024, execution=Execution(fp8=True))
+    planned = layout_memory(request, Layout(4, 1, 1, 1, 128, 4, False), TimeModelConfig(precision="fp8"))
+    fp8, bf16 = (forecast(run_config_from_values(v), 512) for v in (fp8_values, values))
+    assert fp8.total == planned.total and fp8.activations < bf16.activations
+    edges = forecast(run_config_from_values({**fp8_values, "num_layers_at_start_in_bf16": 2,
+                                             "num_layers_at_end_in_bf16": 2}), 512)
+    assert fp8.activations < edges.activations < bf16.activations
+
+
 @pytest.mark.parametrize("kernel, mib_per_layer", [("mask", 80), ("varlen-repeat-kv", 48), ("varlen", 0)])
 def test_packed_documents_memory_per_kernel(kernel, mib_per_layer):
     """Packed documents on the sdpa backend, 7B shape at seq 4096, per layer beyond unpacked rows:
