@@ -61,6 +61,8 @@ def test_cli_ranks_valid_fitting_7b_layouts_for_512_h100s(tmp_path, capsys):
     (["--preset", "7b", "--gpus", "8", "--seq-length", "262144"], "exceeds the 7b preset's max_position_embeddings"),
     (["--preset", "7b", "--gpus", "8", "--gpu", "a100", "--precision", "fp8"], "no FP8 tensor cores"),
     (["--preset", "7b", "--gpus", "8", "--gpu", "b300"], "unknown GPU"),
+    (["--preset", "7b", "--gpus", "8", "--precision", "fp8", "--fp8-compute-efficiency", "1.5"],
+     "--fp8-compute-efficiency must be in (0, 1]"),
 ])
 def test_cli_rejects_bad_input_before_searching(argv, message, capsys):
     assert main(argv) == 2
@@ -198,6 +200,25 @@ def test_time_model_bubble_and_mfu_are_consistent():
                                 TimeModelConfig(compute_efficiency=1.0, loss_head_recompute=True))
     assert recomputing.compute - single.compute == pytest.approx(2 * 4096 * 49152 * 4096 / 989e12)
     assert single.tp_comm == single.dp_comm == single.pp_comm == single.bubble == 0
+
+
+def test_fp8_gemms_run_at_the_fp8_efficiency_and_give_the_measured_speedup():
+    """FP8 GEMMs at fp8_compute_efficiency x the FP8 peak, the rest at compute_efficiency x BF16;
+    the default reproduces the FP8 / BF16 step ratio measured on one H200 (7B shape, 16 layers,
+    4 micro-batches of one 4096-token sequence, 2026-11-27: 703.8 / 527.1 ms = 1.34x)."""
+    one_gpu, h200 = Layout(1, 1, 1, 1, 1, 1, False), GPUS["h200"]
+    cut = SEVEN_B.replace(num_layers=16)
+
+    def compute(**tm):
+        return estimate_time(cut, one_gpu, 4096, 4, 49152, h200, TimeModelConfig(**tm)).compute
+    # With G the FP8-able GEMM FLOPs: bf16 - fp8 = G (1/(0.55 P16) - 1/(0.39 P8)), and lowering the
+    # FP8 efficiency to 0.2 adds G/P8 (1/0.2 - 1/0.39), the rest unchanged.
+    bf16, fp8, slower = compute(), compute(precision="fp8"), compute(precision="fp8", fp8_compute_efficiency=0.2)
+    gemm_flops = (bf16 - fp8) / (1 / (0.55 * 989e12) - 1 / (0.39 * 1979e12))
+    assert slower - fp8 == pytest.approx(gemm_flops / 1979e12 * (1 / 0.2 - 1 / 0.39), rel=1e-9)
+    step = {p: estimate_time(cut, one_gpu, 4096, 4, 49152, h200, TimeModelConfig(precision=p)).step
+            for p in ("bf16", "fp8")}
+    assert step["bf16"] / step["fp8"] == pytest.approx(703.8 / 527.1, rel=0.05)
 
 
 def test_masked_document_attention_is_charged_the_full_square_at_the_masked_kernels_rate():

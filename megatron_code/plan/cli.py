@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel this torch runs them with (default: on for --training-mode sft)")
     p.add_argument("--compute-efficiency", type=float, default=TimeModelConfig.compute_efficiency,
                    help="fraction of dense peak the layers reach (default %(default)s, measured on H200)")
+    p.add_argument("--fp8-compute-efficiency", type=float, default=TimeModelConfig.fp8_compute_efficiency,
+                   help="with --precision fp8: fraction of the FP8 dense peak the FP8 GEMMs reach, casts "
+                        "included (default %(default)s, from measured FP8/BF16 steps on H100 and H200)")
     p.add_argument("--masked-attention-efficiency", type=float, default=TimeModelConfig.masked_attention_efficiency,
                    help="fraction of the BF16 peak the masked attention kernel reaches on packed documents where no "
                         "varlen kernel runs them (default %(default)s, measured on H200)")
@@ -73,12 +76,14 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
         raise ConfigError(f"--seq-length ({seq}) exceeds the {args.preset} preset's max_position_embeddings "
                           f"({run.model.max_position_embeddings}).")
     for name, value in (("--compute-efficiency", args.compute_efficiency), ("--link-efficiency", args.link_efficiency),
+                        ("--fp8-compute-efficiency", args.fp8_compute_efficiency),
                         ("--masked-attention-efficiency", args.masked_attention_efficiency)):
         if not 0 < value <= 1:
             raise ConfigError(f"{name} must be in (0, 1], got {value}.")
     run.model.validate()
     gpu = get_gpu(args.gpu, args.ib_gbps)
     tm = TimeModelConfig(compute_efficiency=args.compute_efficiency, link_efficiency=args.link_efficiency,
+                         fp8_compute_efficiency=args.fp8_compute_efficiency,
                          masked_attention_efficiency=args.masked_attention_efficiency, precision=args.precision)
     gpu.peak_tflops(args.precision)  # FP8 on a GPU without it is refused here, before the search
     packed = args.training_mode == "sft" if args.packed_documents is None else args.packed_documents
@@ -102,13 +107,14 @@ def header(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
     kernel = request.execution.document_attention
     packed = ("" if kernel is None else f"\npacked documents: the {kernel} kernel without CP, the masked one under CP "
               f"(every score block, at {100 * tm.masked_attention_efficiency:.0f}% of peak)")
+    fp8 = f" (FP8 GEMMs at {100 * tm.fp8_compute_efficiency:.0f}% of the FP8 peak)" if tm.precision == "fp8" else ""
     return (f"model {preset}: {params:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads}/{m.num_kv_heads} heads, vocab {m.vocab_size}); {flops:.1f} GFLOP/token\n"
             f"batch: {batch} x {request.seq_length} tokens = {tokens / 1e6:.2f}M tokens/step\n"
             f"cluster: {request.gpus} x {g.name} ({g.peak_tflops(tm.precision):.0f} dense {tm.precision} TFLOP/s, "
             f"{g.memory_gb:.0f} GB, {g.gpus_per_node}/node, {g.intra_node_gb_per_s:.0f} GB/s intra-node, "
             f"{g.inter_node_gb_per_s:.0f} GB/s/GPU inter-node)\n"
-            f"assumed: compute at {100 * tm.compute_efficiency:.0f}% of peak, links at {100 * tm.link_efficiency:.0f}%, "
+            f"assumed: compute at {100 * tm.compute_efficiency:.0f}% of peak{fp8}, links at {100 * tm.link_efficiency:.0f}%, "
             f"{request.memory_budget / GIB:.1f} GiB usable per GPU{packed}\n"
             f"searched {result.parallel_layouts} layouts: {result.valid} valid, {len(result.candidates)} fit{dpo}")
 

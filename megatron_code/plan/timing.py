@@ -39,7 +39,18 @@ class TimeModelConfig:
     hbm_efficiency: float = 0.8
     """Fraction of HBM bandwidth the fused AdamW step and gradient clipping reach."""
     precision: str = "bf16"
-    """bf16, or fp8 (the transformer layers' projection and MLP GEMMs run at the FP8 peak)."""
+    """bf16, or fp8 (the transformer layers' projection and MLP GEMMs run at the FP8 peak, at
+    fp8_compute_efficiency)."""
+    fp8_compute_efficiency: float = 0.39
+    """Fraction of the FP8 dense peak the FP8 GEMMs reach, with their casts and scaling: what the
+    measured FP8 / BF16 step ratios of the 7B shape on one GPU imply under this model (H200
+    2026-11-27: 1.34x at 4096, 1.37x at 8192 -> 0.39, 0.41; H100 2026-11-26: 1.29x, 1.30x -> 0.38,
+    0.39; docs/planner.md). At compute_efficiency they would give 1.7x."""
+
+    @property
+    def gemm_efficiency(self) -> float:
+        """Efficiency of the GEMMs that run in `precision`."""
+        return self.fp8_compute_efficiency if self.precision == "fp8" else self.compute_efficiency
     loss_head_recompute: bool = False
     """The fused linear-cross-entropy head recomputes the logits in backward (8 N V h FLOPs
     instead of 6 N V h): where the loss weights are not known in the forward (DPO's per-token
@@ -148,8 +159,8 @@ def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_b
     Varlen kernels are charged the causal count over the whole row, an upper bound: documents
     shorter than the row attend to fewer keys."""
     m = layout.micro_batches(global_batch_size)
-    bf16_peak, gemm_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency, 1e12 * gpu.peak_tflops(tm.precision)
-    gemm_peak *= tm.compute_efficiency
+    bf16_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency
+    gemm_peak = 1e12 * gpu.peak_tflops(tm.precision) * tm.gemm_efficiency
     masked_peak = 1e12 * gpu.bf16_tflops * tm.masked_attention_efficiency
     ranks = [_rank_work(config, layout, seq_length, padded_vocab, tm, r == 0, r == layout.pp - 1, document_attention)
              for r in range(layout.pp)]
@@ -180,7 +191,7 @@ def reference_forward_seconds(config: ModelConfig, layout: Layout, seq_length: i
     plain = Layout(layout.tp, 1, 1, 1, layout.dp, layout.micro_batch_size, layout.distributed_optimizer)
     work = _rank_work(config, plain, seq_length, padded_vocab, replace(tm, loss_head_recompute=False), True, True)
     bf16_peak = 1e12 * gpu.bf16_tflops * tm.compute_efficiency
-    gemm_peak = 1e12 * gpu.peak_tflops(tm.precision) * tm.compute_efficiency
+    gemm_peak = 1e12 * gpu.peak_tflops(tm.precision) * tm.gemm_efficiency
     compute = (work.fp8_flops / gemm_peak + (work.gemm_flops - work.fp8_flops + work.attention_flops) / bf16_peak) / 3
     tp_comm = work.tp_bytes / 2 / (_link(gpu, layout.tp) * tm.link_efficiency)
     return layout.micro_batches(global_batch_size) * (compute + tp_comm)
