@@ -51,7 +51,10 @@ def destroy_distributed() -> None:
     them in reference cycles, which refcounting never frees: without a collection a PP2 worker
     still ran 12 gloo threads at interpreter finalization, when a thread that takes the GIL is
     ended by force. That is the likely cause of a rare abort after a finished run ("terminate
-    called without an active exception"). Callers drop their references to the trainer first."""
+    called without an active exception"). Callers drop their references to the trainer first. A
+    collection cannot free a cycle that passes through C++ (a parameter's gradient hook): such
+    references must be weak where they are made (parallel/grads.py BucketTrigger._watch); see
+    docs/training.md, "End of a run"."""
     if dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
