@@ -45,7 +45,9 @@ from megatron_code.model.gpt import GPTModel  # noqa: E402
 from megatron_code.parallel.fused_wgrad import cached_weight_casts  # noqa: E402
 from megatron_code.presets import get_preset  # noqa: E402
 from megatron_code.plan.layout import Layout  # noqa: E402
+from megatron_code.plan.hardware import gpu_for_device  # noqa: E402
 from megatron_code.plan.memory import estimate_memory  # noqa: E402
+from megatron_code.plan.timing import TimeModelConfig, estimate_time, fp8_efficiency_for_speedup  # noqa: E402
 from megatron_code.training.arguments import parse_args  # noqa: E402
 from megatron_code.training.config import OptimizerConfig  # noqa: E402
 from megatron_code.training.memory_forecast import forecast  # noqa: E402
@@ -468,6 +470,36 @@ def print_comparison(result: dict) -> None:
               f"{row['tflops']:.0f} | {mfu} | {row['peak_mem_gib']:.1f} | {speedup} | {fp8_gain} |")
     for row in failed:
         print(f"| {row['seq']} | {row['model']} | {row['precision']} | {row['error']} | | | | | |")
+    for line in fp8_refit_lines(result["device"], result["layers"], ours):
+        print(line)
+
+
+def fp8_refit_lines(device: str, layers: int, rows: list[dict]) -> list[str]:
+    """Per sequence length with our BF16 and FP8 rows: the planner's FP8 / BF16 step ratio at its
+    default fp8_compute_efficiency beside the measured one, and the efficiency that would give it
+    (how to refit the default: docs/planner.md, "Compute")."""
+    gpu = gpu_for_device(device)
+    pairs = {}
+    for row in rows:
+        if row["model"] == "ours":
+            pairs.setdefault(row["seq"], {})[row["precision"]] = row
+    lines = []
+    for seq, pair in sorted(pairs.items()):
+        if gpu is None or not {"bf16", "fp8"} <= set(pair):
+            continue
+        config = seven_b_config(layers, seq)
+        # step_ms x tokens/s = tokens per step = micro-batches x seq
+        micro_batches = round(pair["bf16"]["tokens_per_sec"] * pair["bf16"]["step_ms"] / 1000 / seq)
+        one_gpu = Layout(tp=1, pp=1, vp=1, cp=1, dp=1, micro_batch_size=1, distributed_optimizer=False)
+        args = (config, one_gpu, seq, micro_batches, config.padded_vocab_size(), gpu)
+        predicted = (estimate_time(*args, TimeModelConfig()).step
+                     / estimate_time(*args, TimeModelConfig(precision="fp8")).step)
+        measured = pair["bf16"]["step_ms"] / pair["fp8"]["step_ms"]
+        implied = fp8_efficiency_for_speedup(*args, measured)
+        lines.append(f"planner, seq {seq}: FP8/BF16 {predicted:.2f}x at fp8_compute_efficiency "
+                     f"{TimeModelConfig.fp8_compute_efficiency}; measured {measured:.2f}x, which implies "
+                     f"{'n/a' if implied is None else f'{implied:.3f}'}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 computation, the models it describes, the bytes autograd saves and a real training step."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from megatron_code.plan.layout import Layout, check_layout
 from megatron_code.plan.measure import StepMemoryProbe
 from megatron_code.plan.search import PlanRequest, evaluate, layout_memory, plan
 from megatron_code.plan.memory import Execution, in_flight_micro_batches, rank_memory, rank_parameters
-from megatron_code.plan.timing import TimeModelConfig, estimate_time
-from megatron_code.plan.hardware import GPUS
+from megatron_code.plan.timing import TimeModelConfig, estimate_time, fp8_efficiency_for_speedup
+from megatron_code.plan.hardware import GPUS, gpu_for_device
 from megatron_code.presets import get_preset
 from megatron_code.training.arguments import run_config_from_values
 from megatron_code.training.flops import training_flops_per_token
@@ -219,6 +220,33 @@ def test_fp8_gemms_run_at_the_fp8_efficiency_and_give_the_measured_speedup():
     step = {p: estimate_time(cut, one_gpu, 4096, 4, 49152, h200, TimeModelConfig(precision=p)).step
             for p in ("bf16", "fp8")}
     assert step["bf16"] / step["fp8"] == pytest.approx(703.8 / 527.1, rel=0.05)
+
+
+def test_a_measured_fp8_speedup_gives_back_the_efficiency_that_predicts_it():
+    one_gpu, h100 = Layout(1, 1, 1, 1, 1, 1, False), GPUS["h100-sxm"]
+    args = (SEVEN_B.replace(num_layers=12), one_gpu, 4096, 4, 49152, h100)
+    predicted = (estimate_time(*args, TimeModelConfig()).step
+                 / estimate_time(*args, TimeModelConfig(precision="fp8", fp8_compute_efficiency=0.3)).step)
+    assert fp8_efficiency_for_speedup(*args, predicted) == pytest.approx(0.3, rel=1e-6)
+    assert fp8_efficiency_for_speedup(*args, 5.0) is None  # more than FP8 at its full peak gives
+
+
+def test_gpu_check_prints_the_fp8_efficiency_its_measured_steps_imply():
+    """From the recorded H200 run of 2026-11-27 (16 layers): 703.8 / 527.1 ms at 4096 tokens."""
+    from benchmarks.gpu_check import fp8_refit_lines
+
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    recorded = json.load(open(os.path.join(results, "2026-11-27_h200_gpu_check_phase1.json")))
+    lines = fp8_refit_lines(recorded["device"], recorded["layers"], recorded["ours"])
+    assert lines[0].startswith("planner, seq 4096: FP8/BF16 1.33x at fp8_compute_efficiency 0.39; measured 1.34x")
+    assert lines[0].endswith("implies 0.391") and len(lines) == 2
+
+
+@pytest.mark.parametrize("name, key", [("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                                       ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                                       ("NVIDIA GeForce RTX 4090", None)])
+def test_cuda_device_names_map_to_the_planners_gpus(name, key):
+    assert gpu_for_device(name) == (GPUS[key] if key else None)
 
 
 def test_masked_document_attention_is_charged_the_full_square_at_the_masked_kernels_rate():

@@ -59,6 +59,15 @@ GPUS = {
 }
 
 
+# Substrings of torch.cuda.get_device_name -> GPUS key, most specific first.
+DEVICE_NAMES = (("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("H200", "h200"), ("A100", "a100"))
+
+
+def gpu_for_device(device_name: str) -> GpuSpec | None:
+    """The GPUS entry of a CUDA device name ("NVIDIA H100 80GB HBM3" -> h100-sxm), None if unlisted."""
+    return next((GPUS[key] for part, key in DEVICE_NAMES if part in device_name), None)
+
+
 def get_gpu(name: str, ib_gbps: float | None = None) -> GpuSpec:
     """The named GPU; `ib_gbps` (Gb/s per GPU) overrides its inter-node bandwidth."""
     if name not in GPUS:

@@ -182,6 +182,26 @@ def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_b
         optimizer=_optimizer(config, layout, padded_vocab, gpu, tm), bubble_fraction=bubble_fraction)
 
 
+def fp8_efficiency_for_speedup(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
+                               padded_vocab: int, gpu: GpuSpec, speedup: float,
+                               tm: TimeModelConfig = TimeModelConfig()) -> float | None:
+    """The fp8_compute_efficiency under which this model predicts `speedup` (BF16 step time / FP8
+    step time) for this run: how a measured pair of steps refits the default (gpu_check prints
+    it). None when no efficiency in (0, 1] gives that speedup."""
+    def step(**change) -> float:
+        return estimate_time(config, layout, seq_length, global_batch_size, padded_vocab, gpu,
+                             replace(tm, **change)).step
+
+    target = step(precision="bf16") / speedup
+    low, high = 1e-3, 1.0  # the FP8 step shrinks as the efficiency grows
+    if not step(precision="fp8", fp8_compute_efficiency=high) <= target <= step(precision="fp8", fp8_compute_efficiency=low):
+        return None
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if step(precision="fp8", fp8_compute_efficiency=middle) > target else (low, middle)
+    return (low + high) / 2
+
+
 def reference_forward_seconds(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,
                               padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig = TimeModelConfig()) -> float:
     """DPO's reference model: one forward per micro-batch (no_grad: no recompute, no backward) in
