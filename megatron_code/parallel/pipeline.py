@@ -157,8 +157,8 @@ class PipelineRunner:
     """Runs one step (forward + backward of all micro-batches) through the schedule."""
 
     def __init__(self, chunks: list[GPTModel], parallel: ParallelState, schedule: str, vp: int,
-                 micro_batches: int, device: torch.device, use_segments: bool, bf16: bool = False,
-                 micro_batch_size: int = 1, seq_length: int | None = None):
+                 micro_batches: int, device: torch.device, use_segments: bool, bf16: bool,
+                 micro_batch_size: int, seq_length: int):
         num_stages = parallel.pp * vp
         stage_ids = local_stage_ids(schedule, parallel.pp, vp, parallel.rank("pp"))
         self.owners = [0] * num_stages  # stage index -> the PP rank that holds it
@@ -166,7 +166,6 @@ class PipelineRunner:
             for sid in local_stage_ids(schedule, parallel.pp, vp, rank):
                 self.owners[sid] = rank
         self.micro_batches, self.v_shaped = micro_batches, schedule in V_SHAPED
-        seq_length = seq_length or chunks[0].config.max_position_embeddings
         self.stages = []
         for chunk, sid in zip(chunks, stage_ids):
             inputs, outputs = stage_example_args(sid, num_stages, chunk.config, parallel, micro_batch_size,

@@ -12,6 +12,7 @@ from typing import Callable
 
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.fp8 import fp8_layer_indices
+from megatron_code.parallel.pipeline import local_stage_ids
 from megatron_code.plan import activations as act
 from megatron_code.plan.layout import Layout
 
@@ -141,15 +142,20 @@ def pipeline_buffer_bytes(config: ModelConfig, layout: Layout, mb: act.MicroBatc
     hidden = act.layer_input_bytes(config, mb)
     ids = 8 * (mb.tokens + mb.micro_batch_size * mb.seq_length)
     stages = layout.pp * layout.vp
-    local = [pp_rank + k * layout.pp for k in range(layout.vp)]
+    local = local_stage_ids(layout.schedule, layout.pp, layout.vp, pp_rank)
     return micro_batches * sum((stage > 0) * (hidden + ids) + (stage < stages - 1) * hidden for stage in local)
 
 
 def rank_chunks(config: ModelConfig, layout: Layout, pp_rank: int) -> list[range]:
-    """Global indices of the layers of each chunk (stage) a pipeline rank holds: stages r, r + PP, ..."""
+    """Global indices of the layers of each chunk (stage) a pipeline rank holds."""
     chunk_layers = config.num_layers // (layout.pp * layout.vp)
-    stages = [pp_rank + k * layout.pp for k in range(layout.vp)]
-    return [range(stage * chunk_layers, (stage + 1) * chunk_layers) for stage in stages]
+    return [range(stage * chunk_layers, (stage + 1) * chunk_layers)
+            for stage in local_stage_ids(layout.schedule, layout.pp, layout.vp, pp_rank)]
+
+
+def fp8_layers(config: ModelConfig, execution: Execution) -> range:
+    """Global indices of the layers whose linears run in FP8 (none without Execution.fp8)."""
+    return fp8_layer_indices(config) if execution.fp8 else range(0)
 
 
 def weight_copy_bytes(execution: Execution, fp8_layer: bool) -> int:
@@ -162,14 +168,14 @@ def layer_memory(config: ModelConfig, mb: act.MicroBatch, execution: Execution, 
                  per_layer_copies: bool) -> Callable[[int], int]:
     """bytes(layer index): what one stored layer keeps, with its weight copies when they are made
     per micro-batch (no step weight copies)."""
-    fp8_layers = fp8_layer_indices(config) if execution.fp8 else range(0)
+    in_fp8 = fp8_layers(config, execution)
     gemm = layer_parameters(config, mb.tensor_parallel).gemm
 
     @functools.cache  # the search asks for every layer of thousands of layouts; there are two kinds
     def bytes_of_kind(fp8: bool) -> int:
         copies = weight_copy_bytes(execution, fp8) * gemm if per_layer_copies else 0
         return act.layer_bytes(config, dataclasses.replace(mb, fp8=fp8), recompute_core=selective) + copies
-    return lambda index: bytes_of_kind(index in fp8_layers)
+    return lambda index: bytes_of_kind(index in in_fp8)
 
 
 def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro_batches: int, pp_rank: int,
@@ -181,11 +187,11 @@ def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro
     chunk_layers = len(chunks[0])
     full, groups, rebuilt = recompute_split(layout, chunk_layers)
     per_layer = layer_parameters(config, layout.tp)
-    fp8_layers = fp8_layer_indices(config) if execution.fp8 else range(0)
+    in_fp8 = fp8_layers(config, execution)
     # Per-step copies of all this rank's layers, or autocast's, kept per stored layer and in flight.
     step_copies = 0
     if execution.step_weight_copies:
-        step_copies = sum(weight_copy_bytes(execution, i in fp8_layers) * per_layer.gemm for c in chunks for i in c)
+        step_copies = sum(weight_copy_bytes(execution, i in in_fp8) * per_layer.gemm for c in chunks for i in c)
     holds_last = pp_rank == layout.pp - 1
     if holds_last and mb.step_output_weight:  # the fused loss head's per-step bf16 output weight
         step_copies += BF16 * padded_vocab // layout.tp * config.hidden_size

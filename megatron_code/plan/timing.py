@@ -46,11 +46,6 @@ class TimeModelConfig:
     measured FP8 / BF16 step ratios of the 7B shape on one GPU imply under this model (H200
     2026-11-27: 1.34x at 4096, 1.37x at 8192 -> 0.39, 0.41; H100 2026-11-26: 1.29x, 1.30x -> 0.38,
     0.39; docs/planner.md). At compute_efficiency they would give 1.7x."""
-
-    @property
-    def gemm_efficiency(self) -> float:
-        """Efficiency of the GEMMs that run in `precision`."""
-        return self.fp8_compute_efficiency if self.precision == "fp8" else self.compute_efficiency
     loss_head_recompute: bool = False
     """The fused linear-cross-entropy head recomputes the logits in backward (8 N V h FLOPs
     instead of 6 N V h): where the loss weights are not known in the forward (DPO's per-token
@@ -61,6 +56,11 @@ class TimeModelConfig:
     (document_attention 'mask': every block of the s x s scores, twice the causal FLOPs). H200,
     7B shape, 16 layers, seq 4096: the packed SFT step took 306.6 ms more than pretraining's,
     whose causal flash attention took 80 ms (traced): 52.8 TFLOP in ~387 ms (docs/planner.md)."""
+
+    @property
+    def gemm_efficiency(self) -> float:
+        """Efficiency of the GEMMs that run in `precision`."""
+        return self.fp8_compute_efficiency if self.precision == "fp8" else self.compute_efficiency
 
 
 @dataclass(frozen=True)
@@ -188,17 +188,17 @@ def fp8_efficiency_for_speedup(config: ModelConfig, layout: Layout, seq_length: 
     """The fp8_compute_efficiency under which this model predicts `speedup` (BF16 step time / FP8
     step time) for this run: how a measured pair of steps refits the default (gpu_check prints
     it). None when no efficiency in (0, 1] gives that speedup."""
-    def step(**change) -> float:
+    def step(precision: str, efficiency: float = tm.fp8_compute_efficiency) -> float:
         return estimate_time(config, layout, seq_length, global_batch_size, padded_vocab, gpu,
-                             replace(tm, **change)).step
+                             replace(tm, precision=precision, fp8_compute_efficiency=efficiency)).step
 
-    target = step(precision="bf16") / speedup
+    target = step("bf16") / speedup
     low, high = 1e-3, 1.0  # the FP8 step shrinks as the efficiency grows
-    if not step(precision="fp8", fp8_compute_efficiency=high) <= target <= step(precision="fp8", fp8_compute_efficiency=low):
+    if not step("fp8", high) <= target <= step("fp8", low):
         return None
     for _ in range(50):
         middle = (low + high) / 2
-        low, high = (middle, high) if step(precision="fp8", fp8_compute_efficiency=middle) > target else (low, middle)
+        low, high = (middle, high) if step("fp8", middle) > target else (low, middle)
     return (low + high) / 2
 
 
