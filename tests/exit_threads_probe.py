@@ -1,7 +1,10 @@
-"""`mcode-train` that, once main() has returned, prints the native threads still running in this
-process, as one line: what interpreter finalization would meet.
+"""`mcode-train` that, once main() has returned, writes the native threads still running in this
+process (what interpreter finalization would meet) to $EXIT_THREADS_DIR/rank<N>.json.
 
-    torchrun --nproc-per-node 2 tests/exit_threads_probe.py <mcode-train flags>   # tests/test_parallel.py
+    EXIT_THREADS_DIR=d torchrun --nproc-per-node 2 tests/exit_threads_probe.py <mcode-train flags>
+
+A file per rank, not a line on stdout: torchrun passes the workers' stdout through unbuffered and
+unprefixed, and two ranks' lines printed at the same moment came out interleaved (a flaky test).
 """
 import json
 import os
@@ -19,6 +22,7 @@ def native_threads() -> list[str]:
 
 if __name__ == "__main__":
     code = main()
-    print("threads at exit: " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "threads": native_threads()}),
-          flush=True)
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(os.environ["EXIT_THREADS_DIR"], f"rank{rank}.json"), "w") as report:
+        json.dump({"rank": rank, "threads": native_threads()}, report)
     sys.exit(code)

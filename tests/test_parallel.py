@@ -34,11 +34,12 @@ def cli_args(values: dict) -> list[str]:
     return args
 
 
-def launch(nproc: int, values: dict, program: tuple[str, ...] = ("-m", "megatron_code.train")):
+def launch(nproc: int, values: dict, program: tuple[str, ...] = ("-m", "megatron_code.train"),
+           env: dict | None = None):
     """Run `program` (mcode-train by default) under torchrun with one intra-op thread per worker."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *program, *cli_args(values)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -130,11 +131,10 @@ def test_a_finished_run_leaves_no_process_group_threads(layout, fixture_data, tm
     aborts the process)."""
     values = tiny_run(fixture_data, **COMMON, **layout, save=str(tmp_path / "ckpt"))
     probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_threads_probe.py")
-    result = launch(2, values, program=(probe,))
+    result = launch(2, values, program=(probe,), env={"EXIT_THREADS_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads(line.split("threads at exit: ", 1)[1]) for line in result.stdout.splitlines()
-               if "threads at exit: " in line]
-    assert sorted(r["rank"] for r in reports) == [0, 1]
+    reports = [json.load(open(path)) for path in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
         assert not [name for name in report["threads"] if "gloo" in name], report
 
