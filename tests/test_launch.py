@@ -213,7 +213,7 @@ def script_runs(tmp_path_factory):
             roots["sft"], "sft-7b", SFT_DATA_PATH="0.7 exp/a/sft 0.3 exp/b/sft", BASE_CKPT=pre, **eight_nodes)),
         "dpo_again": ("launch/slurm/dpo_7b.sbatch", ["--dpo-beta", "0.2"], _slurm_env(
             roots["dpo_again"], "dpo-7b", DRY_RUN="1", DPO_DATA_PATH="exp/a/dpo", SFT_CKPT=pre, **eight_nodes)),
-        "profile": ("launch/slurm/profile_7b.sbatch", ["--dry-run", "--use-distributed-optimizer"],
+        "profile": ("launch/slurm/profile_7b.sbatch", ["--dry-run", "--no-overlap-param-gather"],
                     _slurm_env(roots["profile"], "profile-7b-4k", PROFILE_STEPS="8")),
         "single": ("launch/torchrun.sh", ["--dry-run", "--preset", "1b", "--tokenizer-model", TOKENIZER,
                                           "--data-path", "data/x", "--train-iters", "3000",
@@ -253,6 +253,7 @@ def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
     cfg = resolved_config(out)
     assert cfg["data"]["seq_length"] == 4096 and cfg["training"]["global_batch_size"] == 1024
     assert cfg["parallel"]["sequence_parallel"] and cfg["training"]["micro_batch_size"] == 4
+    assert cfg["parallel"]["use_distributed_optimizer"] and cfg["parallel"]["overlap_param_gather"]  # the planner's #2
     assert cfg["model"]["make_vocab_size_divisible_by"] * 4 == 1024  # the same padding at the 128K stage's TP
     assert cfg["checkpoint"]["save"] == cfg["checkpoint"]["load"] == f"{root}/checkpoints/pretrain-7b-4k"
     assert cfg["logging"]["metrics_file"] == f"{root}/logs/pretrain-7b-4k-4242/metrics.jsonl"
@@ -270,6 +271,7 @@ def test_extension_script_starts_from_pretraining_weights(script_runs):
     assert cfg["checkpoint"]["save"] == f"{root}/checkpoints/extend-7b-128k"
     assert cfg["model"]["recompute_granularity"] is None and cfg["model"]["make_vocab_size_divisible_by"] * 8 == 1024
     assert cfg["training"]["train_iters"] == 1000  # extra arguments override the script's
+    assert cfg["parallel"]["use_distributed_optimizer"] and cfg["parallel"]["overlap_param_gather"]
     assert "MISSING checkpoint (a real run with --finetune refuses to start)" in out
 
 
@@ -321,7 +323,8 @@ def test_profile_script_dry_run_profiles_the_pretraining_layout_on_synthetic_tok
     cfg = resolved_config(out)
     assert cfg["data"]["mock_data"] and cfg["checkpoint"]["save"] is None
     assert cfg["training"]["train_iters"] == 5 + 8 + 3 and cfg["training"]["global_batch_size"] == 1024
-    assert cfg["parallel"]["use_distributed_optimizer"]  # extra arguments reach the profiler too
+    assert cfg["parallel"]["use_distributed_optimizer"]  # the pretraining layout's ZeRO-1
+    assert not cfg["parallel"]["overlap_param_gather"]  # extra arguments reach the profiler too
     logs = f"{root}/logs/profile-7b-4k-4242"
     assert (f"5 warmup + 8 measured + 3 phase-timed steps; report -> {logs}/profile.json; traces: 2 measured step(s) "
             f"from ranks 0 -> {logs}/traces; NVTX ranges: on") in out

@@ -239,7 +239,9 @@ DISTRIBUTED_OPTIMIZER = {
     "dp2_overlap_param_gather": (2, dict(use_distributed_optimizer=True, overlap_param_gather=True)),
     "pp2_dp2_overlap_param_gather": (4, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True,
                                              overlap_param_gather=True)),
-    "tp2_sp_dp2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True)),
+    # launch/slurm/pretrain_7b_4k.sbatch's layout (the planner plans ZeRO-1 with the overlapped gather)
+    "tp2_sp_dp2_overlap_param_gather": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                                use_distributed_optimizer=True, overlap_param_gather=True)),
     "pp2_dp2": (4, dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True)),
     # TritonAdamW on the shards' flat views (interpreted on CPU), clipping inside its kernel
     "dp2_triton_adamw": (2, dict(use_distributed_optimizer=True, optimizer_impl="triton")),

@@ -203,6 +203,27 @@ def test_time_model_bubble_and_mfu_are_consistent():
     assert single.tp_comm == single.dp_comm == single.pp_comm == single.bubble == 0
 
 
+@pytest.mark.parametrize("micro_batch", [4, 8])
+def test_zero1_parameter_gather_is_hidden_behind_the_next_forward(micro_batch):
+    """ZeRO-1 is planned with --overlap-param-gather: its parameter all-gather costs what the next
+    step's first forward (a third of a micro-batch's compute) leaves uncovered, and at least its
+    first bucket, the embedding's; the gradient reduction what the last backward leaves."""
+    zero1 = Layout(4, 1, 1, 1, 128, micro_batch, True)
+    assert "--overlap-param-gather" in zero1.train_flags(1024) and zero1.parallel_config().overlap_param_gather
+    args = (SEVEN_B, 4096, 1024, 49152, GPUS["h100-sxm"], TimeModelConfig())
+    time, plain = estimate_time(SEVEN_B, zero1, *args[1:]), estimate_time(
+        SEVEN_B, dataclasses.replace(zero1, distributed_optimizer=False), *args[1:])
+    ring, link = 127 / 128, 50e9 * 0.75  # 512 ranks: InfiniBand
+    grads = ring * 4 * rank_parameters(SEVEN_B, 4, 32, True, True, 49152) / link
+    embedding_bucket = ring * 4 * 49152 // 4 * 4096 / link
+    compute = time.compute / zero1.micro_batches(1024)
+    reduce, gather = (max(grads - 2 / 3 * compute, embedding_bucket), max(grads - compute / 3, embedding_bucket))
+    assert time.dp_comm == pytest.approx(reduce + gather)
+    assert plain.dp_comm == pytest.approx(max(2 * grads - 2 / 3 * compute, embedding_bucket))
+    if micro_batch == 8:  # one micro-batch of 8 samples covers both: only the embedding's bucket shows
+        assert time.dp_comm == pytest.approx(2 * embedding_bucket)
+
+
 def test_fp8_gemms_run_at_the_fp8_efficiency_and_give_the_measured_speedup():
     """FP8 GEMMs at fp8_compute_efficiency x the FP8 peak, the rest at compute_efficiency x BF16;
     the default reproduces the FP8 / BF16 step ratio measured on one H200 (7B shape, 16 layers,
@@ -438,3 +459,25 @@ def test_profile_report_sets_the_planner_forecast_beside_the_measured_peak_on_gp
     assert planner_peak_gib(cfg, 1, "cpu") is None  # CPU peaks are RSS: not what the model counts
     assert planner_peak_gib(cfg, 1, "cuda") == pytest.approx(forecast(cfg, 1).total / 2**30)
     assert 60 < planner_peak_gib(cfg, 1, "cuda") < 90  # 74.3 GiB measured on an H200 (docs/benchmarks.md)
+
+
+def test_bf16_parameters_what_if_uses_megatrons_bytes_and_leaves_the_planner_as_it_was(capsys):
+    """benchmarks/plan_bf16_params_what_if.py: under its patch a ZeRO-1 layout holds 2 + 4 + 12/G
+    bytes per parameter and gathers 2 (docs/planner.md); the planner's own model is back after."""
+    from benchmarks.plan_bf16_params_what_if import main as what_if, megatron_style
+
+    layout, request = Layout(4, 1, 1, 1, 128, 4, True), PlanRequest(
+        model=SEVEN_B, gpus=512, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=1024)
+    params = rank_parameters(SEVEN_B, 4, 32, True, True, 49152)
+    ours = evaluate(request, layout, TimeModelConfig())
+    with megatron_style():
+        megatron = evaluate(request, layout, TimeModelConfig())
+    assert (megatron.memory.weights, megatron.memory.grads, megatron.memory.optimizer) == (
+        2 * params, 4 * params, 12 * params // 128)
+    assert ours.memory.weights == 4 * params and evaluate(request, layout, TimeModelConfig()) == ours
+    # the same layout: bf16 GEMM copies gone from the activations, half the gather exposed
+    assert megatron.memory.activations < ours.memory.activations and megatron.time.dp_comm < ours.time.dp_comm
+    what_if(["--preset", "7b", "--gpus", "64", "--seq-length", "4096", "--top", "1"])
+    printed = capsys.readouterr().out
+    assert printed.count("recommended (rank 1):") == 2 and "what if: Megatron's distributed optimizer" in printed
+    assert float(printed.rsplit("(", 1)[1].split("x")[0]) >= 1.0

@@ -27,7 +27,8 @@ class Layout:
     micro_batch_size: int
     """Samples per micro-batch."""
     distributed_optimizer: bool
-    """ZeRO-1: Adam state sharded over the DP x CP ranks."""
+    """ZeRO-1: Adam state sharded over the DP x CP ranks, run with --overlap-param-gather (the
+    updated parameters' all-gather overlaps the next step's first forward; it costs no memory)."""
     recompute_granularity: str | None = None
     """None, "selective" or "full" (ModelConfig's field)."""
     recompute_method: str | None = None
@@ -64,6 +65,7 @@ class Layout:
             pipeline_schedule=self.schedule,
             virtual_pipeline_model_parallel_size=self.vp if self.vp > 1 else None,
             use_distributed_optimizer=self.distributed_optimizer,
+            overlap_param_gather=self.distributed_optimizer,
         )
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
@@ -78,7 +80,7 @@ class Layout:
             flags += ["--pipeline-schedule", self.schedule, "--virtual-pipeline-model-parallel-size", str(self.vp)]
         flags += ["--context-parallel-size", str(self.cp), "--micro-batch-size", str(self.micro_batch_size),
                   "--global-batch-size", str(global_batch_size)]
-        flags += ["--use-distributed-optimizer"] if self.distributed_optimizer else []
+        flags += ["--use-distributed-optimizer", "--overlap-param-gather"] if self.distributed_optimizer else []
         if self.recompute_granularity:
             flags += ["--recompute-granularity", self.recompute_granularity]
         if self.recompute_method:

@@ -7,7 +7,8 @@ What is exposed, and why (our code, not Megatron-LM's):
 - Pipeline p2p (torch.distributed.pipelining) waits before each chunk's compute: exposed.
 - DP gradient all-reduce / reduce-scatter starts from backward hooks as buckets complete in the
   last micro-batch's backward (with PP: of the 1F1B/interleaved schedule) and overlaps it, except
-  the last bucket. The distributed optimizer's parameter all-gather after the step is not overlapped.
+  the last bucket. The distributed optimizer's parameter all-gather (planned with
+  --overlap-param-gather) overlaps the next step's first forward, except the first bucket.
 """
 from __future__ import annotations
 
@@ -178,7 +179,7 @@ def estimate_time(config: ModelConfig, layout: Layout, seq_length: int, global_b
     return TimeEstimate(
         compute=m * slowest[0], tp_comm=m * slowest[1], cp_comm=m * slowest[2],
         pp_comm=_pipeline_p2p(config, layout, seq_length, m, gpu, tm), bubble=bubble_fraction * m * per_micro_batch,
-        dp_comm=_data_parallel(config, layout, padded_vocab, gpu, tm, backward=2 / 3 * slowest[0]),
+        dp_comm=_data_parallel(config, layout, padded_vocab, gpu, tm, compute=slowest[0]),
         optimizer=_optimizer(config, layout, padded_vocab, gpu, tm), bubble_fraction=bubble_fraction)
 
 
@@ -238,18 +239,25 @@ def _largest_rank_parameters(config: ModelConfig, layout: Layout, padded_vocab: 
 
 
 def _data_parallel(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig,
-                   backward: float) -> float:
+                   compute: float) -> float:
     """fp32 gradients summed over the DP x CP group G: a ring all-reduce (2 (G-1)/G of the bytes),
-    or with ZeRO-1 a reduce-scatter plus the updated parameters' all-gather ((G-1)/G each)."""
+    or with ZeRO-1 a reduce-scatter plus the updated parameters' all-gather ((G-1)/G each).
+    `compute`: one micro-batch's forward + backward on the slowest rank (a third forward)."""
     group = layout.dp * layout.cp
     if group == 1:
         return 0.0
     grads = FP32 * _largest_rank_parameters(config, layout, padded_vocab)
     bandwidth = _link(gpu, layout.tp * layout.cp * layout.dp) * tm.link_efficiency
+    # The bucket that cannot overlap: backward's last, forward's first. It holds the embedding,
+    # a bucket of its own when larger than BUCKET_BYTES (distributed_optimizer._make_buckets).
+    edge = _ring(group) * min(grads, max(BUCKET_BYTES, FP32 * padded_vocab // layout.tp * config.hidden_size)) / bandwidth
     reduce = (1 if layout.distributed_optimizer else 2) * _ring(group) * grads / bandwidth
-    # overlapped with the last micro-batch's backward, except the last bucket
-    reduce = max(reduce - backward, _ring(group) * min(grads, BUCKET_BYTES) / bandwidth)
-    gather = _ring(group) * grads / bandwidth if layout.distributed_optimizer else 0.0
+    # overlapped with the last micro-batch's backward
+    reduce = max(reduce - 2 / 3 * compute, edge)
+    if not layout.distributed_optimizer:
+        return reduce
+    # launched in forward order after the step; each layer waits only for its own bucket
+    gather = max(_ring(group) * grads / bandwidth - compute / 3, edge)
     return reduce + gather
 
 
