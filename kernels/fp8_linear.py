@@ -24,6 +24,7 @@ import torch
 
 from kernels.dispatch import select, triton_module
 from kernels.fp8_history import AmaxHistories
+from kernels.grad_accumulation import fp32_gradient
 from kernels.fp8_scaling import Fp8Tensor, ScalingConfig, TensorScaling, new_histories
 
 
@@ -76,10 +77,8 @@ def accumulate_wgrad(weight: torch.Tensor, grad_t: torch.Tensor, x_t: torch.Tens
                      x_scale_inv: torch.Tensor, impl: str) -> None:
     """weight.grad (fp32, weight's shape, made when None) (+)= dY^T x, from dY^T [out, N] and
     x^T [in, N] in FP8 with their dequantization scales; weight's rows are [out, in] flattened."""
-    fresh = weight.grad is None
-    if fresh:
-        weight.grad = torch.empty_like(weight)
-    target = weight.grad.view(-1, weight.shape[-1])  # [out, in]
+    grad, fresh = fp32_gradient(weight)
+    target = grad.view(-1, weight.shape[-1])  # [out, in]
     if fresh:
         _scaled_mm(grad_t, x_t.t(), grad_scale_inv, x_scale_inv, torch.float32, out=target)
     elif select("fp8 weight gradient", impl, target.device, FP8_WGRAD_IMPLS) == "triton":

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels.cross_entropy import cross_entropy
+from kernels.grad_accumulation import fp32_gradient
 from kernels.dispatch import select, triton_module
 
 LINEAR_CROSS_ENTROPY_IMPLS = ("auto", "triton", "reference")
@@ -209,10 +210,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h else None
             grad_w = None
             if want_w and ctx.accumulate_wgrad:  # into the fp32 .grad itself (no add by autograd)
-                fresh_w = weight.grad is None
-                if fresh_w:
-                    weight.grad = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
-                grad_w = weight.grad
+                grad_w, fresh_w = fp32_gradient(weight)
             elif want_w:
                 grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
             for cols, w, valid in _vocab_chunks(weight, ctx.shard, ctx.blocking, h.dtype, weight_lp):
@@ -259,7 +257,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     vocab_size: ids >= this are padding (zero probability); group: the TP group (None: one process);
     chunk_tokens / chunk_vocab: block shape (default_blocking when None); weight_lp: the weight
     already in the compute dtype (e.g. cast once per step); accumulate_wgrad: add the weight gradient
-    into weight.grad in fp32 inside the backward (weight must be an fp32 leaf).
+    into the weight's fp32 gradient inside the backward (kernels/grad_accumulation.py: an fp32 leaf's
+    .grad, or a bf16 leaf's main_grad).
     Returns loss [...] in fp32. Under TP the gradient of hidden is this rank's partial sum: the
     caller's column_parallel_input (copy_to_tensor_parallel) all-reduces it, as for any column-parallel GEMM.
     """

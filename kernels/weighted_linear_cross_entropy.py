@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from kernels.grad_accumulation import fp32_gradient, has_fp32_gradient
 from kernels.linear_cross_entropy import (
     LOGITS_BLOCK_ELEMENTS, Blocking, VocabShard, _chunk_targets, _combine_shards, _initial_stats, _matmul_into,
     _merge_stats, _token_blocks, _vocab_chunks, prepare_call,
@@ -45,12 +46,11 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
             local = _chunk_targets(targets, shard.start, shard.size)
             weights = loss_weights.float().contiguous()
             grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-            fresh = weight.grad is None  # the first token block writes the weight gradient, the others add
-            if fresh:
-                weight.grad = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
+            # the first token block writes the weight gradient, the others add
+            grad_w, fresh = fp32_gradient(weight)
             losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             for rows in _token_blocks(h.shape[0], blocking):
-                grads = (grad_h[rows], weight.grad, not fresh or rows.start > 0)
+                grads = (grad_h[rows], grad_w, not fresh or rows.start > 0)
                 losses[rows] = _block_losses_and_grads(h[rows], weight, local[rows], weights[rows], shard, ops,
                                                        blocking, weight_lp, grads)
         ctx.save_for_backward(grad_h.to(hidden.dtype))
@@ -98,15 +98,16 @@ def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, ta
     the per-token cross-entropy [...] without gradient), gradients made in the forward.
 
     Operands as kernels.linear_cross_entropy.linear_cross_entropy's; loss_weights [...] like
-    targets; weight must be an fp32 leaf whose gradient accumulates into weight.grad (in the
+    targets; weight must be a leaf with an fp32 gradient (kernels/grad_accumulation.py: its .grad,
+    or the main_grad of a bf16 parameter), which the gradient accumulates into (in the
     forward). Call backward on the scalar itself: its gradient must be 1."""
     call = prepare_call(hidden, weight, targets, vocab_size, vocab_start, group, impl, weight_lp)
     if loss_weights.shape != targets.shape:
         raise ValueError(f"weighted_linear_cross_entropy: loss_weights {tuple(loss_weights.shape)} must have the "
                          f"targets' shape {tuple(targets.shape)}.")
-    if weight.dtype != torch.float32 or not weight.is_leaf:
-        raise ValueError("weighted_linear_cross_entropy: the weight must be an fp32 leaf (its gradient is "
-                         f"accumulated into weight.grad); got {weight.dtype}, leaf: {weight.is_leaf}.")
+    if not has_fp32_gradient(weight):
+        raise ValueError("weighted_linear_cross_entropy: the weight must be an fp32 leaf, or a leaf with an fp32 "
+                         f"main_grad (its gradient is accumulated there); got {weight.dtype}, leaf: {weight.is_leaf}.")
     default = weighted_blocking(call.hidden.shape[0], weight.shape[0])
     blocking = Blocking(chunk_tokens or default.tokens, chunk_vocab or default.vocab)
     total, losses = WeightedLinearCrossEntropy.apply(call.hidden, weight, call.targets, loss_weights.reshape(-1),

@@ -70,3 +70,52 @@ def zero1_worker(rank: int, world: int, port: int, overlap: bool = False) -> Non
     assert opt.memory_bytes()["optimizer"] == 8 * padded // world
     dist.destroy_process_group()
     os._exit(0)  # see ARCHITECTURE.md on gloo exits
+
+
+def zero1_master_worker(rank: int, world: int, port: int) -> None:
+    """bf16 parameters: the distributed optimizer keeps fp32 master shards. Reference: fp32 AdamW
+    on master weights whose bf16 rounding computes each rank's half-batch gradient in bf16, the
+    halves summed in fp32 (what the ranks' hooks and reduce-scatter do)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, shadow, master = _model().to(torch.bfloat16), _model().to(torch.bfloat16), _model()
+    master.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    cfg = OptimizerConfig(lr=0.05, weight_decay=0.1)
+    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20,
+                               shard_alignment=1)
+    assert opt.master_weights and all(p.dtype == torch.bfloat16 and p.grad is None for p in model.parameters())
+    ref_opt = build_optimizer(master, cfg)
+    data = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(8, 7, generator=data).bfloat16()
+        opt.zero_grad()
+        for micro in range(2):  # two micro-batches: only the last is armed
+            if micro == 1:
+                opt.arm(1)
+            model(x[rank::world][micro::2]).float().pow(2).sum().backward()
+        opt.finish()
+        assert all(p.grad is None for p in model.parameters())  # folded into main_grad by the hooks
+        norm = opt.clip_grad_norm(0.5)
+        opt.step()
+        shadow.load_state_dict({k: v.bfloat16() for k, v in master.state_dict().items()})
+        grads = [torch.zeros_like(p) for p in master.parameters()]
+        for r in range(world):
+            for micro in range(2):
+                shadow.zero_grad()
+                shadow(x[r::world][micro::2]).float().pow(2).sum().backward()
+                for g, p in zip(grads, shadow.parameters()):
+                    g += p.grad.float()
+        for p, g in zip(master.parameters(), grads):
+            p.grad = g
+        ref_norm = torch.nn.utils.clip_grad_norm_(master.parameters(), 0.5)
+        ref_opt.step()
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+        masters = opt.full_master_weights(gather=True)
+        for p, q in zip(model.parameters(), master.parameters()):
+            torch.testing.assert_close(masters[p], q.detach(), rtol=1e-5, atol=1e-7)
+            assert torch.equal(p, q.detach().bfloat16())  # every rank's parameters: the master, rounded
+    padded = sum(b.grad_buffer.numel() for b in opt.buckets)
+    assert opt.memory_bytes() == {"params": 2 * padded, "grads": 4 * padded + 4 * padded // world,
+                                  "optimizer": 12 * padded // world}
+    dist.destroy_process_group()
+    os._exit(0)  # see ARCHITECTURE.md on gloo exits

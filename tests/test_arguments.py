@@ -100,6 +100,10 @@ def _args(data_prefix, *extra):
         (["--lr-decay-style", "step"], r"--lr-decay-style must be one of"),
         (["--lr-warmup-iters", "9"], r"--lr-warmup-iters \(9\) exceeds --lr-decay-iters \(4\)"),
         (["--attention-backend", "flash"], r"pip install flash-attn"),
+        (["--params-dtype", "bfloat16", "--bf16"], r"--params-dtype bfloat16: training needs fp32 master weights\. "
+                                                  r"Use --params-dtype bfloat16 with --bf16 and --use-distributed-opt"),
+        (["--params-dtype", "float16", "--bf16", "--use-distributed-optimizer"], r"--params-dtype float16: training"),
+        (["--params-dtype", "bfloat16", "--use-distributed-optimizer"], r"with --bf16 and --use-distributed"),
     ],
 )
 def test_bad_inputs_raise_one_clear_error(fixture_data, extra, message):
@@ -138,3 +142,17 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "megatron_code.train", "--help"], capture_output=True,
                          text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
     assert "--num-query-groups" in out and "Number of key/value heads" in out
+
+
+def test_bf16_parameters_are_refused_where_unverified(fixture_data):
+    """Where Transformer Engine is not installed its own check fires first: the params-dtype check
+    is called directly (it also guards the planner's layouts)."""
+    from megatron_code.training.validate import check_params_dtype
+
+    bf16 = ["--params-dtype", "bfloat16", "--bf16", "--use-distributed-optimizer"]
+    with pytest.raises(ConfigError, match="--fp8-backend te has not been verified on a GPU"):
+        check_params_dtype(parse_args(_args(fixture_data, *bf16, "--fp8-format", "hybrid", "--fp8-backend", "te")))
+    with pytest.raises(ConfigError, match="zero-bubble schedules write weight gradients outside autograd's hooks"):
+        check_params_dtype(parse_args(_args(fixture_data, *bf16, "--pipeline-model-parallel-size", "2",
+                                            "--pipeline-schedule", "zbv")))
+    check_params_dtype(parse_args(_args(fixture_data, *bf16)))  # the supported combination

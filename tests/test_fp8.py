@@ -194,6 +194,18 @@ def test_fp8_run_resumes_exactly_with_its_amax_histories(fixture_data, tmp_path)
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[3:]]
 
 
+def test_fp8_with_bf16_parameters_trains_like_fp8_with_fp32_parameters(fixture_data):
+    """FP8 layers over bf16 parameters (ZeRO-1's master weights): the FP8 weight-gradient GEMMs
+    accumulate into main_grad (kernels/grad_accumulation.py), the weights are cast to FP8 from bf16;
+    the run follows the fp32-parameter FP8 run within bf16 rounding."""
+    values = tiny_run(fixture_data, fp8_format="hybrid", bf16=True, use_distributed_optimizer=True, train_iters=6,
+                      lr_warmup_iters=1, micro_batch_size=2, global_batch_size=4, seq_length=64)
+    fp32, bf16 = run_training(values), run_training({**values, "params_dtype": "bfloat16"})
+    for got, want in zip(bf16, fp32):
+        assert got["loss"] == pytest.approx(want["loss"], rel=5e-3)
+    assert fp32[-1]["loss"] < fp32[0]["loss"] - 0.5
+
+
 def test_fp8_run_resumed_from_a_bf16_checkpoint_starts_its_histories_afresh(fixture_data, tmp_path, capsys):
     values = tiny_run(fixture_data, train_iters=4, lr_warmup_iters=1, micro_batch_size=2, global_batch_size=4,
                       seq_length=64, save=str(tmp_path / "ckpt"))

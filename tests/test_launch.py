@@ -244,7 +244,7 @@ def check_full_job(out, tp, cp, pp):
 
 def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
     out, root = script_runs["pretrain"]
-    check_full_job(out, tp=4, cp=1, pp=1)
+    check_full_job(out, tp=2, cp=1, pp=1)
     assert re.search(r"^srun --nodes=64 --ntasks-per-node=1 .*launch/torchrun.sh --preset 7b ", out, re.M)
     assert "--nnodes=64 --rdzv-backend=c10d --rdzv-endpoint=gpu001:24242 --rdzv-id=4242" in out
     for line in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "OMP_NUM_THREADS=12", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
@@ -253,8 +253,9 @@ def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
     cfg = resolved_config(out)
     assert cfg["data"]["seq_length"] == 4096 and cfg["training"]["global_batch_size"] == 1024
     assert cfg["parallel"]["sequence_parallel"] and cfg["training"]["micro_batch_size"] == 4
-    assert cfg["parallel"]["use_distributed_optimizer"] and cfg["parallel"]["overlap_param_gather"]  # the planner's #2
-    assert cfg["model"]["make_vocab_size_divisible_by"] * 4 == 1024  # the same padding at the 128K stage's TP
+    assert cfg["parallel"]["use_distributed_optimizer"] and cfg["parallel"]["overlap_param_gather"]  # the planner's #1
+    assert cfg["model"]["params_dtype"] == "bfloat16"  # sharded fp32 master weights
+    assert cfg["model"]["make_vocab_size_divisible_by"] * 2 == 1024  # the same padding at the 128K stage's TP
     assert cfg["checkpoint"]["save"] == cfg["checkpoint"]["load"] == f"{root}/checkpoints/pretrain-7b-4k"
     assert cfg["logging"]["metrics_file"] == f"{root}/logs/pretrain-7b-4k-4242/metrics.jsonl"
     assert cfg["training"]["exit_signal"] == "SIGUSR1" and not os.path.exists(root / "logs")
@@ -272,6 +273,7 @@ def test_extension_script_starts_from_pretraining_weights(script_runs):
     assert cfg["model"]["recompute_granularity"] is None and cfg["model"]["make_vocab_size_divisible_by"] * 8 == 1024
     assert cfg["training"]["train_iters"] == 1000  # extra arguments override the script's
     assert cfg["parallel"]["use_distributed_optimizer"] and cfg["parallel"]["overlap_param_gather"]
+    assert cfg["model"]["params_dtype"] == "bfloat16"
     assert "MISSING checkpoint (a real run with --finetune refuses to start)" in out
 
 
@@ -318,7 +320,7 @@ def test_requeued_dpo_script_resumes_its_policy_against_the_sft_reference(script
 
 def test_profile_script_dry_run_profiles_the_pretraining_layout_on_synthetic_tokens(script_runs):
     out, root = script_runs["profile"]
-    check_full_job(out, tp=4, cp=1, pp=1)
+    check_full_job(out, tp=2, cp=1, pp=1)
     assert "-m torch.distributed.run --nproc-per-node=8 --nnodes=64" in out and " -m megatron_code.profile " in out
     cfg = resolved_config(out)
     assert cfg["data"]["mock_data"] and cfg["checkpoint"]["save"] is None

@@ -194,7 +194,14 @@ def bf16_reference(fixture_data):
     # pipeline's loss function, and the trainer's micro-batches ahead of the bucket hooks).
     dict(pipeline_model_parallel_size=2, cross_entropy_impl="reference"),
     dict(cross_entropy_impl="reference"),
-], ids=["pp2", "tp2_sp", "dp2", "dp2_distributed_optimizer", "pp2_fused_head", "dp2_fused_head"])
+    # bf16 parameters, fp32 master weights sharded in the optimizer (over DP; over a group of one
+    # under TP, with the norms' sequence-parallel gradients)
+    dict(use_distributed_optimizer=True, params_dtype="bfloat16", overlap_param_gather=True),
+    dict(tensor_model_parallel_size=2, sequence_parallel=True, use_distributed_optimizer=True,
+         params_dtype="bfloat16", cross_entropy_impl="reference"),
+    dict(pipeline_model_parallel_size=2, use_distributed_optimizer=True, params_dtype="bfloat16"),
+], ids=["pp2", "tp2_sp", "dp2", "dp2_distributed_optimizer", "pp2_fused_head", "dp2_fused_head",
+        "dp2_bf16_params", "tp2_sp_bf16_params_fused_head", "pp2_bf16_params"])
 def test_bf16_layouts_match_one_process_bf16(layout, fixture_data, reference, bf16_reference, tmp_path):
     """--bf16 must reach every layout's GEMMs: the run matches one process in bf16, not in fp32."""
     records = torchrun(2, tiny_run(fixture_data, **COMMON, bf16=True, **layout), str(tmp_path / "m.jsonl"))
@@ -281,6 +288,27 @@ def test_distributed_optimizer_checkpoint_reshards(case, fixture_data, reference
     assert_same_numbers(records, reference[2:])
 
 
+def test_bf16_parameters_resume_exactly_and_their_checkpoint_loads_as_fp32(fixture_data, tmp_path):
+    """bf16 parameters under ZeRO-1 save their fp32 master weights: a resumed run continues the
+    uninterrupted one exactly, and the checkpoint loads into fp32 parameters without ZeRO-1 (its
+    losses within bf16 rounding of the bf16-parameter run's)."""
+    # 4 steps: the bf16 parameters of step 3 are the master's rounding whether or not the master
+    # was restored exactly; step 4 and the validation after it see the difference.
+    common = {**COMMON, "train_iters": 4, "eval_interval": 4}
+    values = tiny_run(fixture_data, **common, bf16=True, use_distributed_optimizer=True, params_dtype="bfloat16")
+    whole = torchrun(2, values, str(tmp_path / "whole.jsonl"))
+    ckpt = str(tmp_path / "ckpt")
+    torchrun(2, {**values, "save": ckpt, "exit_interval": 2}, str(tmp_path / "a.jsonl"))
+    resumed = torchrun(2, {**values, "load": ckpt}, str(tmp_path / "b.jsonl"))
+    def numbers(records):
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("valid_loss")) for r in records]
+    assert len(resumed) == 3 and numbers(resumed) == numbers(whole[2:])  # steps 3, 4 and the validation
+    plain = [r for r in run_training(tiny_run(fixture_data, **common, bf16=True, load=ckpt)) if "loss" in r]
+    assert [r["step"] for r in plain] == [3, 4]
+    for got, want in zip(plain, whole[2:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-3)
+
+
 def test_keep_last_never_deletes_the_latest(tmp_path):
     root = str(tmp_path)
     for iteration in (1, 2, 3, 9):
@@ -342,3 +370,18 @@ def test_distributed_optimizer_shards_match_adamw(overlap):
         port = sock.getsockname()[1]
     # The worker lives in a light module: spawned processes import it (not this test module).
     mp.spawn(zero1_worker, args=(2, port, overlap), nprocs=2, join=True)
+
+
+def test_distributed_optimizer_keeps_fp32_master_weights_of_bf16_parameters():
+    """2 spawned gloo ranks, bf16 parameters: fp32 master shards stepped by AdamW, bf16 gradients
+    of each micro-batch folded into fp32 ones, the parameters the master rounded on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.distributed_optimizer_worker import zero1_master_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(zero1_master_worker, args=(2, port), nprocs=2, join=True)

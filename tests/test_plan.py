@@ -224,6 +224,32 @@ def test_zero1_parameter_gather_is_hidden_behind_the_next_forward(micro_batch):
         assert time.dp_comm == pytest.approx(2 * embedding_bucket)
 
 
+def test_zero1_under_bf16_is_planned_with_bf16_parameters():
+    """The search gives every ZeRO-1 layout under bf16 bf16 parameters (sharded fp32 master
+    weights, never worse): 2 + 4 + 4/G + 12/G bytes per parameter, no per-step bf16 weight copies,
+    half the parameter all-gather, and --params-dtype bfloat16 in its flags."""
+    request = PlanRequest(model=SEVEN_B, gpus=512, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=1024)
+    zero1 = Layout(2, 1, 1, 1, 256, 4, True, bf16_params=True)
+    assert zero1.train_flags(1024)[-2:] == ["--params-dtype", "bfloat16"]
+    assert all(c.layout.bf16_params == c.layout.distributed_optimizer for c in plan(request).candidates[:50])
+    fp32_params = dataclasses.replace(zero1, bf16_params=False)
+    ours, before = evaluate(request, zero1, TimeModelConfig()), evaluate(request, fp32_params, TimeModelConfig())
+    params = rank_parameters(SEVEN_B, 2, 32, True, True, 49152)
+    assert (ours.memory.weights, ours.memory.grads, ours.memory.optimizer) == (
+        2 * params, 4 * params + 4 * params // 256, 12 * params // 256)
+    copies = 2 * 32 * act_gemm_parameters(2) + 2 * 49152 // 2 * 4096  # the layers' and the loss head's
+    assert before.memory.activations - ours.memory.activations == copies
+    link, forward = 50e9 * 0.75, ours.time.compute / zero1.micro_batches(1024) / 3
+    gather, edge = (255 / 256 * 4 * n / link for n in (params, 49152 // 2 * 4096))  # fp32 bytes
+    assert before.time.dp_comm - ours.time.dp_comm == pytest.approx(
+        max(gather - forward, edge) - max(gather / 2 - forward, edge / 2), rel=1e-6)
+
+
+def act_gemm_parameters(tp: int) -> int:
+    from megatron_code.plan.memory import layer_parameters
+    return layer_parameters(SEVEN_B, tp).gemm
+
+
 def test_fp8_gemms_run_at_the_fp8_efficiency_and_give_the_measured_speedup():
     """FP8 GEMMs at fp8_compute_efficiency x the FP8 peak, the rest at compute_efficiency x BF16;
     the default reproduces the FP8 / BF16 step ratio measured on one H200 (7B shape, 16 layers,
@@ -297,6 +323,26 @@ def test_predicted_peak_matches_a_real_cpu_training_step(fixture_data, recompute
     values = cpu_step_values(fixture_data, 128, recompute)
     measured, predicted = measured_step(values), predicted_step(values, recompute)
     assert (measured["weights"], measured["optimizer"]) == (predicted.weights, predicted.optimizer)
+    assert measured["grads"] == pytest.approx(predicted.grads, rel=1e-3)
+    assert predicted.total == pytest.approx(measured["peak_before_step"], rel=0.05)
+
+
+def test_predicted_bf16_parameter_peak_matches_a_real_cpu_training_step(fixture_data):
+    """--params-dtype bfloat16 under ZeRO-1: bf16 weights, fp32 gradients and master weights as
+    optimizer state, exactly as the planner counts them (Megatron-LM's 2 + 4 + 12 bytes per
+    parameter on one rank), and the peak within 5%."""
+    values = cpu_step_values(fixture_data, 128, dict(bf16=True, use_distributed_optimizer=True,
+                                                     params_dtype="bfloat16"))
+    cfg = run_config_from_values(values)
+    cfg.model.vocab_size = SentencePieceTokenizer(TOKENIZER).vocab_size
+    layout = Layout(1, 1, 1, 1, 1, 2, True, bf16_params=True)
+    predicted = rank_memory(layout.model_config(cfg.model), layout, 128, 4, 0, cfg.model.padded_vocab_size(),
+                            Execution(bf16=True, fused_kernels=False))
+    measured = measured_step(values)
+    params = rank_parameters(cfg.model, 1, cfg.model.num_layers, True, True, cfg.model.padded_vocab_size())
+    assert (predicted.weights, predicted.optimizer) == (2 * params, 12 * params)
+    assert measured["weights"] == pytest.approx(predicted.weights, rel=1e-3)  # the buffers' padding
+    assert measured["optimizer"] == pytest.approx(predicted.optimizer, rel=1e-3)
     assert measured["grads"] == pytest.approx(predicted.grads, rel=1e-3)
     assert predicted.total == pytest.approx(measured["peak_before_step"], rel=0.05)
 
@@ -459,25 +505,3 @@ def test_profile_report_sets_the_planner_forecast_beside_the_measured_peak_on_gp
     assert planner_peak_gib(cfg, 1, "cpu") is None  # CPU peaks are RSS: not what the model counts
     assert planner_peak_gib(cfg, 1, "cuda") == pytest.approx(forecast(cfg, 1).total / 2**30)
     assert 60 < planner_peak_gib(cfg, 1, "cuda") < 90  # 74.3 GiB measured on an H200 (docs/benchmarks.md)
-
-
-def test_bf16_parameters_what_if_uses_megatrons_bytes_and_leaves_the_planner_as_it_was(capsys):
-    """benchmarks/plan_bf16_params_what_if.py: under its patch a ZeRO-1 layout holds 2 + 4 + 12/G
-    bytes per parameter and gathers 2 (docs/planner.md); the planner's own model is back after."""
-    from benchmarks.plan_bf16_params_what_if import main as what_if, megatron_style
-
-    layout, request = Layout(4, 1, 1, 1, 128, 4, True), PlanRequest(
-        model=SEVEN_B, gpus=512, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=1024)
-    params = rank_parameters(SEVEN_B, 4, 32, True, True, 49152)
-    ours = evaluate(request, layout, TimeModelConfig())
-    with megatron_style():
-        megatron = evaluate(request, layout, TimeModelConfig())
-    assert (megatron.memory.weights, megatron.memory.grads, megatron.memory.optimizer) == (
-        2 * params, 4 * params, 12 * params // 128)
-    assert ours.memory.weights == 4 * params and evaluate(request, layout, TimeModelConfig()) == ours
-    # the same layout: bf16 GEMM copies gone from the activations, half the gather exposed
-    assert megatron.memory.activations < ours.memory.activations and megatron.time.dp_comm < ours.time.dp_comm
-    what_if(["--preset", "7b", "--gpus", "64", "--seq-length", "4096", "--top", "1"])
-    printed = capsys.readouterr().out
-    assert printed.count("recommended (rank 1):") == 2 and "what if: Megatron's distributed optimizer" in printed
-    assert float(printed.rsplit("(", 1)[1].split("x")[0]) >= 1.0

@@ -262,3 +262,13 @@ def test_mismatched_document_counts_and_foreign_tokenizer_are_refused(exported, 
     (tmp_path / "foreign" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="says the data was tokenized with"):
         resolved(sft_values(exported, sft_data_path=[foreign]))
+
+
+def test_dpo_with_bf16_parameters_starts_with_policy_equal_to_reference(exported, sft_full):
+    """--params-dtype bfloat16 under ZeRO-1: the reference is built and rounded as the policy is, so
+    the first loss is exactly log 2; the master weights take the SFT checkpoint's fp32 values and learn."""
+    _, sft_ckpt = sft_full
+    history = run_training(dpo_values(exported, load=sft_ckpt, finetune=True, bf16=True, use_distributed_optimizer=True,
+                                      params_dtype="bfloat16"))
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["loss"] < math.log(2) - 0.05

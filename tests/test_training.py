@@ -143,3 +143,27 @@ def test_each_step_is_read_back_after_the_next_one_is_launched(fixture_data):
     train(run_config_from_values(tiny_run(fixture_data, train_iters=5, eval_interval=2, eval_iters=1)), prepare=watch)
     assert events == ["launch 1", "launch 2", "log 1", "log 2", "launch 3", "launch 4", "log 3", "log 4",
                       "launch 5", "log 5"]
+
+
+def test_weights_only_load_gives_bf16_parameters_the_checkpoints_fp32_master_weights(fixture_data, tmp_path):
+    """--finetune (no optimizer state) into bf16 parameters under ZeRO-1: the master weights are the
+    checkpoint's fp32 values exactly, the parameters their bf16 rounding; the Adam state is untouched."""
+    from megatron_code.model import GPTModel
+    from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+    from megatron_code.parallel.state import ParallelState
+
+    ckpt = str(tmp_path / "ckpt")
+    values = tiny_run(fixture_data, train_iters=2, micro_batch_size=2, global_batch_size=4, bf16=True, save=ckpt)
+    run_training(values)  # fp32 parameters: their own master weights
+    cfg = run_config_from_values({**values, "params_dtype": "bfloat16", "use_distributed_optimizer": True,
+                                  "vocab_size": 2048})
+    saved = GPTModel(cfg.model.replace(params_dtype="float32"))
+    checkpointing.load_checkpoint(ckpt, saved, None, ParallelState(), restore_rng=False)
+    model = GPTModel(cfg.model)
+    optimizer = DistributedOptimizer(model, cfg.optimizer, ParallelState(), None)
+    checkpointing.load_checkpoint(ckpt, model, optimizer, ParallelState(), restore_rng=False, optimizer_state=False)
+    masters = optimizer.full_master_weights(gather=True)
+    for (name, p), q in zip(model.named_parameters(), saved.parameters()):
+        assert torch.equal(masters[p], q) and torch.equal(p, q.bfloat16()), name
+        assert p.dtype == torch.bfloat16 and q.dtype == torch.float32
+    assert all(not s.any() for b in optimizer.buckets for s in b.state.values())

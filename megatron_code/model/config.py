@@ -63,8 +63,11 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     """Give the output layer its own weight instead of reusing the input embedding."""
     params_dtype: str = "float32"
-    """Dtype the parameters are created in (float32, bfloat16, float16). Training keeps float32
-    master weights and uses --bf16 autocast; bfloat16 params are for inference and conversion."""
+    """Dtype the parameters are created in (float32, bfloat16, float16). Training needs float32
+    master weights: float32 parameters are their own (--bf16 autocasts the compute), bfloat16
+    ones train with --bf16 --use-distributed-optimizer, which keeps their fp32 master weights
+    sharded (Megatron-LM's distributed optimizer: 6 + 12/DP bytes per parameter instead of
+    10 + 12/DP). Also for inference and conversion."""
     attention_backend: str = "sdpa"
     """Core attention kernel: sdpa (torch, any device), flash (flash-attn), te (Transformer Engine)."""
     recompute_granularity: str | None = None

@@ -164,7 +164,9 @@ class GPTModel(nn.Module):
             self.output_layer = nn.Module()
             self.output_layer.weight = mark_tensor_parallel(weight, 0)  # column parallel over the vocabulary
         self.reset_parameters(init_seed)
-        self.to(config.torch_params_dtype)
+        with torch.no_grad():  # parameters only: buffers (RoPE's inv_freq) keep fp32
+            for param in self.parameters():
+                param.data = param.data.to(config.torch_params_dtype)
 
     @torch.no_grad()
     def reset_parameters(self, init_seed: int = 0) -> None:

@@ -1,7 +1,13 @@
 """ZeRO-1 distributed optimizer: AdamW whose state is sharded over the data-parallel ranks.
 
-The model's fp32 parameters are the master weights (bf16 is autocast), so what ZeRO-1 shards
-here is the Adam state (exp_avg, exp_avg_sq: 8 bytes per parameter) and the optimizer's work.
+fp32 parameters are their own master weights (bf16 is autocast): ZeRO-1 shards the Adam state
+(exp_avg, exp_avg_sq: 8 bytes per parameter) and the optimizer's work. bf16 parameters
+(--params-dtype bfloat16, Megatron-LM's distributed optimizer): each rank also keeps the fp32
+master weights of its shard, AdamW steps those, and the step writes their bf16 rounding into the
+parameters before the all-gather, which then moves 2 bytes per parameter. Their gradients stay
+fp32: the buffer's views are the parameters' `main_grad` (fused kernels write it,
+kernels/grad_accumulation.py; a bf16 `.grad` autograd makes is folded into it by the
+post-accumulate hook), and a checkpoint holds the master weights (training/checkpointing.py).
 
 Layout. Parameters are grouped into buckets of ~bucket_mb (in reverse definition order, the
 order backward produces gradients). Each bucket owns two flat buffers of the same length, padded
@@ -31,7 +37,8 @@ per piece from its parameter (optimizer.parameter_groups: no decay on 1-D tensor
 element gets exactly the update of the non-distributed optimizer.
 
 Per-rank bytes for N fp32 parameters: params 4N + grads 4N (+ 4N/G for the reduced shard when
-G > 1) + Adam 8N/G, against 4N + 4N + 8N without sharding (`memory_bytes`).
+G > 1) + Adam 8N/G, against 4N + 4N + 8N without sharding (`memory_bytes`); for bf16 parameters
+2N + 4N (+ 4N/G) + 12N/G, and the per-step bf16 weight copies (2N) are gone too.
 """
 from __future__ import annotations
 
@@ -66,6 +73,9 @@ SHARD_ALIGNMENT = 64
 
 
 class _Bucket:
+    """Flat buffers of some parameters: the parameters themselves (their dtype), their fp32
+    gradients and, for low-precision parameters, this rank's shard of fp32 master weights."""
+
     def __init__(self, params: list[torch.nn.Parameter], group_size: int, group_rank: int, alignment: int):
         self.params = params
         self.offsets, total = [], 0
@@ -75,13 +85,17 @@ class _Bucket:
         padded = -(-total // (group_size * alignment)) * group_size * alignment
         self.shard_size = padded // group_size
         self.lo = group_rank * self.shard_size
-        like = dict(dtype=params[0].dtype, device=params[0].device)
-        self.param_buffer = torch.zeros(padded, **like)
+        device = params[0].device
+        like = dict(dtype=torch.float32, device=device)  # gradients, Adam state and master weights
+        self.param_buffer = torch.zeros(padded, dtype=params[0].dtype, device=device)
         self.grad_buffer = torch.zeros(padded, **like)
         with torch.no_grad():
             for p, off in zip(params, self.offsets):
                 self.param_buffer[off:off + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.param_buffer[off:off + p.numel()].view_as(p)
+        # bf16 parameters: AdamW steps an fp32 copy of this rank's shard (Megatron-LM's main params)
+        low_precision = params[0].dtype != torch.float32
+        self.master = self.own_params().float() if low_precision else None
         self.point_grads()
         # With a group of one the gradient buffer already is the reduced shard.
         self.grad_shard = self.grad_buffer if group_size == 1 else torch.zeros(self.shard_size, **like)
@@ -95,11 +109,22 @@ class _Bucket:
         self.gather = None  # the parameter all-gather in flight (overlap_param_gather)
 
     def point_grads(self) -> None:
+        """fp32 parameters: `.grad` is a view of the gradient buffer, autograd accumulates into it.
+        bf16 parameters: `.main_grad` is (autograd's bf16 `.grad` of a micro-batch is folded into
+        it by the post-accumulate hook; the fused kernels write it directly)."""
         for p, off in zip(self.params, self.offsets):
-            p.grad = self.grad_buffer[off:off + p.numel()].view_as(p)
+            view = self.grad_buffer[off:off + p.numel()].view_as(p)
+            if self.master is None:
+                p.grad = view
+            else:
+                p.main_grad, p.grad = view, None
 
     def own_params(self) -> torch.Tensor:
         return self.param_buffer[self.lo:self.lo + self.shard_size]
+
+    def stepped_params(self) -> torch.Tensor:
+        """What AdamW updates: the master shard, or the parameters' own shard in place."""
+        return self.own_params() if self.master is None else self.master
 
 
 class DistributedOptimizer(BucketTrigger):
@@ -131,14 +156,14 @@ class DistributedOptimizer(BucketTrigger):
 
     def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
         """Backward produces gradients roughly in reverse order of definition: bucket that way
-        (one dtype per bucket)."""
+        (one dtype per bucket), ~bucket_mb of fp32 gradients each (what is reduce-scattered)."""
         buckets, current, size = [], [], 0
         for p in reversed(params):
             if current and p.dtype != current[0].dtype:
                 buckets.append(current)
                 current, size = [], 0
             current.append(p)
-            size += p.numel() * p.element_size()
+            size += p.numel() * 4
             if size >= bucket_mb * 2**20:
                 buckets.append(current)
                 current, size = [], 0
@@ -150,7 +175,7 @@ class DistributedOptimizer(BucketTrigger):
         groups: dict[float, list] = {}
         for b in self.buckets:
             for piece in b.pieces:
-                t = b.param_buffer[piece.offset + piece.start:piece.offset + piece.end]
+                t = b.stepped_params()[piece.shard]
                 t.grad = b.grad_shard[piece.shard]
                 piece.tensor = t
                 groups.setdefault(decay_of[id(piece.param)], []).append(t)
@@ -183,6 +208,9 @@ class DistributedOptimizer(BucketTrigger):
         with overlap_param_gather by the next forward, bucket by bucket as it reaches them."""
         self.wait_for_params()  # the gathers of the last step write into the shards updated now
         self.optimizer.step()
+        for b in self.buckets:
+            if b.master is not None:
+                b.own_params().copy_(b.master)  # the bf16 parameters the gather hands to every rank
         if self.group_size == 1:
             return
         for b in reversed(self.buckets):  # forward order: the first layers' buckets first
@@ -220,6 +248,13 @@ class DistributedOptimizer(BucketTrigger):
             self._wait_gather(bucket)
 
     # ---- gradient reduction (GradientReducer's interface) -----------------------------------
+    def _on_gradient_ready(self, param: torch.nn.Parameter) -> None:
+        main_grad = getattr(param, "main_grad", None)
+        if main_grad is not None and param.grad is not None:  # a bf16 parameter's micro-batch gradient
+            main_grad.add_(param.grad)
+            param.grad = None
+        super()._on_gradient_ready(param)
+
     def _launch(self, bucket: _Bucket) -> None:
         bucket.launched = True
         if self.group_size > 1:
@@ -283,25 +318,32 @@ class DistributedOptimizer(BucketTrigger):
     # ---- memory -----------------------------------------------------------------------------
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held on this rank: parameters, gradients (full buffers + reduced shards),
-        optimizer state (the Adam shards)."""
+        optimizer state (the Adam shards, and the master weight shards of bf16 parameters)."""
         def nbytes(ts):
             return sum(t.numel() * t.element_size() for t in ts)
         grads = nbytes(b.grad_buffer for b in self.buckets)
         if self.group_size > 1:
             grads += nbytes(b.grad_shard for b in self.buckets)
-        return {"params": nbytes(b.param_buffer for b in self.buckets), "grads": grads,
-                "optimizer": nbytes(b.state[k] for b in self.buckets for k in ADAM_KEYS)}
+        optimizer = nbytes([b.state[k] for b in self.buckets for k in ADAM_KEYS]
+                           + [b.master for b in self.buckets if b.master is not None])
+        return {"params": nbytes(b.param_buffer for b in self.buckets), "grads": grads, "optimizer": optimizer}
 
     def unsharded_memory_bytes(self) -> dict[str, int]:
-        """What the non-distributed optimizer holds on every rank for the same parameters."""
-        n = sum(p.numel() * p.element_size() for b in self.buckets for p in b.params)
+        """What the non-distributed optimizer holds on every rank for the same parameters (fp32)."""
+        n = sum(4 * p.numel() for b in self.buckets for p in b.params)
         return {"params": n, "grads": n, "optimizer": 2 * n}
+
+    @property
+    def master_weights(self) -> bool:
+        """The parameters are bf16 and their fp32 master weights live here, sharded."""
+        return any(b.master is not None for b in self.buckets)
 
     def memory_summary(self) -> str:
         mine, plain = self.memory_bytes(), self.unsharded_memory_bytes()
         mib = 2**20
+        state = "Adam state + fp32 master weights" if self.master_weights else "Adam state"
         return (f"distributed optimizer over {self.group_size} ranks, per rank: params {mine['params'] / mib:.1f} MiB"
-                f" + grads {mine['grads'] / mib:.1f} MiB + Adam state {mine['optimizer'] / mib:.1f} MiB = "
+                f" + grads {mine['grads'] / mib:.1f} MiB + {state} {mine['optimizer'] / mib:.1f} MiB = "
                 f"{sum(mine.values()) / mib:.1f} MiB (non-distributed: {sum(plain.values()) / mib:.1f} MiB, "
                 f"Adam state {plain['optimizer'] / mib:.1f} MiB)")
 
@@ -318,14 +360,35 @@ class DistributedOptimizer(BucketTrigger):
         out = {p: {} for b in self.buckets for p in b.params}
         for b in self.buckets:
             for key in ADAM_KEYS:
-                full = torch.zeros(b.grad_buffer.numel(), dtype=b.state[key].dtype, device=b.state[key].device)
-                if gather and self.group_size > 1:
-                    dist.all_gather_into_tensor(full, b.state[key], group=self.group)
-                elif gather:
-                    full.copy_(b.state[key])
-                for p, off in zip(b.params, b.offsets):
-                    out[p][key] = full[off:off + p.numel()].view_as(p)
+                for p, tensor in self._full_of(b, b.state[key], gather).items():
+                    out[p][key] = tensor
         return out
+
+    def full_master_weights(self, gather: bool) -> dict:
+        """{param: fp32 tensor of its (TP-local) full shape} for bf16 parameters: the master
+        weights, all-gathered as full_adam_state gathers (gather=False: zeros, targets for loading)."""
+        return {p: t for b in self.buckets if b.master is not None for p, t in self._full_of(b, b.master, gather).items()}
+
+    def _full_of(self, bucket: _Bucket, shard: torch.Tensor, gather: bool) -> dict:
+        """{param: its part of the whole bucket-length tensor whose shards are `shard` over the group}."""
+        full = torch.zeros(bucket.grad_buffer.numel(), dtype=shard.dtype, device=shard.device)
+        if gather and self.group_size > 1:
+            dist.all_gather_into_tensor(full, shard, group=self.group)
+        elif gather:
+            full.copy_(shard)
+        return {p: full[off:off + p.numel()].view_as(p) for p, off in zip(bucket.params, bucket.offsets)}
+
+    def load_master_weights(self, full: dict) -> None:
+        """This rank's master shards from full (TP-local) fp32 tensors {param: tensor}, exactly
+        (the bf16 parameters themselves are the caller's to set)."""
+        with torch.no_grad():
+            for b in self.buckets:
+                if b.master is None:
+                    continue
+                for p, off in zip(b.params, b.offsets):
+                    start, end = max(off, b.lo), min(off + p.numel(), b.lo + b.shard_size)
+                    if start < end:
+                        b.master[start - b.lo:end - b.lo].copy_(full[p].reshape(-1)[start - off:end - off])
 
     def load_full_adam_state(self, full: dict, step: torch.Tensor) -> None:
         """Keep this rank's shard of full (TP-local) Adam states {param: {key: tensor}}."""

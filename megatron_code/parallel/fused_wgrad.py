@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.grad_accumulation import fp32_gradient, has_fp32_gradient
+
 
 class StepWeightCasts:
     """bf16 copies of fp32 weights, reused while `active` (one training step) and dropped after.
@@ -171,10 +173,8 @@ class _FusedWgradLinear(torch.autograd.Function):
         weight = ctx.weight
         stacked = weight_lp.unsqueeze(0) if weight_lp.dim() == 2 else weight_lp  # [k, out, in]
         x2d = x.reshape(-1, x.shape[-1])  # [N, in]
-        fresh = weight.grad is None
-        if fresh:
-            weight.grad = torch.empty_like(weight)
-        grad_buffer = weight.grad.view(stacked.shape)
+        grad, fresh = fp32_gradient(weight)
+        grad_buffer = grad.view(stacked.shape)
         grad_x = None
         for i, grad in enumerate(grads):
             g2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # [N, out]
@@ -185,9 +185,10 @@ class _FusedWgradLinear(torch.autograd.Function):
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused path applies to fp32 leaf weights trained under autocast."""
+    """The fused path applies to leaf weights with an fp32 gradient (fp32 weights, or bf16 ones
+    with the distributed optimizer's main_grad) trained under autocast."""
     return (torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type) and weight.requires_grad
-            and weight.is_leaf and weight.dtype == torch.float32)
+            and has_fp32_gradient(weight))
 
 
 def fused_wgrad_linear(x: torch.Tensor, weight: torch.Tensor, casts: StepWeightCasts):
@@ -214,10 +215,9 @@ class _FusedGradEmbedding(torch.autograd.Function):
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
         weight = ctx.weight
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        rows = grad.reshape(-1, weight.shape[1]).to(weight.grad.dtype)  # [N, h]
-        weight.grad.index_put_((ids.reshape(-1),), rows, accumulate=True)
+        target, _ = fp32_gradient(weight, torch.zeros_like)
+        rows = grad.reshape(-1, weight.shape[1]).to(target.dtype)  # [N, h]
+        target.index_put_((ids.reshape(-1),), rows, accumulate=True)
         return None, None
 
 

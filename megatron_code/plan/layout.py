@@ -35,6 +35,9 @@ class Layout:
     """With full recompute: "uniform" or "block"."""
     recompute_num_layers: int | None = None
     """With full recompute: layers per group (uniform) or recomputed layers per stage (block)."""
+    bf16_params: bool = False
+    """--params-dtype bfloat16 (ZeRO-1 under bf16 only): bf16 parameters whose fp32 master weights
+    the distributed optimizer keeps sharded with the Adam state (parallel/distributed_optimizer.py)."""
 
     @property
     def sequence_parallel(self) -> bool:
@@ -70,7 +73,8 @@ class Layout:
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         return base.replace(recompute_granularity=self.recompute_granularity,
-                            recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers)
+                            recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers,
+                            params_dtype="bfloat16" if self.bf16_params else base.params_dtype)
 
     def train_flags(self, global_batch_size: int) -> list[str]:
         """The mcode-train flags that select this layout."""
@@ -81,6 +85,7 @@ class Layout:
         flags += ["--context-parallel-size", str(self.cp), "--micro-batch-size", str(self.micro_batch_size),
                   "--global-batch-size", str(global_batch_size)]
         flags += ["--use-distributed-optimizer", "--overlap-param-gather"] if self.distributed_optimizer else []
+        flags += ["--params-dtype", "bfloat16"] if self.bf16_params else []
         if self.recompute_granularity:
             flags += ["--recompute-granularity", self.recompute_granularity]
         if self.recompute_method:
@@ -93,13 +98,14 @@ def check_layout(layout: Layout, model: ModelConfig, seq_length: int, global_bat
     from megatron_code.training.config import RunConfig, TrainingConfig
     # validate.py reads datasets through megatron-core; imported here so that the memory and
     # time models stay importable where megatron-core is not installed (GPU calibration hosts).
-    from megatron_code.training.validate import check_batch_sizes
+    from megatron_code.training.validate import check_batch_sizes, check_params_dtype
 
     config = layout.model_config(model)
     dp = validate_layout(layout.parallel_config(), layout.gpus, config, seq_length)
     run = RunConfig(model=config, parallel=layout.parallel_config(),
                     training=TrainingConfig(micro_batch_size=layout.micro_batch_size,
-                                            global_batch_size=global_batch_size))
+                                            global_batch_size=global_batch_size, bf16=True))
     check_batch_sizes(run, dp)
+    check_params_dtype(run)
     if layout.pp > 1:
         check_pipeline(layout.schedule, layout.pp, layout.vp, config, layout.micro_batches(global_batch_size))

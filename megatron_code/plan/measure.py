@@ -67,13 +67,16 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
 
 def state_tensors(model: torch.nn.Module, optimizer) -> dict[str, list[torch.Tensor]]:
     """The tensors a training run keeps between steps, by the planner's components (plus the
-    model's buffers, e.g. RoPE's inverse frequencies, which the planner neglects)."""
+    model's buffers, e.g. RoPE's inverse frequencies, which the planner neglects). The master
+    weights of bf16 parameters (what the distributed optimizer steps then) are optimizer state."""
     inner = _torch_optimizer(optimizer)
     optimizer_params = [p for group in inner.param_groups for p in group["params"]]
+    masters = optimizer_params if getattr(optimizer, "master_weights", False) else []
     params = [*model.parameters(), *optimizer_params]
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for p in params for g in (p.grad, getattr(p, "main_grad", None)) if g is not None]
     adam = [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    return {"weights": params, "grads": grads, "optimizer": adam, "buffers": list(model.buffers())}
+    weights = [p for p in params if not any(p is m for m in masters)]
+    return {"weights": weights, "grads": grads, "optimizer": adam + masters, "buffers": list(model.buffers())}
 
 
 def _reference_weights(trainer) -> list[torch.Tensor]:

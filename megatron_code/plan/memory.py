@@ -158,14 +158,16 @@ def fp8_layers(config: ModelConfig, execution: Execution) -> range:
     return fp8_layer_indices(config) if execution.fp8 else range(0)
 
 
-def weight_copy_bytes(execution: Execution, fp8_layer: bool) -> int:
-    """Bytes per GEMM weight element of a layer's low-precision weights: bf16 copies under autocast,
-    FP8 casts with their transposes in an FP8 layer, none in fp32."""
-    return BF16 if execution.bf16 or fp8_layer else 0
+def weight_copy_bytes(execution: Execution, fp8_layer: bool, bf16_params: bool = False) -> int:
+    """Bytes per GEMM weight element of a layer's low-precision weights: FP8 casts with their
+    transposes in an FP8 layer, bf16 copies under autocast (none of bf16 parameters), none in fp32."""
+    if fp8_layer:
+        return BF16
+    return BF16 if execution.bf16 and not bf16_params else 0
 
 
 def layer_memory(config: ModelConfig, mb: act.MicroBatch, execution: Execution, selective: bool,
-                 per_layer_copies: bool) -> Callable[[int], int]:
+                 per_layer_copies: bool, bf16_params: bool = False) -> Callable[[int], int]:
     """bytes(layer index): what one stored layer keeps, with its weight copies when they are made
     per micro-batch (no step weight copies)."""
     in_fp8 = fp8_layers(config, execution)
@@ -173,7 +175,7 @@ def layer_memory(config: ModelConfig, mb: act.MicroBatch, execution: Execution, 
 
     @functools.cache  # the search asks for every layer of thousands of layouts; there are two kinds
     def bytes_of_kind(fp8: bool) -> int:
-        copies = weight_copy_bytes(execution, fp8) * gemm if per_layer_copies else 0
+        copies = weight_copy_bytes(execution, fp8, bf16_params) * gemm if per_layer_copies else 0
         return act.layer_bytes(config, dataclasses.replace(mb, fp8=fp8), recompute_core=selective) + copies
     return lambda index: bytes_of_kind(index in in_fp8)
 
@@ -191,13 +193,14 @@ def rank_activations(config: ModelConfig, layout: Layout, seq_length: int, micro
     # Per-step copies of all this rank's layers, or autocast's, kept per stored layer and in flight.
     step_copies = 0
     if execution.step_weight_copies:
-        step_copies = sum(weight_copy_bytes(execution, i in in_fp8) * per_layer.gemm for c in chunks for i in c)
+        step_copies = sum(weight_copy_bytes(execution, i in in_fp8, layout.bf16_params) * per_layer.gemm
+                          for c in chunks for i in c)
     holds_last = pp_rank == layout.pp - 1
-    if holds_last and mb.step_output_weight:  # the fused loss head's per-step bf16 output weight
+    if holds_last and mb.step_output_weight and not layout.bf16_params:  # the fused head's per-step bf16 weight
         step_copies += BF16 * padded_vocab // layout.tp * config.hidden_size
-    copy = 0 if execution.step_weight_copies else BF16 * execution.bf16
+    copy = 0 if execution.step_weight_copies or layout.bf16_params else BF16 * execution.bf16
     stored_layer = layer_memory(config, mb, execution, layout.recompute_granularity == "selective",
-                                per_layer_copies=not execution.step_weight_copies)
+                                per_layer_copies=not execution.step_weight_copies, bf16_params=layout.bf16_params)
     # Block recompute rebuilds a chunk's first layers and stores the last `full` ones.
     full_layer = max(stored_layer(i) for c in chunks for i in c)
     chunk = (max(sum(stored_layer(i) for i in c[chunk_layers - full:]) for c in chunks)
@@ -229,6 +232,9 @@ def rank_memory(config: ModelConfig, layout: Layout, seq_length: int, global_bat
     params = rank_parameters(config, layout.tp, layers, pp_rank == 0, pp_rank == layout.pp - 1, padded_vocab)
     shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
     grads = FP32 * params + (FP32 * params // shards if shards > 1 else 0)  # + the reduced shard
+    # bf16 parameters: their fp32 master weights are sharded optimizer state (Megatron-LM's layout)
+    weights, optimizer = (BF16 * params, 3 * FP32 * params // shards) if layout.bf16_params else (
+        FP32 * params, 2 * FP32 * params // shards)
     activations, in_flight = rank_activations(config, layout, seq_length, layout.micro_batches(global_batch_size),
                                               pp_rank, padded_vocab, execution)
     reducer_copies = 0
@@ -236,7 +242,7 @@ def rank_memory(config: ModelConfig, layout: Layout, seq_length: int, global_bat
         # GradientReducer's flat bucket copies, all alive at the end of the backward (it is armed
         # for the last micro-batch, or for the whole 1F1B/interleaved schedule).
         reducer_copies = FP32 * params
-    return MemoryEstimate(weights=FP32 * params, grads=grads, optimizer=2 * FP32 * params // shards,
+    return MemoryEstimate(weights=weights, grads=grads, optimizer=optimizer,
                           activations=max(activations, reducer_copies), pipeline_rank=pp_rank, in_flight=in_flight)
 
 

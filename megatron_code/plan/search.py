@@ -175,7 +175,8 @@ def plan(request: PlanRequest, tm: TimeModelConfig = TimeModelConfig()) -> PlanR
     for tp, pp, vp, cp, dp in parallel_shapes(request):
         for micro_batch in request.micro_batch_sizes:
             for zero1 in (True, False):
-                base = Layout(tp, pp, vp, cp, dp, micro_batch, zero1)
+                # ZeRO-1 under bf16 runs bf16 parameters (sharded fp32 master weights): never worse
+                base = Layout(tp, pp, vp, cp, dp, micro_batch, zero1, bf16_params=zero1 and request.execution.bf16)
                 result.parallel_layouts += 1
                 try:
                     check_layout(base, request.model, request.seq_length, request.global_batch_size)

@@ -256,8 +256,10 @@ def _data_parallel(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: 
     reduce = max(reduce - 2 / 3 * compute, edge)
     if not layout.distributed_optimizer:
         return reduce
-    # launched in forward order after the step; each layer waits only for its own bucket
-    gather = max(_ring(group) * grads / bandwidth - compute / 3, edge)
+    # launched in forward order after the step; each layer waits only for its own bucket. bf16
+    # parameters gather 2 bytes each (their fp32 master weights stay sharded).
+    share = BF16 / FP32 if layout.bf16_params else 1.0
+    gather = max(_ring(group) * share * grads / bandwidth - compute / 3, share * edge)
     return reduce + gather
 
 

@@ -109,17 +109,26 @@ def _adam_state(optimizer, param) -> dict:
     return state
 
 
-def sharded_state(model, optimizer, parallel: ParallelState, gather_optimizer: bool = True) -> dict:
+def sharded_state(model, optimizer, parallel: ParallelState, gather_optimizer: bool = True,
+                  optimizer_state: bool = True) -> dict:
     """{"model": {name: tensor}, "optimizer": {name: {exp_avg, exp_avg_sq}}, "optimizer_step": n}
-    with every tensor in its global form (see the module docstring).
+    with every tensor in its global form (see the module docstring); without `optimizer_state`
+    only "model" (the optimizer is then asked only for master weights).
+
+    The model's tensors are always fp32: for bf16 parameters the distributed optimizer's master
+    weights, gathered like its Adam state (targets for loading when gather_optimizer=False), so
+    a checkpoint is the same whatever the parameters' dtype and loads exactly either way.
 
     The distributed optimizer (ZeRO-1) keeps only this rank's shard of the Adam state: for saving,
     the shards are all-gathered over the data-parallel group into each parameter's TP-local full
     tensor (collective; a temporary 8 bytes per local parameter on every rank), so the files are
     the same as without it and a checkpoint moves freely between the two. For loading
     (gather_optimizer=False) zeros of that shape are the targets, and _copy_loaded keeps the shard."""
-    state = {"model": {name: _global_view(p.detach(), p, parallel) for name, p in model.named_parameters()}}
-    if optimizer is not None:
+    masters = (optimizer.full_master_weights(gather=gather_optimizer)
+               if isinstance(optimizer, DistributedOptimizer) else {})
+    state = {"model": {name: _global_view(masters.get(p, p.detach()), p, parallel)
+                       for name, p in model.named_parameters()}}
+    if optimizer is not None and optimizer_state:
         if isinstance(optimizer, DistributedOptimizer):
             full = optimizer.full_adam_state(gather=gather_optimizer)
             adam = {name: full[p] for name, p in model.named_parameters()}
@@ -137,22 +146,28 @@ def sharded_state(model, optimizer, parallel: ParallelState, gather_optimizer: b
 
 
 def _copy_loaded(state: dict, model, optimizer) -> None:
-    """Copy what DCP loaded back into parameters and Adam state (a DTensor wrapper may not share
+    """Copy what DCP loaded back into the parameters (bf16 ones get it rounded, their master
+    weights exactly) and, when `state` holds it, the Adam state (a DTensor wrapper may not share
     storage with the tensor it was built from)."""
+    loaded = {p: _local(state["model"][name]) for name, p in model.named_parameters()}
+    distributed = isinstance(optimizer, DistributedOptimizer)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            loaded = state["model"][name]
-            p.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
-            if optimizer is not None and not isinstance(optimizer, DistributedOptimizer):
-                adam = optimizer.state[p]
-                for key in ("exp_avg", "exp_avg_sq"):
-                    value = state["optimizer"][name][key]
-                    adam[key].copy_(value.to_local() if isinstance(value, DTensor) else value)
-                adam["step"].copy_(state["optimizer_step"])
-    if isinstance(optimizer, DistributedOptimizer):
-        full = {p: {key: _local(value) for key, value in state["optimizer"][name].items()}
-                for name, p in model.named_parameters()}
-        optimizer.load_full_adam_state(full, state["optimizer_step"])
+        for p, value in loaded.items():
+            p.copy_(value)
+    if distributed:
+        optimizer.load_master_weights(loaded)
+    if optimizer is None or "optimizer" not in state:
+        return
+    adam = {p: {key: _local(value) for key, value in state["optimizer"][name].items()}
+            for name, p in model.named_parameters()}
+    if distributed:
+        optimizer.load_full_adam_state(adam, state["optimizer_step"])
+        return
+    with torch.no_grad():
+        for p, values in adam.items():
+            for key, value in values.items():
+                optimizer.state[p][key].copy_(value)
+            optimizer.state[p]["step"].copy_(state["optimizer_step"])
 
 
 def _local(tensor):
@@ -338,15 +353,17 @@ def latest_iteration(root: str) -> int | None:
         return int(fh.read().strip())
 
 
-def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restore_rng: bool = True) -> dict | None:
-    """Load the latest checkpoint under root into model (and optimizer, unless None), whatever
-    layout saved it. Returns its train state, or None when root holds no checkpoint yet (a fresh
-    run with --load == --save)."""
+def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restore_rng: bool = True,
+                    optimizer_state: bool = True) -> dict | None:
+    """Load the latest checkpoint under root into model (and optimizer, unless None or without
+    `optimizer_state`: then only the master weights of bf16 parameters), whatever layout saved it.
+    Returns its train state, or None when root holds no checkpoint yet (a fresh run with --load
+    == --save)."""
     train_state = read_train_state(root)
     if train_state is None:
         return None
     ckpt = checkpoint_dir(root, train_state["iteration"])
-    state = sharded_state(model, optimizer, parallel, gather_optimizer=False)
+    state = sharded_state(model, optimizer, parallel, gather_optimizer=False, optimizer_state=optimizer_state)
     dcp.load(state, checkpoint_id=ckpt)
     _copy_loaded(state, model, optimizer)
     if restore_rng:  # a full resume: the run goes on as if never stopped

@@ -35,8 +35,10 @@ class DPOTrainer(Trainer):
         self._step_sums = torch.zeros(3, dtype=torch.float64)  # chosen reward, rejected reward, correct
 
     def _load_reference(self) -> GPTModel:
-        """Built as the policy was (same seed and layout: the same initial weights), then loaded
-        from the reference checkpoint; with --mock-data and none (validated), left at those weights."""
+        """Built as the policy was (same seed, layout and --params-dtype: the same initial weights,
+        and with bf16 parameters the same rounding, so policy and reference agree at the start),
+        then loaded from the reference checkpoint; with --mock-data and none (validated), left at
+        those weights."""
         ck = self.cfg.checkpoint
         root, flag = (ck.ref_load, "--ref-load") if ck.ref_load else (ck.load, "--load")
         reference = GPTModel(self.cfg.model, self.parallel, init_seed=self.cfg.training.seed).to(self.env.device)

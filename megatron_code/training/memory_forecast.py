@@ -25,7 +25,7 @@ def run_layout(cfg: RunConfig, world_size: int) -> Layout:
     return Layout(tp=tp, pp=pp, vp=virtual_stages(p, m.num_layers), cp=cp, dp=world_size // (tp * cp * pp),
                   micro_batch_size=cfg.training.micro_batch_size, distributed_optimizer=p.use_distributed_optimizer,
                   recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
-                  recompute_num_layers=m.recompute_num_layers)
+                  recompute_num_layers=m.recompute_num_layers, bf16_params=m.params_dtype == "bfloat16")
 
 
 def document_attention(cfg: RunConfig) -> str | None:

@@ -115,8 +115,9 @@ class Trainer:
                 f"--load {ck.load}: this checkpoint was converted from {where} and "
                 "holds weights only (no optimizer state); add --finetune to start training from it."
             )
-        optimizer = None if ck.finetune else self.optimizer
-        checkpointing.load_checkpoint(ck.load, self.model, optimizer, self.parallel, restore_rng=not ck.finetune)
+        # --finetune: weights only (the optimizer still takes the master weights of bf16 parameters)
+        checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.parallel, restore_rng=not ck.finetune,
+                                      optimizer_state=not ck.finetune)
         if not ck.finetune:
             self.iteration = saved["iteration"]
         print_rank0(f"resumed from {ck.load} at iteration {saved['iteration']}", enabled=self.env.is_main)

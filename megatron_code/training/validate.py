@@ -101,6 +101,27 @@ def validate_job(cfg: RunConfig, world_size: int, require_files: bool = True):
     return tokenizer
 
 
+def check_params_dtype(cfg: RunConfig) -> None:
+    """float32 parameters are their own master weights; bfloat16 ones need the distributed
+    optimizer, which keeps their fp32 master weights sharded (Megatron-LM's distributed optimizer)."""
+    dtype, p = cfg.model.params_dtype, cfg.parallel
+    if dtype == "float32":
+        return
+    if dtype != "bfloat16" or not (p.use_distributed_optimizer and cfg.training.bf16):
+        raise ConfigError(
+            f"--params-dtype {dtype}: training needs fp32 master weights. Use --params-dtype bfloat16 with "
+            "--bf16 and --use-distributed-optimizer (the optimizer keeps the fp32 master weights, sharded), "
+            "or leave --params-dtype at float32 (the parameters are the master weights; --bf16 computes in bf16)."
+        )
+    if p.pipeline_model_parallel_size > 1 and p.pipeline_schedule in ("zbv", "dualpipev"):
+        raise ConfigError(f"--params-dtype bfloat16 with --pipeline-schedule {p.pipeline_schedule}: the zero-bubble "
+                          "schedules write weight gradients outside autograd's hooks, which fold bf16 gradients into "
+                          "the fp32 ones; use 1f1b or interleaved-1f1b, or --params-dtype float32.")
+    if cfg.model.fp8_format and cfg.model.fp8_backend == "te":
+        raise ConfigError("--params-dtype bfloat16 with --fp8-backend te has not been verified on a GPU; use "
+                          "--fp8-backend torch, or --params-dtype float32.")
+
+
 def data_files_exist(prefix: str) -> bool:
     """Both PREFIX.bin and PREFIX.idx exist."""
     return all(os.path.isfile(prefix + ext) for ext in (".bin", ".idx"))
@@ -154,11 +175,7 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
             f"--eval-interval {cfg.training.eval_interval} needs a validation split, but --split "
             f"{cfg.data.split} gives it weight 0. Use e.g. --split 949,50,1 or --eval-interval 0."
         )
-    if cfg.model.params_dtype != "float32":
-        raise ConfigError(
-            f"--params-dtype {cfg.model.params_dtype}: training keeps float32 master weights; use "
-            "--bf16 for bfloat16 compute and leave --params-dtype at float32."
-        )
+    check_params_dtype(cfg)
     check_optimizer_impl(cfg.optimizer.optimizer_impl)
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter "
