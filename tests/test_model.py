@@ -314,13 +314,15 @@ def test_padded_vocabulary_rows_get_no_probability():
     torch.testing.assert_close(model(tokens, labels=tokens), expected)
 
 
+@pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("fp32_residual", [False, True])
-def test_residual_stream_dtype_under_bf16_autocast(fp32_residual):
+def test_residual_stream_dtype_under_bf16_autocast(fp32_residual, params_dtype):
     """The residual stream (embedding output, layer outputs) is bf16 under bf16 autocast, as in
-    Megatron-LM, or fp32 with --fp32-residual-connection; the losses of the two stay close. (A
-    layer inside the block hands its MLP output to the next one unadded: (stream, mlp output).)"""
+    Megatron-LM, or fp32 with --fp32-residual-connection, also over bf16 parameters (whose
+    embedding rows are bf16); the losses stay close. (A layer inside the block hands its MLP
+    output to the next one unadded: (stream, mlp output).)"""
     tokens = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
-    model = GPTModel(small_config(fp32_residual_connection=fp32_residual), init_seed=1)
+    model = GPTModel(small_config(fp32_residual_connection=fp32_residual, params_dtype=params_dtype), init_seed=1)
     seen = []
     for layer in model.decoder.layers.values():
         layer.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out[0].dtype)))

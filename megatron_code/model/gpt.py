@@ -128,9 +128,12 @@ class Embedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [b, s] -> [s, b, h] ([s/tp, b, h] under sequence parallelism). This starts the
         residual stream: under autocast it is kept in the autocast dtype (the blocks' outputs
-        have it, so the adds stay in it) unless fp32_residual_connection."""
+        have it, so the adds stay in it) unless fp32_residual_connection, which keeps it in fp32
+        (also when the table itself is bf16: --params-dtype bfloat16)."""
         hidden = self.word_embeddings(tokens)
-        if torch.is_autocast_enabled(hidden.device.type) and not self.fp32_residual_connection:
+        if self.fp32_residual_connection:
+            return hidden.float()
+        if torch.is_autocast_enabled(hidden.device.type):
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         return hidden
 
