@@ -325,15 +325,20 @@ def planner_peak_gib(num_layers: int, mode: str, precision: str) -> float:
     return forecast(parse_args(profile_training_flags(num_layers, precision, mode) + ["--mock-data"]), 1).total / 2**30
 
 
-def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str = "pretrain") -> dict | None:
+# The job scripts' ZeRO-1 with bf16 parameters (sharded fp32 master weights), on one rank.
+BF16_PARAMS = ("--use-distributed-optimizer", "--params-dtype", "bfloat16")
+
+
+def run_profile_command(num_layers: int, out_dir: str, precision: str, mode: str = "pretrain",
+                        extra: tuple[str, ...] = (), label: str = "") -> dict | None:
     """`python -m megatron_code.profile` (the trainer's own step) on the cut 7B shape; its log and
     a gzipped one-step trace go to out_dir, its JSON report (with the planner's peak beside the
     measured one) into gpu_check.json. SFT and DPO run on the profiler's synthetic conversations
-    (DPO's reference: the initial weights)."""
-    name = precision if mode == "pretrain" else f"{mode}_{precision}"
+    (DPO's reference: the initial weights). `extra` flags, named by `label` in the files."""
+    name = (precision if mode == "pretrain" else f"{mode}_{precision}") + label
     trace_dir = os.path.join(out_dir, f"trace_{name}")
     report = os.path.join(trace_dir, "report.json")
-    cmd = [sys.executable, "-m", "megatron_code.profile", *profile_training_flags(num_layers, precision, mode),
+    cmd = [sys.executable, "-m", "megatron_code.profile", *profile_training_flags(num_layers, precision, mode), *extra,
            "--profile-steps", "5", "--profile-warmup", "3", "--trace-dir", trace_dir, "--trace-steps", "1",
            "--report", report]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECTION_TIMEOUT_S)
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Which of our model's rows to time (default all).")
     parser.add_argument("--skip", nargs="*", action="extend", default=None,
                         choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels",
-                                 "optimizer", "fp8_wgrad"])
+                                 "optimizer", "fp8_wgrad", "profile_bf16_params"])
     parser.add_argument("--merge", nargs="+", metavar="GPU_CHECK_JSON",
                         help="Print one table of the rows of earlier runs' gpu_check.json files (same card), run nothing.")
     return parser
@@ -411,7 +416,11 @@ def main(argv=None) -> dict:
                 "dpo": lambda: run_profile_command(dpo_layers_that_fit(args.max_layers), args.out, "bf16", "dpo"),
                 "kernels": lambda: run_bench("bench_kernels", args.out) is not None,
                 "optimizer": lambda: run_bench("bench_optimizer", args.out),
-                "fp8_wgrad": lambda: run_bench("bench_fp8_wgrad", args.out)}
+                "fp8_wgrad": lambda: run_bench("bench_fp8_wgrad", args.out),
+                # Last (each section's result is saved as it ends): the job scripts' bf16 parameters
+                # under ZeRO-1 (one rank), beside `profile`; on one GPU both hold 18 bytes per parameter.
+                "profile_bf16_params": lambda: run_profile_command(layers, args.out, "bf16", extra=BF16_PARAMS,
+                                                                   label="_bf16_params")}
     for name, section in sections.items():
         if name in args.skip:
             continue

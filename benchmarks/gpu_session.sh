@@ -10,7 +10,8 @@
 #    FP8 GEMMs), transformers', the
 #    optimizer step alone (bench_optimizer.py) and the FP8 weight-gradient GEMMs (bench_fp8_wgrad.py);
 # 3. phase 2, with TE importable: TE's rows, the GPU tests (tests/test_te_fp8.py among them) and the
-#    other sections, less those its flags skip (e.g. `--skip profile profile_fp8 kernels`);
+#    other sections, less those its flags skip (e.g. `--skip profile profile_fp8 kernels`), the
+#    profiling run with bf16 parameters (`profile_bf16_params`) last;
 # 4. one table of both phases (gpu_check.py --merge).
 #
 # Results under $OUT (the device tool's folder; else ./gpu_results): run logs, phase1/, phase2/.
@@ -30,7 +31,7 @@ if [ -d .te ]; then
 fi
 timeout 290 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-cast-copies:bf16 ours:fp8 ours-fp8-wgrad-add:fp8 \
     ours-fp8-unfused-swiglu:fp8 \
-    --skip ours_te tests profile profile_fp8 sft dpo kernels
+    --skip ours_te tests profile profile_fp8 sft dpo kernels profile_bf16_params
 if [ -n "${te_pid:-}" ]; then
     wait "$te_pid" && echo "Transformer Engine built" || echo "Transformer Engine build failed: $out/te_install.log"
     tail -3 "$out/te_install.log"
