@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from kernels.grad_accumulation import fp32_gradient
 from megatron_code.errors import ConfigError
 from megatron_code.parallel.fused_wgrad import StepWeightCasts
 from megatron_code.parallel.state import ParallelState
@@ -107,9 +108,8 @@ class TELinear(nn.Module):
         `.grad`, and returns no gradient, so autograd adds nothing (the post-accumulate hooks of the
         data-parallel buckets still run). TE finds `main_grad` through a weak reference to the
         tensor it was given: `lent` is the same object for the whole step (memoized by the caller)."""
-        if weight.grad is None:
-            weight.grad = torch.empty_like(weight) if first else torch.zeros_like(weight)
-        lent.main_grad = weight.grad.view(lent.shape)
+        grad, _ = fp32_gradient(weight, torch.empty_like if first else torch.zeros_like)
+        lent.main_grad = grad.view(lent.shape)
         self.__dict__["lent"] = lent  # not a submodule attribute: it may be our Parameter
         return lent
 

@@ -72,10 +72,9 @@ def state_tensors(model: torch.nn.Module, optimizer) -> dict[str, list[torch.Ten
     inner = _torch_optimizer(optimizer)
     optimizer_params = [p for group in inner.param_groups for p in group["params"]]
     masters = optimizer_params if getattr(optimizer, "master_weights", False) else []
-    params = [*model.parameters(), *optimizer_params]
-    grads = [g for p in params for g in (p.grad, getattr(p, "main_grad", None)) if g is not None]
+    weights = [*model.parameters(), *([] if masters else optimizer_params)]
+    grads = [g for p in (*weights, *masters) for g in (p.grad, getattr(p, "main_grad", None)) if g is not None]
     adam = [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    weights = [p for p in params if not any(p is m for m in masters)]
     return {"weights": weights, "grads": grads, "optimizer": adam + masters, "buffers": list(model.buffers())}
 
 
