@@ -115,7 +115,8 @@ def zero1_master_worker(rank: int, world: int, port: int) -> None:
             torch.testing.assert_close(masters[p], q.detach(), rtol=1e-5, atol=1e-7)
             assert torch.equal(p, q.detach().bfloat16())  # every rank's parameters: the master, rounded
     padded = sum(b.grad_buffer.numel() for b in opt.buckets)
-    assert opt.memory_bytes() == {"params": 2 * padded, "grads": 4 * padded + 4 * padded // world,
-                                  "optimizer": 12 * padded // world}
+    # the reduce-scatter's output is this rank's part of the gradient buffer (no shard copy)
+    assert all(b.grad_shard.data_ptr() == b.grad_buffer[b.lo:].data_ptr() for b in opt.buckets)
+    assert opt.memory_bytes() == {"params": 2 * padded, "grads": 4 * padded, "optimizer": 12 * padded // world}
     dist.destroy_process_group()
     os._exit(0)  # see ARCHITECTURE.md on gloo exits

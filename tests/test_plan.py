@@ -85,9 +85,9 @@ def test_7b_tp8_state_bytes_match_hand_computation():
     plain = rank_memory(SEVEN_B, Layout(8, 1, 1, 1, 64, 1, False), 4096, 64, 0, 49152, Execution())
     assert (plain.weights, plain.grads, plain.optimizer) == (4 * params, 4 * params, 8 * params)
     zero1 = rank_memory(SEVEN_B, Layout(8, 1, 1, 1, 64, 1, True), 4096, 64, 0, 49152, Execution())
-    # ZeRO-1 over 64 ranks: fp32 weights and gradient buffer stay whole, plus the reduced 1/64 shard;
-    # Adam's two fp32 moments are sharded.
-    assert (zero1.weights, zero1.grads, zero1.optimizer) == (3_692_052_480, 3_692_052_480 + 57_688_320, 115_376_640)
+    # ZeRO-1 over 64 ranks: fp32 weights and gradient buffer stay whole (the reduce-scatter writes
+    # the reduced 1/64 shard in place); Adam's two fp32 moments are sharded.
+    assert (zero1.weights, zero1.grads, zero1.optimizer) == (3_692_052_480, 3_692_052_480, 115_376_640)
 
 
 def test_step_weight_copies_replace_autocasts_per_micro_batch_copies():
@@ -226,7 +226,7 @@ def test_zero1_parameter_gather_is_hidden_behind_the_next_forward(micro_batch):
 
 def test_zero1_under_bf16_is_planned_with_bf16_parameters():
     """The search gives every ZeRO-1 layout under bf16 bf16 parameters (sharded fp32 master
-    weights, never worse): 2 + 4 + 4/G + 12/G bytes per parameter, no per-step bf16 weight copies,
+    weights, never worse): 2 + 4 + 12/G bytes per parameter, no per-step bf16 weight copies,
     half the parameter all-gather, and --params-dtype bfloat16 in its flags."""
     request = PlanRequest(model=SEVEN_B, gpus=512, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=1024)
     zero1 = Layout(2, 1, 1, 1, 256, 4, True, bf16_params=True)
@@ -236,7 +236,7 @@ def test_zero1_under_bf16_is_planned_with_bf16_parameters():
     ours, before = evaluate(request, zero1, TimeModelConfig()), evaluate(request, fp32_params, TimeModelConfig())
     params = rank_parameters(SEVEN_B, 2, 32, True, True, 49152)
     assert (ours.memory.weights, ours.memory.grads, ours.memory.optimizer) == (
-        2 * params, 4 * params + 4 * params // 256, 12 * params // 256)
+        2 * params, 4 * params, 12 * params // 256)
     copies = 2 * 32 * act_gemm_parameters(2) + 2 * 49152 // 2 * 4096  # the layers' and the loss head's
     assert before.memory.activations - ours.memory.activations == copies
     link, forward = 50e9 * 0.75, ours.time.compute / zero1.micro_batches(1024) / 3

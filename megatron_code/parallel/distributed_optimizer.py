@@ -18,14 +18,16 @@ each bucket, S = padded length / G.
 
 One step:
 1. backward (last micro-batch only): as soon as all of a bucket's gradients are accumulated, the
-   bucket is reduce-scattered asynchronously: rank r receives the group's SUM of its elements
-   (the exact global-batch gradient, see grads.py) in a shard-sized buffer;
+   bucket is reduce-scattered asynchronously and in place: rank r's shard of the gradient buffer
+   receives the group's SUM of its elements (the exact global-batch gradient, see grads.py), the
+   rest of the buffer keeps this rank's unreduced values, which nothing reads before zero_grad;
 2. the shard elements of sequence-parallel norm weights (partial sums per TP rank) are
    all-reduced over TP;
 3. the global grad norm from the shards: sums of squares over the group, TP-sharded parameters
    also summed over TP, TP-replicated ones counted once (the rule of grads.global_grad_norm);
 4. clipping scales the shard; torch AdamW updates the shard;
-5. the updated parameter shards are all-gathered into the full parameter buffers; with
+5. the updated parameter shards are all-gathered into the full parameter buffers (in place: each
+   rank's shard already sits at its offset); with
    overlap_param_gather (Megatron's --overlap-param-gather) the step returns with the gathers in
    flight, and the next forward waits for each bucket just before the first module that owns
    one of its parameters, so the gathers of later layers overlap the compute of earlier ones.
@@ -36,9 +38,11 @@ whose exp_avg / exp_avg_sq are views of this bucket's flat state shards. Weight 
 per piece from its parameter (optimizer.parameter_groups: no decay on 1-D tensors), so every
 element gets exactly the update of the non-distributed optimizer.
 
-Per-rank bytes for N fp32 parameters: params 4N + grads 4N (+ 4N/G for the reduced shard when
-G > 1) + Adam 8N/G, against 4N + 4N + 8N without sharding (`memory_bytes`); for bf16 parameters
-2N + 4N (+ 4N/G) + 12N/G, and the per-step bf16 weight copies (2N) are gone too.
+Both collectives are in place (NCCL's documented in-place forms, recvbuff = sendbuff +
+rank x count; Megatron-LM's distributed optimizer does the same; gloo handles the aliasing too), so
+no shard-sized copy exists. Per-rank bytes for N fp32 parameters: params 4N + grads 4N + Adam
+8N/G, against 4N + 4N + 8N without sharding (`memory_bytes`); for bf16 parameters 2N + 4N +
+12N/G, and the per-step bf16 weight copies (2N) are gone too.
 """
 from __future__ import annotations
 
@@ -97,8 +101,8 @@ class _Bucket:
         low_precision = params[0].dtype != torch.float32
         self.master = self.own_params().float() if low_precision else None
         self.point_grads()
-        # With a group of one the gradient buffer already is the reduced shard.
-        self.grad_shard = self.grad_buffer if group_size == 1 else torch.zeros(self.shard_size, **like)
+        # The reduce-scatter writes the group's sum over this rank's own part of the buffer.
+        self.grad_shard = self.grad_buffer[self.lo:self.lo + self.shard_size]
         self.state = {key: torch.zeros(self.shard_size, **like) for key in ADAM_KEYS}
         self.pieces = []
         for p, off in zip(params, self.offsets):
@@ -214,7 +218,7 @@ class DistributedOptimizer(BucketTrigger):
         if self.group_size == 1:
             return
         for b in reversed(self.buckets):  # forward order: the first layers' buckets first
-            b.gather = dist.all_gather_into_tensor(b.param_buffer, b.own_params().clone(), group=self.group,
+            b.gather = dist.all_gather_into_tensor(b.param_buffer, b.own_params(), group=self.group,
                                                    async_op=True)
         if not self.overlap_param_gather:
             self.wait_for_params()
@@ -317,13 +321,11 @@ class DistributedOptimizer(BucketTrigger):
 
     # ---- memory -----------------------------------------------------------------------------
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held on this rank: parameters, gradients (full buffers + reduced shards),
+        """Bytes held on this rank: parameters, gradients (the buffers, reduced shards included),
         optimizer state (the Adam shards, and the master weight shards of bf16 parameters)."""
         def nbytes(ts):
             return sum(t.numel() * t.element_size() for t in ts)
         grads = nbytes(b.grad_buffer for b in self.buckets)
-        if self.group_size > 1:
-            grads += nbytes(b.grad_shard for b in self.buckets)
         optimizer = nbytes([b.state[k] for b in self.buckets for k in ADAM_KEYS]
                            + [b.master for b in self.buckets if b.master is not None])
         return {"params": nbytes(b.param_buffer for b in self.buckets), "grads": grads, "optimizer": optimizer}

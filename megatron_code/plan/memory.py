@@ -231,7 +231,7 @@ def rank_memory(config: ModelConfig, layout: Layout, seq_length: int, global_bat
     layers = config.num_layers // layout.pp
     params = rank_parameters(config, layout.tp, layers, pp_rank == 0, pp_rank == layout.pp - 1, padded_vocab)
     shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    grads = FP32 * params + (FP32 * params // shards if shards > 1 else 0)  # + the reduced shard
+    grads = FP32 * params  # ZeRO-1 reduce-scatters in place: the reduced shard is part of the buffer
     # bf16 parameters: their fp32 master weights are sharded optimizer state (Megatron-LM's layout)
     weights, optimizer = (BF16 * params, 3 * FP32 * params // shards) if layout.bf16_params else (
         FP32 * params, 2 * FP32 * params // shards)
