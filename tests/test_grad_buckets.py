@@ -55,3 +55,27 @@ def test_unarmed_micro_batches_accumulate_locally_and_finish_gives_the_sum(one_r
     reducer.finish()
     for ours, reference in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(ours.grad, reference.grad)  # one rank: the sum is the local sum
+
+
+def test_gradients_accumulate_in_the_buckets_buffers_and_zero_grad_keeps_them_there(one_rank_group):
+    model, reducer = _model_and_reducer(one_rank_group)
+    buffers = {b.buffer.data_ptr() for b in reducer.buckets}
+    for step in range(2):
+        reducer.zero_grad()
+        reducer.arm(1)
+        _micro_batch(model, step)
+        reducer.finish()
+        for bucket in reducer.buckets:
+            for p, view in zip(bucket.params, bucket.views()):
+                assert p.grad.data_ptr() == view.data_ptr() and p.grad.abs().sum() > 0
+            assert bucket.buffer.data_ptr() % 16 == 0 and all(off % 64 == 0 for off in bucket.offsets)
+    assert {b.buffer.data_ptr() for b in reducer.buckets} == buffers  # no copy, no new buffer
+
+
+def test_a_gradient_moved_out_of_its_buffer_is_refused_before_the_all_reduce(one_rank_group):
+    model, reducer = _model_and_reducer(one_rank_group)
+    for p in model.parameters():
+        p.grad = None  # what optimizer.zero_grad(set_to_none=True) would do
+    reducer.arm(1)
+    with pytest.raises(RuntimeError, match=r"GradientReducer\.zero_grad\(\)"):
+        _micro_batch(model, 0)

@@ -15,12 +15,42 @@ import torch.distributed as dist
 from megatron_code.parallel.state import ParallelState
 
 
+# Each parameter's gradient starts a multiple of this many elements into its bucket's buffer:
+# 256 bytes in fp32, so the views keep the alignment a separately allocated gradient has
+# (the fused AdamW's vectorized loads want 16 bytes: kernels/triton_adamw.py).
+GRAD_ALIGNMENT = 64
+
+
 class _Bucket:
+    """One flat gradient buffer whose views are its parameters' `.grad`: autograd and the fused
+    weight-gradient kernels accumulate into them in place, and the all-reduce runs on the buffer
+    itself (no copy before or after it)."""
+
     def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
+        self.params, self.offsets, total = params, [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += -(-p.numel() // GRAD_ALIGNMENT) * GRAD_ALIGNMENT
+        self.buffer = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
         self.pending = len(params)
-        self.flat: torch.Tensor | None = None
         self.work = None
+        self.point_grads()
+
+    def views(self):
+        return [self.buffer[off:off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)]
+
+    def point_grads(self) -> None:
+        for p, view in zip(self.params, self.views()):
+            p.grad = view
+
+    def check_grads(self) -> None:
+        """A `.grad` that is no longer its view would be left out of the all-reduce silently."""
+        for p, view in zip(self.params, self.views()):
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                raise RuntimeError(
+                    "GradientReducer: a parameter's .grad is no longer a view of its gradient buffer "
+                    f"(shape {tuple(p.shape)}); zero gradients with GradientReducer.zero_grad(), not "
+                    "optimizer.zero_grad(set_to_none=True), and do not assign .grad.")
 
 
 class BucketTrigger(abc.ABC):
@@ -74,46 +104,54 @@ class GradientReducer(BucketTrigger):
     """Sums gradients over the data-parallel group in buckets of ~bucket_mb MB. A bucket's
     all-reduce is launched (asynchronously) as soon as backward has produced all of its gradients,
     so communication overlaps the rest of backward. Armed for the last micro-batch of a step (or for
-    all micro-batches of a pipeline schedule), so gradient accumulation communicates once per step."""
+    all micro-batches of a pipeline schedule), so gradient accumulation communicates once per step.
+
+    The gradients live in the buckets' flat buffers for the whole run (Megatron-LM's DDP grad
+    buffer): `zero_grad()` zeroes them, the micro-batches accumulate into them, the all-reduce
+    sums them in place. 4 bytes per fp32 parameter, and no second copy at the end of backward."""
 
     def __init__(self, params: list[torch.nn.Parameter], group, bucket_mb: float = 25.0):
         self.group = group
         self.armed = False
-        # Backward produces gradients roughly in reverse order of definition: bucket that way.
-        self.buckets: list[_Bucket] = []
-        current, size = [], 0
+        # Backward produces gradients roughly in reverse order of definition: bucket that way,
+        # one dtype per buffer.
+        groups, current, size = [], [], 0
         for param in reversed([p for p in params if p.requires_grad]):
+            if current and param.dtype != current[0].dtype:
+                groups.append(current)
+                current, size = [], 0
             current.append(param)
             size += param.numel() * param.element_size()
             if size >= bucket_mb * 2**20:
-                self.buckets.append(_Bucket(current))
+                groups.append(current)
                 current, size = [], 0
         if current:
-            self.buckets.append(_Bucket(current))
+            groups.append(current)
+        self.buckets: list[_Bucket] = [_Bucket(g) for g in groups]
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._watch(self.bucket_of_params())
 
     def bucket_of_params(self):
         return [p for b in self.buckets for p in b.params]
 
+    def zero_grad(self) -> None:
+        """Zero the gradient buffers; every `.grad` is (again) a view of its buffer."""
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            bucket.point_grads()
+
     def _launch(self, bucket: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat = torch.cat([g.flatten() for g in grads])
-        bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+        bucket.check_grads()
+        bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
     def finish(self) -> None:
-        """Wait for every bucket (launching any whose parameters got no gradient) and write the
-        summed gradients back."""
+        """Wait for every bucket (launching any whose parameters got no gradient): the `.grad`
+        views then hold the group's sums."""
         for bucket in self.buckets:
             if bucket.work is None:
                 self._launch(bucket)
             bucket.work.wait()
-            offset = 0
-            for param in bucket.params:
-                n = param.numel()
-                param.grad = bucket.flat[offset:offset + n].view_as(param)
-                offset += n
-            bucket.flat, bucket.work, bucket.pending = None, None, len(bucket.params)
+            bucket.work, bucket.pending = None, len(bucket.params)
         self.armed = False
 
 

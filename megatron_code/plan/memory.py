@@ -83,8 +83,7 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
-    """Peak activation bytes (in-flight micro-batches plus the largest transient), or the gradient
-    reducer's flat copies when those are larger (they peak after the activations are freed)."""
+    """Peak activation bytes (in-flight micro-batches plus the largest transient)."""
     pipeline_rank: int
     """Which pipeline rank this is (ranks differ: embedding, output layer, in-flight micro-batches)."""
     in_flight: int
@@ -237,13 +236,9 @@ def rank_memory(config: ModelConfig, layout: Layout, seq_length: int, global_bat
         FP32 * params, 2 * FP32 * params // shards)
     activations, in_flight = rank_activations(config, layout, seq_length, layout.micro_batches(global_batch_size),
                                               pp_rank, padded_vocab, execution)
-    reducer_copies = 0
-    if not layout.distributed_optimizer and layout.dp * layout.cp > 1:
-        # GradientReducer's flat bucket copies, all alive at the end of the backward (it is armed
-        # for the last micro-batch, or for the whole 1F1B/interleaved schedule).
-        reducer_copies = FP32 * params
+    # Both reducers sum the gradient buffers in place (no copies at the end of the backward).
     return MemoryEstimate(weights=weights, grads=grads, optimizer=optimizer,
-                          activations=max(activations, reducer_copies), pipeline_rank=pp_rank, in_flight=in_flight)
+                          activations=activations, pipeline_rank=pp_rank, in_flight=in_flight)
 
 
 def estimate_memory(config: ModelConfig, layout: Layout, seq_length: int, global_batch_size: int,

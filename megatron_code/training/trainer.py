@@ -177,7 +177,10 @@ class Trainer:
         the batch is cut into micro-batches and ranks. Returns ({loss, grad_norm}: 0-d device
         tensors, not read here), the learning rate applied."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_reducer is not None:  # gradients are views of its buffers (or ZeRO-1's): zeroed in place
+            self.grad_reducer.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         total_tokens = self._loss_normalizer(micro_batches)
         with cached_weight_casts(self.model):  # bf16 weight copies shared by the step's micro-batches
             if self.pipeline is not None:  # the schedule runs all micro-batches in one call
