@@ -51,7 +51,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from megatron_code.parallel.grads import BucketTrigger, clip_in_optimizer_step, sum_of_squares
+from megatron_code.parallel.grads import (BucketTrigger, backward_ordered_groups, clip_in_optimizer_step,
+                                         sum_of_squares)
 from megatron_code.parallel.state import ParallelState
 from megatron_code.training.config import OptimizerConfig
 from megatron_code.training.optimizer import adamw, parameter_groups
@@ -159,21 +160,9 @@ class DistributedOptimizer(BucketTrigger):
             self._install_gather_waits(model)
 
     def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
-        """Backward produces gradients roughly in reverse order of definition: bucket that way
-        (one dtype per bucket), ~bucket_mb of fp32 gradients each (what is reduce-scattered)."""
-        buckets, current, size = [], [], 0
-        for p in reversed(params):
-            if current and p.dtype != current[0].dtype:
-                buckets.append(current)
-                current, size = [], 0
-            current.append(p)
-            size += p.numel() * 4
-            if size >= bucket_mb * 2**20:
-                buckets.append(current)
-                current, size = [], 0
-        if current:
-            buckets.append(current)
-        return [_Bucket(b, self.group_size, self.group_rank, self.shard_alignment) for b in buckets]
+        """~bucket_mb of fp32 gradients each (what is reduce-scattered), in backward order."""
+        groups = backward_ordered_groups(params, bucket_mb, lambda p: p.numel() * 4)
+        return [_Bucket(g, self.group_size, self.group_rank, self.shard_alignment) for g in groups]
 
     def _build_adamw(self, config: OptimizerConfig, decay_of: dict, on_cuda: bool) -> torch.optim.AdamW:
         groups: dict[float, list] = {}

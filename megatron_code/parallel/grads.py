@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,30 +28,48 @@ class _Bucket:
     itself (no copy before or after it)."""
 
     def __init__(self, params: list[torch.nn.Parameter]):
-        self.params, self.offsets, total = params, [], 0
+        self.params, offsets, total = params, [], 0
         for p in params:
-            self.offsets.append(total)
+            offsets.append(total)
             total += -(-p.numel() // GRAD_ALIGNMENT) * GRAD_ALIGNMENT
         self.buffer = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
         self.pending = len(params)
         self.work = None
+        self.views = [self.buffer[off:off + p.numel()].view_as(p) for p, off in zip(params, offsets)]
         self.point_grads()
 
-    def views(self):
-        return [self.buffer[off:off + p.numel()].view_as(p) for p, off in zip(self.params, self.offsets)]
-
     def point_grads(self) -> None:
-        for p, view in zip(self.params, self.views()):
+        for p, view in zip(self.params, self.views):
             p.grad = view
 
     def check_grads(self) -> None:
         """A `.grad` that is no longer its view would be left out of the all-reduce silently."""
-        for p, view in zip(self.params, self.views()):
+        for p, view in zip(self.params, self.views):
             if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                 raise RuntimeError(
                     "GradientReducer: a parameter's .grad is no longer a view of its gradient buffer "
                     f"(shape {tuple(p.shape)}); zero gradients with GradientReducer.zero_grad(), not "
                     "optimizer.zero_grad(set_to_none=True), and do not assign .grad.")
+
+
+def backward_ordered_groups(params: list[torch.nn.Parameter], bucket_mb: float,
+                            grad_bytes: Callable[[torch.nn.Parameter], int]) -> list[list[torch.nn.Parameter]]:
+    """The parameters cut into buckets of ~bucket_mb MiB of gradients (`grad_bytes` each), one
+    dtype per bucket, in reverse order of definition: roughly the order backward produces them,
+    so the first buckets complete (and launch their collective) earliest."""
+    groups, current, size = [], [], 0
+    for param in reversed(params):
+        if current and param.dtype != current[0].dtype:
+            groups.append(current)
+            current, size = [], 0
+        current.append(param)
+        size += grad_bytes(param)
+        if size >= bucket_mb * 2**20:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
 
 
 class BucketTrigger(abc.ABC):
@@ -113,20 +132,8 @@ class GradientReducer(BucketTrigger):
     def __init__(self, params: list[torch.nn.Parameter], group, bucket_mb: float = 25.0):
         self.group = group
         self.armed = False
-        # Backward produces gradients roughly in reverse order of definition: bucket that way,
-        # one dtype per buffer.
-        groups, current, size = [], [], 0
-        for param in reversed([p for p in params if p.requires_grad]):
-            if current and param.dtype != current[0].dtype:
-                groups.append(current)
-                current, size = [], 0
-            current.append(param)
-            size += param.numel() * param.element_size()
-            if size >= bucket_mb * 2**20:
-                groups.append(current)
-                current, size = [], 0
-        if current:
-            groups.append(current)
+        groups = backward_ordered_groups([p for p in params if p.requires_grad], bucket_mb,
+                                         lambda p: p.numel() * p.element_size())
         self.buckets: list[_Bucket] = [_Bucket(g) for g in groups]
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._watch(self.bucket_of_params())
