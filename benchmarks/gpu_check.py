@@ -80,7 +80,7 @@ VARIANTS = {"ours:bf16": Variant(), "ours-unfused:bf16": Variant(fusion=False),
 SECTION_TIMEOUT_S = 240
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_fp8_cuda.py", "tests/test_te_fp8.py", "tests/test_kernels_cuda.py",
              "tests/test_context_attention.py", "tests/test_fused_wgrad.py", "tests/test_triton_adamw.py",
-             "tests/test_fp8_wgrad.py")
+             "tests/test_fp8_wgrad.py", "tests/test_distributed_timeout.py")
 EXIT_SIGNAL_TESTS = tuple(f"tests/test_launch.py::{name}" for name in (
     "test_exit_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one",
     "test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_ignored_or_blocked",

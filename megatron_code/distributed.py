@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_code.parallel.state import distributed_timeout
+
 
 @dataclass
 class DistributedEnv:
@@ -23,8 +25,9 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistributedEnv:
-    """NCCL when CUDA is available, gloo otherwise; idempotent."""
+def init_distributed(timeout_minutes: float | None = None) -> DistributedEnv:
+    """NCCL when CUDA is available, gloo otherwise; idempotent. timeout_minutes: how long the
+    world group's collectives wait (--distributed-timeout-minutes; None: torch's default)."""
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -36,10 +39,11 @@ def init_distributed() -> DistributedEnv:
         atexit.unregister(gc.collect)
         atexit.register(gc.collect)
         backend = "nccl" if use_cuda else "gloo"
+        timeout = distributed_timeout(timeout_minutes)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+            dist.init_process_group(backend=backend, device_id=device if use_cuda else None, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -11,6 +11,7 @@ explicitly to every layer that communicates (no global state).
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,11 @@ class ParallelConfig:
     """With the distributed optimizer: return from the optimizer step with the parameter
     all-gathers in flight; the next forward waits for each bucket just before the layer that
     uses it, so the gathers overlap compute (Megatron's --overlap-param-gather)."""
+    distributed_timeout_minutes: float | None = None
+    """How long any collective waits for the other ranks before the job fails, for the world
+    group and every parallel group (Megatron's --distributed-timeout-minutes). Default: torch's,
+    10 minutes on NCCL (30 on gloo). Raise it where ranks legitimately wait longer, e.g. while rank
+    0 builds the dataset indices of a large blend (megatron-core; the others wait at a barrier)."""
 
 
 @dataclass
@@ -202,11 +208,36 @@ def build_parallel_state(config: ParallelConfig, device: torch.device, fp8_amax_
     """Create the device mesh over all ranks (collective: every rank calls it); with
     fp8_amax_group, also the data x context x tensor-parallel group (ParallelState.amax_group)."""
     pp, dp, cp, tp = rank_grid(config, dist.get_world_size()).shape
-    mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIM_NAMES)
+    options = group_options(device, config.distributed_timeout_minutes)
+    overrides = None if options is None else dict.fromkeys(MESH_DIM_NAMES, options)
+    mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIM_NAMES, backend_override=overrides)
     flattened = {}
     if cp > 1:
-        flattened["dp_cp"] = mesh["dp", "cp"]._flatten("dp_cp")
+        flattened["dp_cp"] = mesh["dp", "cp"]._flatten("dp_cp", backend_override=options)
     if fp8_amax_group:
-        flattened["dp_cp_tp"] = mesh["dp", "cp", "tp"]._flatten("dp_cp_tp")
+        flattened["dp_cp_tp"] = mesh["dp", "cp", "tp"]._flatten("dp_cp_tp", backend_override=options)
     return ParallelState(tp=tp, pp=pp, cp=cp, dp=dp, sequence_parallel=config.sequence_parallel, mesh=mesh,
                          flattened=flattened)
+
+
+def distributed_timeout(minutes: float | None) -> datetime.timedelta | None:
+    """--distributed-timeout-minutes as what torch.distributed takes (None: torch's default)."""
+    if minutes is None:
+        return None
+    if minutes <= 0:
+        raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {minutes}.")
+    return datetime.timedelta(minutes=minutes)
+
+
+def group_options(device: torch.device, minutes: float | None):
+    """Backend options carrying the timeout, for the mesh's groups (None: torch's defaults, and
+    a mesh dimension spanning the world reuses the world group). NCCL takes only its own options
+    class; DeviceMesh reads the timeout back from either."""
+    timeout = distributed_timeout(minutes)
+    if timeout is None:
+        return None
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return options
+    return dist.ProcessGroupGloo.Options("gloo", timeout)

@@ -452,7 +452,7 @@ def train(cfg: RunConfig, prepare=None) -> list[dict]:
     """Validate, set up, train. Returns the per-step metric records. `prepare(trainer)`, if given,
     runs once the trainer is built, before the first step (profiling hooks in)."""
     tokenizer = validate_job(cfg, launched_world_size(cfg.launch, os.environ))
-    env = init_distributed()
+    env = init_distributed(cfg.parallel.distributed_timeout_minutes)
     exit_signal = ExitSignal(cfg.training.exit_signal)  # from here on: save and exit on the signal
     try:
         # The trainer lives in _build_and_run's frame only, so that it is gone when the

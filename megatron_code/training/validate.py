@@ -9,7 +9,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_code.errors import ConfigError
 from megatron_code.parallel.pipeline import check_pipeline
-from megatron_code.parallel.state import validate_layout, virtual_stages
+from megatron_code.parallel.state import distributed_timeout, validate_layout, virtual_stages
 from megatron_code.tokenizer import SentencePieceTokenizer
 from megatron_code.training.checkpointing import latest_iteration
 from megatron_code.training.config import RunConfig
@@ -176,6 +176,7 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
             f"{cfg.data.split} gives it weight 0. Use e.g. --split 949,50,1 or --eval-interval 0."
         )
     check_params_dtype(cfg)
+    distributed_timeout(cfg.parallel.distributed_timeout_minutes)
     check_optimizer_impl(cfg.optimizer.optimizer_impl)
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter "
