@@ -79,3 +79,21 @@ def test_a_gradient_moved_out_of_its_buffer_is_refused_before_the_all_reduce(one
     reducer.arm(1)
     with pytest.raises(RuntimeError, match=r"GradientReducer\.zero_grad\(\)"):
         _micro_batch(model, 0)
+
+
+def test_the_distributed_optimizer_refuses_a_gradient_moved_out_of_its_buffer_too(one_rank_group):
+    from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
+    from megatron_code.parallel.state import ParallelConfig, build_parallel_state
+    from megatron_code.training.config import OptimizerConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    parallel = build_parallel_state(ParallelConfig(), torch.device("cpu"))
+    optimizer = DistributedOptimizer(model, OptimizerConfig(), parallel, one_rank_group)
+    optimizer.zero_grad()
+    optimizer.arm(1)
+    _micro_batch(model, 0)  # the views take the gradients: launched and finished without complaint
+    optimizer.finish()
+    model[0].weight.grad = None
+    optimizer.arm(1)
+    with pytest.raises(RuntimeError, match=r"DistributedOptimizer\.zero_grad\(\)"):
+        _micro_batch(model, 1)

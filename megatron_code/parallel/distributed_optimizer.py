@@ -51,8 +51,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from megatron_code.parallel.grads import (BucketTrigger, backward_ordered_groups, clip_in_optimizer_step,
-                                         sum_of_squares)
+from megatron_code.parallel.grads import (BucketTrigger, backward_ordered_groups, check_gradient_views,
+                                         clip_in_optimizer_step, sum_of_squares)
 from megatron_code.parallel.state import ParallelState
 from megatron_code.training.config import OptimizerConfig
 from megatron_code.training.optimizer import adamw, parameter_groups
@@ -101,6 +101,7 @@ class _Bucket:
         # bf16 parameters: AdamW steps an fp32 copy of this rank's shard (Megatron-LM's main params)
         low_precision = params[0].dtype != torch.float32
         self.master = self.own_params().float() if low_precision else None
+        self.grad_views = [self.grad_buffer[off:off + p.numel()].view_as(p) for p, off in zip(params, self.offsets)]
         self.point_grads()
         # The reduce-scatter writes the group's sum over this rank's own part of the buffer.
         self.grad_shard = self.grad_buffer[self.lo:self.lo + self.shard_size]
@@ -113,16 +114,18 @@ class _Bucket:
         self.pending, self.launched, self.work = len(params), False, None
         self.gather = None  # the parameter all-gather in flight (overlap_param_gather)
 
-    def point_grads(self) -> None:
+    @property
+    def grad_attribute(self) -> str:
         """fp32 parameters: `.grad` is a view of the gradient buffer, autograd accumulates into it.
         bf16 parameters: `.main_grad` is (autograd's bf16 `.grad` of a micro-batch is folded into
         it by the post-accumulate hook; the fused kernels write it directly)."""
-        for p, off in zip(self.params, self.offsets):
-            view = self.grad_buffer[off:off + p.numel()].view_as(p)
-            if self.master is None:
-                p.grad = view
-            else:
-                p.main_grad, p.grad = view, None
+        return "grad" if self.master is None else "main_grad"
+
+    def point_grads(self) -> None:
+        for p, view in zip(self.params, self.grad_views):
+            setattr(p, self.grad_attribute, view)
+            if self.master is not None:
+                p.grad = None
 
     def own_params(self) -> torch.Tensor:
         return self.param_buffer[self.lo:self.lo + self.shard_size]
@@ -249,6 +252,7 @@ class DistributedOptimizer(BucketTrigger):
         super()._on_gradient_ready(param)
 
     def _launch(self, bucket: _Bucket) -> None:
+        check_gradient_views("DistributedOptimizer", bucket.params, bucket.grad_views, bucket.grad_attribute)
         bucket.launched = True
         if self.group_size > 1:
             bucket.work = dist.reduce_scatter_tensor(bucket.grad_shard, bucket.grad_buffer,

@@ -42,14 +42,17 @@ class _Bucket:
         for p, view in zip(self.params, self.views):
             p.grad = view
 
-    def check_grads(self) -> None:
-        """A `.grad` that is no longer its view would be left out of the all-reduce silently."""
-        for p, view in zip(self.params, self.views):
-            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                raise RuntimeError(
-                    "GradientReducer: a parameter's .grad is no longer a view of its gradient buffer "
-                    f"(shape {tuple(p.shape)}); zero gradients with GradientReducer.zero_grad(), not "
-                    "optimizer.zero_grad(set_to_none=True), and do not assign .grad.")
+
+def check_gradient_views(owner: str, params, views, attribute: str = "grad") -> None:
+    """Before a bucket's collective: each parameter's gradient (`attribute`) must still be its view
+    of the bucket's buffer; one replaced behind the owner's back would be left out silently."""
+    for p, view in zip(params, views):
+        held = getattr(p, attribute, None)
+        if held is None or held.data_ptr() != view.data_ptr():
+            raise RuntimeError(
+                f"{owner}: a parameter's .{attribute} is no longer a view of its gradient buffer (shape "
+                f"{tuple(p.shape)}); zero gradients with {owner}.zero_grad(), not a torch optimizer's "
+                f"zero_grad(set_to_none=True), and do not assign .{attribute}.")
 
 
 def backward_ordered_groups(params: list[torch.nn.Parameter], bucket_mb: float,
@@ -148,7 +151,7 @@ class GradientReducer(BucketTrigger):
             bucket.point_grads()
 
     def _launch(self, bucket: _Bucket) -> None:
-        bucket.check_grads()
+        check_gradient_views("GradientReducer", bucket.params, bucket.views)
         bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
     def finish(self) -> None:
