@@ -132,8 +132,10 @@ def _check_operands(t: AdamWTensors) -> None:
 def address_table(tensors: Sequence[AdamWTensors]) -> tuple[torch.Tensor, bool]:
     """([len(tensors), 6] int64 on their device: each row the operands' addresses (0 for no copy)
     and the element count; whether every address is 16-byte aligned and every count a multiple of
-    16 (the kernel's ALIGNED). Rebuilt every step: gradients are new tensors after zero_grad.
-    Separately allocated tensors are aligned; views into flat buffers (ZeRO-1 shards) may not be."""
+    16 (the kernel's ALIGNED). Rebuilt every step: in a single process the gradients are new
+    tensors after zero_grad (with data parallelism they are views of the reducers' flat buffers).
+    Separately allocated tensors are aligned, and so are GradientReducer's views (their offsets are
+    multiples of 64 elements); ZeRO-1's pieces may not be (a shard can cut a parameter anywhere)."""
     rows = [[t.param.data_ptr(), t.grad.data_ptr(), t.exp_avg.data_ptr(), t.exp_avg_sq.data_ptr(),
              0 if t.copy is None else t.copy.data_ptr(), t.param.numel()] for t in tensors]
     aligned = all(value % 16 == 0 for row in rows for value in row)
