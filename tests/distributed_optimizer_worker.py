@@ -12,7 +12,7 @@ from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 
 
 def _model() -> torch.nn.Module:
-    # Backward order buckets of >= 40 bytes: [15] (padded to 16), [5 + 5], [5 + 35]; 1-D
+    # Backward order buckets of >= 10 elements: [15] (padded to 16), [5 + 5], [5 + 35]; 1-D
     # (no decay) and 2-D (decay) parameters share buckets and shards.
     return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3, bias=False))
 
@@ -28,9 +28,9 @@ def zero1_worker(rank: int, world: int, port: int, overlap: bool = False) -> Non
     ref.load_state_dict(model.state_dict())
     cfg = OptimizerConfig(lr=0.05, weight_decay=0.1)
     # shard_alignment 1: shards of a few elements (the default pads each to 64 for aligned loads)
-    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20,
+    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_elements=10,
                                overlap_param_gather=overlap, shard_alignment=1)
-    aligned = DistributedOptimizer(_model(), cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20)
+    aligned = DistributedOptimizer(_model(), cfg, ParallelState(dp=world), dist.group.WORLD, bucket_elements=10)
     assert all(b.shard_size % 64 == 0 and b.grad_buffer.numel() == world * b.shard_size for b in aligned.buckets)
     ref_opt = build_optimizer(ref, cfg)
     assert len(opt.buckets) == 3
@@ -81,7 +81,7 @@ def zero1_master_worker(rank: int, world: int, port: int) -> None:
     model, shadow, master = _model().to(torch.bfloat16), _model().to(torch.bfloat16), _model()
     master.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     cfg = OptimizerConfig(lr=0.05, weight_decay=0.1)
-    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_mb=40 / 2**20,
+    opt = DistributedOptimizer(model, cfg, ParallelState(dp=world), dist.group.WORLD, bucket_elements=10,
                                shard_alignment=1)
     assert opt.master_weights and all(p.dtype == torch.bfloat16 and p.grad is None for p in model.parameters())
     ref_opt = build_optimizer(master, cfg)

@@ -104,6 +104,8 @@ def _args(data_prefix, *extra):
                                                   r"Use --params-dtype bfloat16 with --bf16 and --use-distributed-opt"),
         (["--params-dtype", "float16", "--bf16", "--use-distributed-optimizer"], r"--params-dtype float16: training"),
         (["--params-dtype", "bfloat16", "--use-distributed-optimizer"], r"with --bf16 and --use-distributed"),
+        (["--ddp-bucket-size", "0"], r"--ddp-bucket-size must be >= 1 \(gradient elements per bucket\), got 0"),
+        (["--distributed-timeout-minutes", "-1"], r"--distributed-timeout-minutes must be > 0, got -1"),
     ],
 )
 def test_bad_inputs_raise_one_clear_error(fixture_data, extra, message):

@@ -22,7 +22,7 @@ def one_rank_group():
 def _model_and_reducer(group):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
-    reducer = GradientReducer(list(model.parameters()), group, bucket_mb=1e-9)  # one bucket per parameter
+    reducer = GradientReducer(list(model.parameters()), group, bucket_elements=1)  # one bucket per parameter
     return model, reducer
 
 
@@ -97,3 +97,26 @@ def test_the_distributed_optimizer_refuses_a_gradient_moved_out_of_its_buffer_to
     optimizer.arm(1)
     with pytest.raises(RuntimeError, match=r"DistributedOptimizer\.zero_grad\(\)"):
         _micro_batch(model, 1)
+
+
+def test_the_planner_models_the_buckets_the_reducer_makes(one_rank_group):
+    """plan/timing.first_stage_buckets (the edge bucket and the count of ring passes the planner
+    charges) against the buckets GradientReducer builds over a real model's parameters."""
+    from megatron_code.model import GPTModel
+    from megatron_code.model.config import ModelConfig
+    from megatron_code.parallel.state import ParallelConfig, build_parallel_state
+    from megatron_code.plan.layout import Layout
+    from megatron_code.plan.timing import first_stage_buckets
+
+    toy = ModelConfig(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,
+                      group_query_attention=True, num_query_groups=1, max_position_embeddings=64,
+                      vocab_size=32, make_vocab_size_divisible_by=32, untie_embeddings_and_output_weights=True)
+    model = GPTModel(toy, build_parallel_state(ParallelConfig(), torch.device("cpu")))
+    reducer = GradientReducer(list(model.parameters()), one_rank_group, bucket_elements=300)
+    made = [sum(p.numel() for p in bucket.params) for bucket in reducer.buckets]
+    assert made == first_stage_buckets(toy, Layout(1, 1, 1, 1, 1, 1, False), 32, 300) == [392, 328, 520, 464]
+
+
+def test_default_buckets_grow_with_the_group_as_megatron_lms():
+    from megatron_code.parallel.grads import default_bucket_elements
+    assert [default_bucket_elements(g) for g in (1, 8, 40, 256)] == [40_000_000, 40_000_000, 40_000_000, 256_000_000]

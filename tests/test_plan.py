@@ -19,7 +19,8 @@ from megatron_code.plan.layout import Layout, check_layout
 from megatron_code.plan.measure import StepMemoryProbe
 from megatron_code.plan.search import PlanRequest, evaluate, layout_memory, plan
 from megatron_code.plan.memory import Execution, in_flight_micro_batches, rank_memory, rank_parameters
-from megatron_code.plan.timing import TimeModelConfig, estimate_time, fp8_efficiency_for_speedup
+from megatron_code.plan.timing import (TimeModelConfig, estimate_time, first_stage_buckets, fp8_efficiency_for_speedup,
+                                       ring_latency)
 from megatron_code.plan.hardware import GPUS, gpu_for_device
 from megatron_code.presets import get_preset
 from megatron_code.training.arguments import run_config_from_values
@@ -207,21 +208,40 @@ def test_time_model_bubble_and_mfu_are_consistent():
 def test_zero1_parameter_gather_is_hidden_behind_the_next_forward(micro_batch):
     """ZeRO-1 is planned with --overlap-param-gather: its parameter all-gather costs what the next
     step's first forward (a third of a micro-batch's compute) leaves uncovered, and at least its
-    first bucket, the embedding's; the gradient reduction what the last backward leaves."""
+    first bucket, the embedding's; the gradient reduction what the last backward leaves. Each
+    ring pass over a bucket also pays its steps' latency."""
     zero1 = Layout(4, 1, 1, 1, 128, micro_batch, True)
     assert "--overlap-param-gather" in zero1.train_flags(1024) and zero1.parallel_config().overlap_param_gather
     args = (SEVEN_B, 4096, 1024, 49152, GPUS["h100-sxm"], TimeModelConfig())
     time, plain = estimate_time(SEVEN_B, zero1, *args[1:]), estimate_time(
         SEVEN_B, dataclasses.replace(zero1, distributed_optimizer=False), *args[1:])
     ring, link = 127 / 128, 50e9 * 0.75  # 512 ranks: InfiniBand
-    grads = ring * 4 * rank_parameters(SEVEN_B, 4, 32, True, True, 49152) / link
-    embedding_bucket = ring * 4 * 49152 // 4 * 4096 / link
+    # DP 128 at TP 4: 2 ranks of the group per node, 64 nodes: 64 NVLink steps and 63 network steps
+    latency = 64 * 3.4e-6 + 63 * 9.6e-6
+    assert ring_latency(128, 2, TimeModelConfig()) == pytest.approx(latency)
+    buckets = first_stage_buckets(SEVEN_B, zero1, 49152, 128_000_000)  # Megatron's max(40M, 1M x 128)
+    assert sum(buckets) == rank_parameters(SEVEN_B, 4, 32, True, True, 49152) and len(buckets) == 14
+    grads = ring * 4 * sum(buckets) / link + len(buckets) * latency
+    edge = ring * 4 * buckets[-1] / link + latency
     compute = time.compute / zero1.micro_batches(1024)
-    reduce, gather = (max(grads - 2 / 3 * compute, embedding_bucket), max(grads - compute / 3, embedding_bucket))
+    reduce, gather = (max(grads - 2 / 3 * compute, edge), max(grads - compute / 3, edge))
     assert time.dp_comm == pytest.approx(reduce + gather)
-    assert plain.dp_comm == pytest.approx(max(2 * grads - 2 / 3 * compute, embedding_bucket))
+    assert plain.dp_comm == pytest.approx(max(2 * grads - 2 / 3 * compute, 2 * edge))
     if micro_batch == 8:  # one micro-batch of 8 samples covers both: only the embedding's bucket shows
-        assert time.dp_comm == pytest.approx(2 * embedding_bucket)
+        assert time.dp_comm == pytest.approx(2 * edge)
+
+
+def test_planned_buckets_follow_the_trainers_bucketing():
+    """Two layers (h 8, ffn 16, 2 heads / 1 KV group of 4, vocab 32), buckets closed at 300
+    elements in backward order: output 256 + final norm 8 + down 128 = 392; gate/up 256 + norm 8
+    + proj 64 = 328; qkv 128 + norm 8 + the first layer's down 128 + gate/up 256 = 520; its norm 8
+    + proj 64 + qkv 128 + norm 8 + embedding 256 = 464. With PP 2 the first stage holds the
+    embedding and one layer: 128 + 256 = 384, then 8 + 64 + 128 + 8 + 256 = 464."""
+    toy = ModelConfig(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,
+                      group_query_attention=True, num_query_groups=1, max_position_embeddings=64,
+                      vocab_size=32, untie_embeddings_and_output_weights=True)
+    assert first_stage_buckets(toy, Layout(1, 1, 1, 1, 2, 1, False), 32, 300) == [392, 328, 520, 464]
+    assert first_stage_buckets(toy, Layout(1, 2, 1, 1, 1, 1, False), 32, 300) == [384, 464]
 
 
 def test_zero1_under_bf16_is_planned_with_bf16_parameters():
@@ -240,9 +260,13 @@ def test_zero1_under_bf16_is_planned_with_bf16_parameters():
     copies = 2 * 32 * act_gemm_parameters(2) + 2 * 49152 // 2 * 4096  # the layers' and the loss head's
     assert before.memory.activations - ours.memory.activations == copies
     link, forward = 50e9 * 0.75, ours.time.compute / zero1.micro_batches(1024) / 3
-    gather, edge = (255 / 256 * 4 * n / link for n in (params, 49152 // 2 * 4096))  # fp32 bytes
+    buckets = first_stage_buckets(SEVEN_B, zero1, 49152, 256_000_000)
+    latency = ring_latency(256, 4, TimeModelConfig())  # the steps' latency does not shrink with the bytes
+    gather, edge = (255 / 256 * 4 * n / link for n in (params, buckets[-1]))  # fp32 bytes
+    gathers = len(buckets) * latency
     assert before.time.dp_comm - ours.time.dp_comm == pytest.approx(
-        max(gather - forward, edge) - max(gather / 2 - forward, edge / 2), rel=1e-6)
+        max(gather + gathers - forward, edge + latency) - max(gather / 2 + gathers - forward, edge / 2 + latency),
+        rel=1e-6)
 
 
 def act_gemm_parameters(tp: int) -> int:

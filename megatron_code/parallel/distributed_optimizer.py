@@ -9,7 +9,7 @@ fp32: the buffer's views are the parameters' `main_grad` (fused kernels write it
 kernels/grad_accumulation.py; a bf16 `.grad` autograd makes is folded into it by the
 post-accumulate hook), and a checkpoint holds the master weights (training/checkpointing.py).
 
-Layout. Parameters are grouped into buckets of ~bucket_mb (in reverse definition order, the
+Layout. Parameters are grouped into buckets of ~bucket_elements (in reverse definition order, the
 order backward produces gradients). Each bucket owns two flat buffers of the same length, padded
 to a multiple of G x SHARD_ALIGNMENT (G the group size): the parameters (every parameter's `.data` becomes a view into
 it) and their gradients (every `.grad` a view, which autograd accumulates into in place, so no
@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_code.parallel.grads import (BucketTrigger, backward_ordered_groups, check_gradient_views,
-                                         clip_in_optimizer_step, sum_of_squares)
+                                         clip_in_optimizer_step, default_bucket_elements, sum_of_squares)
 from megatron_code.parallel.state import ParallelState
 from megatron_code.training.config import OptimizerConfig
 from megatron_code.training.optimizer import adamw, parameter_groups
@@ -144,7 +144,7 @@ class DistributedOptimizer(BucketTrigger):
     (data x context parallel). Collective: every rank of the run builds it."""
 
     def __init__(self, model: torch.nn.Module, config: OptimizerConfig, parallel: ParallelState,
-                 group, bucket_mb: float = 25.0, overlap_param_gather: bool = False,
+                 group, bucket_elements: int | None = None, overlap_param_gather: bool = False,
                  shard_alignment: int = SHARD_ALIGNMENT):
         self.parallel, self.group = parallel, group
         self.shard_alignment = shard_alignment
@@ -155,16 +155,16 @@ class DistributedOptimizer(BucketTrigger):
         decay_of = {id(p): g["weight_decay"] for g in parameter_groups(model, config.weight_decay)
                     for p in g["params"]}
         params = [p for p in model.parameters() if p.requires_grad]
-        self.buckets = self._make_buckets(params, bucket_mb)
+        self.buckets = self._make_buckets(params, bucket_elements or default_bucket_elements(self.group_size))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._watch(params)
         self.optimizer = self._build_adamw(config, decay_of, params[0].is_cuda)
         if overlap_param_gather:
             self._install_gather_waits(model)
 
-    def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
-        """~bucket_mb of fp32 gradients each (what is reduce-scattered), in backward order."""
-        groups = backward_ordered_groups(params, bucket_mb, lambda p: p.numel() * 4)
+    def _make_buckets(self, params, bucket_elements: int) -> list[_Bucket]:
+        """~bucket_elements gradient elements each (what is reduce-scattered), in backward order."""
+        groups = backward_ordered_groups(params, bucket_elements)
         return [_Bucket(g, self.group_size, self.group_rank, self.shard_alignment) for g in groups]
 
     def _build_adamw(self, config: OptimizerConfig, decay_of: dict, on_cuda: bool) -> torch.optim.AdamW:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import weakref
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -55,19 +54,26 @@ def check_gradient_views(owner: str, params, views, attribute: str = "grad") -> 
                 f"zero_grad(set_to_none=True), and do not assign .{attribute}.")
 
 
-def backward_ordered_groups(params: list[torch.nn.Parameter], bucket_mb: float,
-                            grad_bytes: Callable[[torch.nn.Parameter], int]) -> list[list[torch.nn.Parameter]]:
-    """The parameters cut into buckets of ~bucket_mb MiB of gradients (`grad_bytes` each), one
-    dtype per bucket, in reverse order of definition: roughly the order backward produces them,
-    so the first buckets complete (and launch their collective) earliest."""
+def default_bucket_elements(group_size: int) -> int:
+    """Gradient elements per bucket of the data-parallel reduction, Megatron-LM's default:
+    max(40M, 1M x G). Each rank's part of a bucket's ring collective is bucket / G, so a fixed
+    bucket size would make the G - 1 ring steps latency-bound at large G (at G = 256 a 25 MB
+    bucket moves 100 KB per step); 1M elements per rank keeps each step at 4 MB."""
+    return max(40_000_000, 1_000_000 * group_size)
+
+
+def backward_ordered_groups(params: list[torch.nn.Parameter], bucket_elements: int) -> list[list[torch.nn.Parameter]]:
+    """The parameters cut into buckets of ~bucket_elements elements, one dtype per bucket, in
+    reverse order of definition: roughly the order backward produces their gradients, so the
+    first buckets complete (and launch their collective) earliest."""
     groups, current, size = [], [], 0
     for param in reversed(params):
         if current and param.dtype != current[0].dtype:
             groups.append(current)
             current, size = [], 0
         current.append(param)
-        size += grad_bytes(param)
-        if size >= bucket_mb * 2**20:
+        size += param.numel()
+        if size >= bucket_elements:
             groups.append(current)
             current, size = [], 0
     if current:
@@ -123,7 +129,8 @@ class BucketTrigger(abc.ABC):
 
 
 class GradientReducer(BucketTrigger):
-    """Sums gradients over the data-parallel group in buckets of ~bucket_mb MB. A bucket's
+    """Sums gradients over the data-parallel group in buckets of ~bucket_elements elements
+    (default_bucket_elements of the group size, Megatron-LM's --ddp-bucket-size). A bucket's
     all-reduce is launched (asynchronously) as soon as backward has produced all of its gradients,
     so communication overlaps the rest of backward. Armed for the last micro-batch of a step (or for
     all micro-batches of a pipeline schedule), so gradient accumulation communicates once per step.
@@ -132,11 +139,12 @@ class GradientReducer(BucketTrigger):
     buffer): `zero_grad()` zeroes them, the micro-batches accumulate into them, the all-reduce
     sums them in place. 4 bytes per fp32 parameter, and no second copy at the end of backward."""
 
-    def __init__(self, params: list[torch.nn.Parameter], group, bucket_mb: float = 25.0):
+    def __init__(self, params: list[torch.nn.Parameter], group, bucket_elements: int | None = None):
         self.group = group
         self.armed = False
-        groups = backward_ordered_groups([p for p in params if p.requires_grad], bucket_mb,
-                                         lambda p: p.numel() * p.element_size())
+        if bucket_elements is None:
+            bucket_elements = default_bucket_elements(dist.get_world_size(group))
+        groups = backward_ordered_groups([p for p in params if p.requires_grad], bucket_elements)
         self.buckets: list[_Bucket] = [_Bucket(g) for g in groups]
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._watch(self.bucket_of_params())

@@ -46,6 +46,11 @@ class ParallelConfig:
     """With the distributed optimizer: return from the optimizer step with the parameter
     all-gathers in flight; the next forward waits for each bucket just before the layer that
     uses it, so the gathers overlap compute (Megatron's --overlap-param-gather)."""
+    ddp_bucket_size: int | None = None
+    """Gradient elements per bucket of the data-parallel reduction (all-reduce, or ZeRO-1's
+    reduce-scatter and all-gather); a bucket's collective starts as soon as backward has produced
+    its gradients. Default: Megatron-LM's max(40M, 1M x DP x CP), large enough that the ring
+    collectives over G ranks stay bandwidth-bound (parallel/grads.py default_bucket_elements)."""
     distributed_timeout_minutes: float | None = None
     """How long any collective waits for the other ranks before the job fails, for the world
     group and every parallel group (Megatron's --distributed-timeout-minutes). Default: torch's,

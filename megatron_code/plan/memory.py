@@ -57,11 +57,17 @@ class Execution:
     weight cast to FP8 with its transpose (2 bytes per element, also without bf16 autocast)."""
 
 
-def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
+def layer_parameter_sizes(config: ModelConfig, tp: int) -> list[int]:
+    """Elements of one layer's parameters on one TP rank, in definition order: input norm, QKV,
+    output projection, MLP norm, gate/up, down."""
     h, d, f = config.hidden_size, config.head_dim, config.ffn_hidden_size // tp
     nq, nkv = config.num_attention_heads // tp, config.num_kv_heads // tp
-    qkv, proj, gate_up, down = (nq + 2 * nkv) * d * h, nq * d * h, 2 * f * h, f * h
-    return LayerParameters(total=qkv + proj + gate_up + down + 2 * h, gemm=qkv + proj + gate_up + down,
+    return [h, (nq + 2 * nkv) * d * h, nq * d * h, h, 2 * f * h, f * h]
+
+
+def layer_parameters(config: ModelConfig, tp: int) -> LayerParameters:
+    norm, qkv, proj, _, gate_up, down = layer_parameter_sizes(config, tp)
+    return LayerParameters(total=qkv + proj + gate_up + down + 2 * norm, gemm=qkv + proj + gate_up + down,
                            cached=qkv + proj + down)
 
 

@@ -18,14 +18,13 @@ from megatron_code.model.config import ModelConfig
 from megatron_code.plan.activations import document_kernel
 from megatron_code.plan.hardware import GpuSpec
 from megatron_code.plan.layout import Layout
-from megatron_code.plan.memory import rank_parameters, recompute_split
+from megatron_code.parallel.grads import default_bucket_elements
+from megatron_code.plan.memory import layer_parameter_sizes, rank_parameters, recompute_split
 from megatron_code.training.flops import training_flops_per_token
 
 FP32 = 4
 BF16 = 2
 INT64 = 8
-# GradientReducer and DistributedOptimizer reduce gradients in ~25 MB buckets (their bucket_mb).
-BUCKET_BYTES = 25 * 2**20
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,14 @@ class TimeModelConfig:
     instead of 6 N V h): where the loss weights are not known in the forward (DPO's per-token
     log-probs; evaluate() sets it for --training-mode dpo). The trainer's own loss gives them, and
     the head then makes its gradients in the forward (kernels/weighted_linear_cross_entropy.py)."""
+    nvlink_ring_step_latency: float = 3.4e-6
+    """Seconds each ring step of a collective costs besides its bytes between GPUs of one node,
+    and network_ring_step_latency between nodes: NCCL's own tuning model for its ring algorithm
+    and Simple protocol, the one large messages take (src/graph/tuning.cc hwLat: 3.4 and 9.6
+    us; a ring reduce-scatter over G ranks on N nodes takes G - N NVLink steps and N - 1 network
+    steps). What makes many small data-parallel buckets latency-bound at large G."""
+    network_ring_step_latency: float = 9.6e-6
+    """See nvlink_ring_step_latency."""
     masked_attention_efficiency: float = 0.14
     """Fraction of the BF16 peak the masked attention kernel reaches on packed documents
     (document_attention 'mask': every block of the s x s scores, twice the causal FLOPs). H200,
@@ -240,27 +247,57 @@ def _largest_rank_parameters(config: ModelConfig, layout: Layout, padded_vocab: 
 
 def _data_parallel(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig,
                    compute: float) -> float:
-    """fp32 gradients summed over the DP x CP group G: a ring all-reduce (2 (G-1)/G of the bytes),
-    or with ZeRO-1 a reduce-scatter plus the updated parameters' all-gather ((G-1)/G each).
-    `compute`: one micro-batch's forward + backward on the slowest rank (a third forward)."""
+    """fp32 gradients summed over the DP x CP group G in buckets of default_bucket_elements(G)
+    (the trainer's): a ring all-reduce per bucket (a reduce-scatter and an all-gather, 2 (G-1)/G of
+    the bytes), or with ZeRO-1 a reduce-scatter, then the updated parameters' all-gather ((G-1)/G
+    each); every ring pass also pays its steps' latency. `compute`: one micro-batch's forward +
+    backward on the slowest rank (a third forward)."""
     group = layout.dp * layout.cp
     if group == 1:
         return 0.0
-    grads = FP32 * _largest_rank_parameters(config, layout, padded_vocab)
+    elements = _largest_rank_parameters(config, layout, padded_vocab)
     bandwidth = _link(gpu, layout.tp * layout.cp * layout.dp) * tm.link_efficiency
-    # The bucket that cannot overlap: backward's last, forward's first. It holds the embedding,
-    # a bucket of its own when larger than BUCKET_BYTES (distributed_optimizer._make_buckets).
-    edge = _ring(group) * min(grads, max(BUCKET_BYTES, FP32 * padded_vocab // layout.tp * config.hidden_size)) / bandwidth
-    reduce = (1 if layout.distributed_optimizer else 2) * _ring(group) * grads / bandwidth
+    latency = ring_latency(group, max(1, gpu.gpus_per_node // layout.tp), tm)
+    buckets = first_stage_buckets(config, layout, padded_vocab, default_bucket_elements(group))
+    passes = 1 if layout.distributed_optimizer else 2  # an all-reduce is a reduce-scatter + an all-gather
+    # The bucket that cannot overlap: backward's last, forward's first (it holds the embedding).
+    edge = _ring(group) * FP32 * buckets[-1] / bandwidth + latency
+    reduce = passes * (_ring(group) * FP32 * elements / bandwidth + len(buckets) * latency)
     # overlapped with the last micro-batch's backward
-    reduce = max(reduce - 2 / 3 * compute, edge)
+    reduce = max(reduce - 2 / 3 * compute, passes * edge)
     if not layout.distributed_optimizer:
         return reduce
     # launched in forward order after the step; each layer waits only for its own bucket. bf16
     # parameters gather 2 bytes each (their fp32 master weights stay sharded).
     share = BF16 / FP32 if layout.bf16_params else 1.0
-    gather = max(_ring(group) * share * grads / bandwidth - compute / 3, share * edge)
+    gather_bytes = _ring(group) * share * FP32 * elements / bandwidth
+    gather = max(gather_bytes + len(buckets) * latency - compute / 3, share * (edge - latency) + latency)
     return reduce + gather
+
+
+def ring_latency(group: int, per_node: int, tm: TimeModelConfig) -> float:
+    """The steps' latency of one ring reduce-scatter or all-gather over `group` ranks placed
+    `per_node` to a node (TimeModelConfig.nvlink_ring_step_latency)."""
+    nodes = -(-group // per_node)
+    return (group - nodes) * tm.nvlink_ring_step_latency + (nodes - 1) * tm.network_ring_step_latency
+
+
+def first_stage_buckets(config: ModelConfig, layout: Layout, padded_vocab: int, bucket_elements: int) -> list[int]:
+    """Elements of each gradient bucket of the first pipeline rank, in the order backward fills
+    them (grads.backward_ordered_groups: reverse definition order, closed at bucket_elements);
+    the last holds the embedding."""
+    sizes = layer_parameter_sizes(config, layout.tp) * (config.num_layers // layout.pp)
+    embedding = padded_vocab // layout.tp * config.hidden_size
+    sizes = [embedding] + sizes
+    if layout.pp == 1:  # the final norm and the output layer too
+        sizes += [config.hidden_size] + [embedding] * config.untie_embeddings_and_output_weights
+    buckets, current = [], 0
+    for n in reversed(sizes):
+        current += n
+        if current >= bucket_elements:
+            buckets.append(current)
+            current = 0
+    return buckets + [current] if current else buckets
 
 
 def _optimizer(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig) -> float:

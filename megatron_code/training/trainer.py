@@ -64,10 +64,11 @@ class Trainer:
         if cfg.parallel.use_distributed_optimizer:
             # ZeRO-1: the optimizer owns the gradient buffers and reduce-scatters them itself.
             self.optimizer = DistributedOptimizer(self.model, cfg.optimizer, parallel, parallel.dp_cp_group,
+                                                  bucket_elements=cfg.parallel.ddp_bucket_size,
                                                   overlap_param_gather=cfg.parallel.overlap_param_gather)
             self.grad_reducer = self.optimizer
         else:
-            self.grad_reducer = (GradientReducer(self.params, parallel.dp_cp_group)
+            self.grad_reducer = (GradientReducer(self.params, parallel.dp_cp_group, cfg.parallel.ddp_bucket_size)
                                  if parallel.dp * parallel.cp > 1 else None)
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)

@@ -177,6 +177,9 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
         )
     check_params_dtype(cfg)
     distributed_timeout(cfg.parallel.distributed_timeout_minutes)
+    if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size < 1:
+        raise ConfigError(f"--ddp-bucket-size must be >= 1 (gradient elements per bucket), got "
+                          f"{cfg.parallel.ddp_bucket_size}.")
     check_optimizer_impl(cfg.optimizer.optimizer_impl)
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter "
