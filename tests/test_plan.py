@@ -231,6 +231,25 @@ def test_zero1_parameter_gather_is_hidden_behind_the_next_forward(micro_batch):
         assert time.dp_comm == pytest.approx(2 * edge)
 
 
+def test_a_run_bucket_size_is_planned_and_passed_on(capsys):
+    """--ddp-bucket-size: 25 MB of fp32 (the trainer's size until 2026-11-28) cuts the 7B at TP 2
+    into 130 buckets, Megatron's default for G = 256 into 14, and 130 ring passes of latency make
+    the TP 2 layout slower; the recommended command carries the flag."""
+    tp2 = Layout(2, 1, 1, 1, 256, 4, True, bf16_params=True)
+    assert len(first_stage_buckets(SEVEN_B, tp2, 49152, 6_553_600)) == 130
+    assert len(first_stage_buckets(SEVEN_B, tp2, 49152, 256_000_000)) == 14
+    request = PlanRequest(model=SEVEN_B, gpus=512, gpu=GPUS["h100-sxm"], seq_length=4096, global_batch_size=1024)
+    small, default = (evaluate(request, tp2, TimeModelConfig(ddp_bucket_size=n)).time for n in (6_553_600, None))
+    latency = ring_latency(256, 4, TimeModelConfig())
+    assert latency == pytest.approx(192 * 3.4e-6 + 63 * 9.6e-6)  # 1.26 ms: 4 ranks of the group per node, 64 nodes
+    assert small.dp_comm - default.dp_comm > (130 - 14) * latency  # at least the extra reduce-scatter passes
+    assert main(["--preset", "7b", "--gpus", "64", "--seq-length", "4096", "--ddp-bucket-size", "6553600",
+                 "--top", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("--ddp-bucket-size 6553600")
+    assert main(["--preset", "7b", "--gpus", "64", "--ddp-bucket-size", "0"]) == 2
+    assert "--ddp-bucket-size must be positive, got 0" in capsys.readouterr().err
+
+
 def test_planned_buckets_follow_the_trainers_bucketing():
     """Two layers (h 8, ffn 16, 2 heads / 1 KV group of 4, vocab 32), buckets closed at 300
     elements in backward order: output 256 + final norm 8 + down 128 = 392; gate/up 256 + norm 8

@@ -62,23 +62,30 @@ def default_bucket_elements(group_size: int) -> int:
     return max(40_000_000, 1_000_000 * group_size)
 
 
+def cut_into_buckets(numels: list[int], bucket_elements: int, kinds: list | None = None) -> list[list[int]]:
+    """Indices of `numels` (tensors in the order backward produces them) cut into consecutive
+    buckets: one closes once it holds bucket_elements elements, or before a tensor of another kind
+    (dtype). The trainer's rule, which the planner applies to parameter sizes (plan/timing.py)."""
+    groups, current, size = [], [], 0
+    for i, n in enumerate(numels):
+        if current and kinds is not None and kinds[i] != kinds[current[0]]:
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+        if size >= bucket_elements:
+            groups.append(current)
+            current, size = [], 0
+    return groups + [current] if current else groups
+
+
 def backward_ordered_groups(params: list[torch.nn.Parameter], bucket_elements: int) -> list[list[torch.nn.Parameter]]:
     """The parameters cut into buckets of ~bucket_elements elements, one dtype per bucket, in
     reverse order of definition: roughly the order backward produces their gradients, so the
     first buckets complete (and launch their collective) earliest."""
-    groups, current, size = [], [], 0
-    for param in reversed(params):
-        if current and param.dtype != current[0].dtype:
-            groups.append(current)
-            current, size = [], 0
-        current.append(param)
-        size += param.numel()
-        if size >= bucket_elements:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
-    return groups
+    ordered = list(reversed(params))
+    groups = cut_into_buckets([p.numel() for p in ordered], bucket_elements, [p.dtype for p in ordered])
+    return [[ordered[i] for i in group] for group in groups]
 
 
 class BucketTrigger(abc.ABC):

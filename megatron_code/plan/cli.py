@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "varlen kernel runs them (default %(default)s, measured on H200)")
     p.add_argument("--link-efficiency", type=float, default=TimeModelConfig.link_efficiency,
                    help="fraction of link bandwidth collectives reach (default %(default)s)")
+    p.add_argument("--ddp-bucket-size", type=int,
+                   help="gradient elements per data-parallel bucket, as the trainer's flag (default: its "
+                        "default, max(40M, 1M x DP x CP)); the recommended command passes it on")
     p.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU in Gb/s (default: the GPU table's)")
     p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", help="also write every fitting layout with its predictions to this file")
@@ -68,7 +71,9 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
     seq = args.seq_length or run.data.seq_length
     batch = args.global_batch_size or run.training.global_batch_size
     for name, value in (("--gpus", args.gpus), ("--seq-length", seq), ("--global-batch-size", batch),
-                        ("--vocab-size", args.vocab_size), ("--top", args.top), *(("--micro-batch-sizes", m)
+                        ("--vocab-size", args.vocab_size), ("--top", args.top),
+                        ("--ddp-bucket-size", 1 if args.ddp_bucket_size is None else args.ddp_bucket_size),
+                        *(("--micro-batch-sizes", m)
                                                                                   for m in args.micro_batch_sizes)):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}.")
@@ -84,7 +89,8 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
     gpu = get_gpu(args.gpu, args.ib_gbps)
     tm = TimeModelConfig(compute_efficiency=args.compute_efficiency, link_efficiency=args.link_efficiency,
                          fp8_compute_efficiency=args.fp8_compute_efficiency,
-                         masked_attention_efficiency=args.masked_attention_efficiency, precision=args.precision)
+                         masked_attention_efficiency=args.masked_attention_efficiency, precision=args.precision,
+                         ddp_bucket_size=args.ddp_bucket_size)
     gpu.peak_tflops(args.precision)  # FP8 on a GPU without it is refused here, before the search
     packed = args.training_mode == "sft" if args.packed_documents is None else args.packed_documents
     request = PlanRequest(model=run.model, gpus=args.gpus, gpu=gpu, seq_length=seq, global_batch_size=batch,
@@ -169,7 +175,8 @@ def report(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
         return "\n".join(lines)
     lines += [COLUMNS] + [row(i + 1, c) for i, c in enumerate(result.candidates[:top])]
     best = result.candidates[0]
-    flags = shlex.join(train_flags(best, request))
+    bucket = ["--ddp-bucket-size", str(tm.ddp_bucket_size)] if tm.ddp_bucket_size else []
+    flags = shlex.join(train_flags(best, request) + bucket)
     lines += ["", f"recommended (rank 1): torchrun ... -m megatron_code.train --preset {preset} "
                   f"--seq-length {request.seq_length} {flags}"]
     return "\n".join(lines)

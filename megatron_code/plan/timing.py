@@ -18,7 +18,7 @@ from megatron_code.model.config import ModelConfig
 from megatron_code.plan.activations import document_kernel
 from megatron_code.plan.hardware import GpuSpec
 from megatron_code.plan.layout import Layout
-from megatron_code.parallel.grads import default_bucket_elements
+from megatron_code.parallel.grads import cut_into_buckets, default_bucket_elements
 from megatron_code.plan.memory import layer_parameter_sizes, rank_parameters, recompute_split
 from megatron_code.training.flops import training_flops_per_token
 
@@ -59,6 +59,9 @@ class TimeModelConfig:
     steps). What makes many small data-parallel buckets latency-bound at large G."""
     network_ring_step_latency: float = 9.6e-6
     """See nvlink_ring_step_latency."""
+    ddp_bucket_size: int | None = None
+    """The run's --ddp-bucket-size (gradient elements per data-parallel bucket); None: the
+    trainer's default, grads.default_bucket_elements of the DP x CP size."""
     masked_attention_efficiency: float = 0.14
     """Fraction of the BF16 peak the masked attention kernel reaches on packed documents
     (document_attention 'mask': every block of the s x s scores, twice the causal FLOPs). H200,
@@ -258,7 +261,7 @@ def _data_parallel(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: 
     elements = _largest_rank_parameters(config, layout, padded_vocab)
     bandwidth = _link(gpu, layout.tp * layout.cp * layout.dp) * tm.link_efficiency
     latency = ring_latency(group, max(1, gpu.gpus_per_node // layout.tp), tm)
-    buckets = first_stage_buckets(config, layout, padded_vocab, default_bucket_elements(group))
+    buckets = first_stage_buckets(config, layout, padded_vocab, tm.ddp_bucket_size or default_bucket_elements(group))
     passes = 1 if layout.distributed_optimizer else 2  # an all-reduce is a reduce-scatter + an all-gather
     # The bucket that cannot overlap: backward's last, forward's first (it holds the embedding).
     edge = _ring(group) * FP32 * buckets[-1] / bandwidth + latency
@@ -284,20 +287,15 @@ def ring_latency(group: int, per_node: int, tm: TimeModelConfig) -> float:
 
 def first_stage_buckets(config: ModelConfig, layout: Layout, padded_vocab: int, bucket_elements: int) -> list[int]:
     """Elements of each gradient bucket of the first pipeline rank, in the order backward fills
-    them (grads.backward_ordered_groups: reverse definition order, closed at bucket_elements);
+    them (the trainer's rule, grads.cut_into_buckets: reverse definition order, closed at bucket_elements);
     the last holds the embedding."""
     sizes = layer_parameter_sizes(config, layout.tp) * (config.num_layers // layout.pp)
     embedding = padded_vocab // layout.tp * config.hidden_size
     sizes = [embedding] + sizes
     if layout.pp == 1:  # the final norm and the output layer too
         sizes += [config.hidden_size] + [embedding] * config.untie_embeddings_and_output_weights
-    buckets, current = [], 0
-    for n in reversed(sizes):
-        current += n
-        if current >= bucket_elements:
-            buckets.append(current)
-            current = 0
-    return buckets + [current] if current else buckets
+    backward = sizes[::-1]
+    return [sum(backward[i] for i in group) for group in cut_into_buckets(backward, bucket_elements)]
 
 
 def _optimizer(config: ModelConfig, layout: Layout, padded_vocab: int, gpu: GpuSpec, tm: TimeModelConfig) -> float:
