@@ -372,11 +372,19 @@ class Trainer:
 
     def _finish(self, step: LaunchedStep) -> None:
         """Read a launched step's results (waiting for its work only), stop on a non-finite loss
-        before anything after it is saved, note an agreed exit signal, log the step's record."""
+        or gradient norm before anything after it is saved, note an agreed exit signal, log the
+        step's record."""
         values = step.scalars.read()
         loss, grad_norm = values.pop("loss"), values.pop("grad_norm")
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at iteration {step.iteration}; stopping.")
+        if not math.isfinite(grad_norm):
+            # The loss was computed before this step's update; the update itself applied the
+            # non-finite gradients, so the weights are already lost and must not be saved.
+            raise FloatingPointError(
+                f"gradient norm is {grad_norm} at iteration {step.iteration} (loss {loss:.4f}): its "
+                f"update made the weights non-finite; stopping. Resume from the last checkpoint with "
+                f"a lower --lr or a --clip-grad.")
         if self.exit_signal is not None:
             self.exit_signal.decide(values.pop("exit_signal"))
         seconds = step.clock.seconds()
