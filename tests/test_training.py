@@ -1,5 +1,6 @@
 """Training-loop tests: the loss falls, N + N resumed steps equal 2N steps, gradient accumulation
 equals one big micro-batch, checkpoints survive a crash mid-save, and the logs carry the metrics."""
+import dataclasses
 import json
 import os
 
@@ -34,6 +35,44 @@ def test_resume_reproduces_uninterrupted_run_exactly(fixture_data, tmp_path):
     assert losses(first + second) == losses(full)
     assert [h["grad_norm"] for h in first + second] == [h["grad_norm"] for h in full]
     assert [h["lr"] for h in first + second] == [h["lr"] for h in full]
+
+
+def _samples_read(fixture_data, **values) -> list[int]:
+    """Train; return the training-sample indices the run read, in order."""
+    read = []
+
+    class Recording(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, index):
+            read.append(index)
+            return self.dataset[index]
+
+    def record(trainer):
+        trainer.datasets = dataclasses.replace(trainer.datasets, train=Recording(trainer.datasets.train))
+
+    train(run_config_from_values(tiny_run(fixture_data, **values)), prepare=record)
+    return read
+
+
+def test_resume_with_another_global_batch_size_continues_at_the_consumed_sample(fixture_data, tmp_path):
+    """The data position is the checkpoint's consumed samples, not iteration x the new global
+    batch: 2 steps of 4 samples + resume at 8 per step must read samples 8..23 next, as one run
+    reading 32 samples would (the dataset index is built for the same 32)."""
+    ckpt = str(tmp_path / "ckpt")
+    stream = _samples_read(fixture_data, train_iters=8, global_batch_size=4, micro_batch_size=4)
+    first = _samples_read(fixture_data, train_iters=8, global_batch_size=4, micro_batch_size=4,
+                          save=ckpt, exit_interval=2)
+    assert first == stream[:8]
+    resumed = _samples_read(fixture_data, train_iters=5, global_batch_size=8, micro_batch_size=4,
+                            save=ckpt, load=ckpt)
+    assert resumed == stream[8:32]
+    with open(os.path.join(checkpointing.checkpoint_dir(ckpt, 5), "train_state.json")) as fh:
+        assert json.load(fh)["consumed_samples"] == 32
 
 
 def test_gradient_accumulation_equals_one_large_micro_batch(fixture_data):

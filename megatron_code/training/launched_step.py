@@ -82,5 +82,7 @@ class LaunchedStep:
     """Its loss, gradient norm, exit-signal agreement and mode-specific values."""
     clock: StepClock
     """Its duration, read once the scalars are."""
+    consumed_samples: int
+    """Training samples read once this step is done."""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds per phase when phase timing is on (megatron_code.profile), else empty."""

@@ -73,6 +73,9 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
         self.iteration = 0
+        self.consumed_samples = 0
+        """Training samples read so far: the data position. Not iteration x global batch: a run
+        may resume with another --global-batch-size."""
         self._resume()
         self.datasets = self._build_datasets()
         self.flops_per_token = training_flops_per_token(
@@ -98,7 +101,8 @@ class Trainer:
     def _split_sizes(self) -> list[int]:
         t = self.cfg.training
         eval_samples = t.eval_iters * t.global_batch_size
-        return [t.train_iters * t.global_batch_size, eval_samples, eval_samples]
+        train_samples = self.consumed_samples + (t.train_iters - self.iteration) * t.global_batch_size
+        return [train_samples, eval_samples, eval_samples]
 
     def _resume(self) -> None:
         ck = self.cfg.checkpoint
@@ -121,12 +125,18 @@ class Trainer:
                                       optimizer_state=not ck.finetune)
         if not ck.finetune:
             self.iteration = saved["iteration"]
+            self.consumed_samples = saved["consumed_samples"]
         print_rank0(f"resumed from {ck.load} at iteration {saved['iteration']}", enabled=self.env.is_main)
+        saved_batch = saved.get("config", {}).get("training", {}).get("global_batch_size")
+        if not ck.finetune and saved_batch not in (None, self.cfg.training.global_batch_size):
+            print_rank0(f"global batch size changed from {saved_batch} (checkpoint) to "
+                        f"{self.cfg.training.global_batch_size}: the data continues at sample "
+                        f"{self.consumed_samples:,}", enabled=self.env.is_main)
 
     def _train_loader(self):
         t = self.cfg.training
         sampler = ResumableBatchSampler(
-            len(self.datasets.train), self.iteration * t.global_batch_size,
+            len(self.datasets.train), self.consumed_samples,
             t.micro_batch_size, t.global_batch_size, self.parallel.dp_rank, self.parallel.dp,
         )
         loader = micro_batch_loader(self.datasets.train, sampler, self.cfg.data.num_workers,
@@ -332,7 +342,7 @@ class Trainer:
         return everyone
 
     def save(self) -> None:
-        state = {"consumed_samples": self.iteration * self.cfg.training.global_batch_size,
+        state = {"consumed_samples": self.consumed_samples,
                  "config": dataclasses.asdict(self.cfg)}
         ck = self.cfg.checkpoint
         self._publish_async_save(wait=True)  # (save_checkpoint would wait too; this also logs it)
@@ -365,7 +375,9 @@ class Trainer:
             values["exit_signal"] = self.exit_signal.agreement(self.env.device)  # collective
         clock.stop()
         self.iteration += 1
-        launched = LaunchedStep(self.iteration, lr, DeviceScalars(values), clock, self.timers.pop())
+        self.consumed_samples += t.global_batch_size
+        launched = LaunchedStep(self.iteration, lr, DeviceScalars(values), clock, self.consumed_samples,
+                                self.timers.pop())
         for hook in self.step_hooks:
             hook(self.iteration)
         return launched
@@ -397,7 +409,7 @@ class Trainer:
             "ms_per_step": 1000 * seconds, "tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_mem_gib": peak_memory_gib(self.env.device),
-            "consumed_samples": step.iteration * t.global_batch_size,
+            "consumed_samples": step.consumed_samples,
             **self.step_metrics(values),
         }
         if step.phase_seconds:
