@@ -76,6 +76,21 @@ def test_cli_says_when_nothing_fits(capsys):
     assert "No layout fits" in capsys.readouterr().out
 
 
+def test_cli_says_why_no_layout_is_valid_and_which_batch_size_would_be(capsys):
+    """7 GPUs: TP and CP are powers of two and PP must divide 32 layers, so DP is 7, which divides
+    no micro-batch multiple of 1024. The report gives the trainer's reason, not "nothing fits",
+    and the nearest batch that works; with it, the planner finds layouts."""
+    assert main(["--preset", "7b", "--gpus", "7", "--seq-length", "4096"]) == 1
+    out = capsys.readouterr().out
+    assert "No layout fits" not in out
+    assert "No valid layout: the trainer would refuse all 8 searched layouts (1 kind of reason)" in out
+    assert ("TP1 PP1 CP1 DP7 mb1 ZeRO-1: --global-batch-size (1024) must be divisible by --micro-batch-size (1) "
+            "x data-parallel size (7).") in out
+    assert "Nearest global batch size the trainer accepts on 7 GPUs: --global-batch-size 1022" in out
+    assert main(["--preset", "7b", "--gpus", "7", "--seq-length", "4096", "--global-batch-size", "1022"]) == 0
+    assert "recommended (rank 1)" in capsys.readouterr().out
+
+
 def test_7b_tp8_state_bytes_match_hand_computation():
     # Per TP8 rank: a layer's QKV (4096 x 128 x (32 + 16)) + proj (4096 x 4096) + MLP (3 x 4096 x 14336)
     # = 218,103,808 / 8 = 27,262,976, plus two replicated norms (8,192): 27,271,168; x 32 layers =

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from megatron_code.errors import ConfigError
 from megatron_code.model.core_attention import packed_attention_kernel
 from megatron_code.plan.hardware import GPUS, get_gpu
 from megatron_code.plan.memory import Execution
-from megatron_code.plan.search import GIB, Candidate, PlanRequest, PlanResult, plan
+from megatron_code.plan.search import GIB, Candidate, PlanRequest, PlanResult, nearest_valid_batch, plan
 from megatron_code.plan.timing import TimeModelConfig
 from megatron_code.presets import PRESETS, get_preset
 from megatron_code.training.arguments import run_config_from_values
@@ -168,8 +169,32 @@ def write_json(path: str, request: PlanRequest, tm: TimeModelConfig, result: Pla
     os.replace(fh.name, path)
 
 
+def refusal_report(request: PlanRequest, result: PlanResult, shown: int = 4) -> list[str]:
+    """Why no searched layout is valid: the trainer's distinct reasons, one example layout each."""
+    examples: dict[str, tuple[str, str]] = {}  # reason with its numbers masked -> (layout, reason)
+    for label, reason in result.refusals.items():
+        examples.setdefault(re.sub(r"\d+", "N", reason), (label, reason))
+    lines = [f"No valid layout: the trainer would refuse all {result.parallel_layouts} searched layouts "
+             f"({len(examples)} kind{'s' if len(examples) > 1 else ''} of reason). For example:"]
+    lines += [f"  {label}: {reason}" for label, reason in list(examples.values())[:shown]]
+    lines.append(f"The search tries TP and CP in powers of two (TP within a node of {request.gpu.gpus_per_node}), "
+                 f"PP dividing the {request.model.num_layers} layers, and DP = --gpus / (TP x CP x PP); "
+                 f"micro-batch x DP must divide --global-batch-size.")
+    nearest = nearest_valid_batch(request)
+    if nearest is not None:
+        batch, layout = nearest
+        lines.append(f"Nearest global batch size the trainer accepts on {request.gpus} GPUs: "
+                     f"--global-batch-size {batch} (e.g. {layout.label}).")
+    else:
+        lines.append(f"No global batch size makes a layout on {request.gpus} GPUs valid: choose another --gpus.")
+    return lines
+
+
 def report(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset: str, top: int) -> str:
     lines = [header(request, tm, result, preset), ""]
+    if not result.valid:
+        lines += refusal_report(request, result)
+        return "\n".join(lines)
     if not result.candidates:
         lines.append("No layout fits: raise --gpus, lower --seq-length or --global-batch-size, or use a larger GPU.")
         return "\n".join(lines)

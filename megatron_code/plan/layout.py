@@ -56,6 +56,13 @@ class Layout:
         return global_batch_size // (self.micro_batch_size * self.dp)
 
     @property
+    def label(self) -> str:
+        """The parallel shape in a few characters, e.g. `TP2 PP1 CP1 DP256 mb4 ZeRO-1`."""
+        virtual = f" VP{self.vp}" if self.vp > 1 else ""
+        zero1 = " ZeRO-1" if self.distributed_optimizer else ""
+        return f"TP{self.tp} PP{self.pp}{virtual} CP{self.cp} DP{self.dp} mb{self.micro_batch_size}{zero1}"
+
+    @property
     def recompute_label(self) -> str:
         if self.recompute_granularity != "full":
             return self.recompute_granularity or "none"

@@ -167,6 +167,8 @@ class PlanResult:
     """(TP, PP, VP, CP, DP, micro-batch, ZeRO-1) combinations tried."""
     valid: int = 0
     """Of those, the ones the trainer accepts."""
+    refusals: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The trainer's reason for each refused layout, keyed by `Layout.label`."""
 
 
 def plan(request: PlanRequest, tm: TimeModelConfig = TimeModelConfig()) -> PlanResult:
@@ -180,7 +182,8 @@ def plan(request: PlanRequest, tm: TimeModelConfig = TimeModelConfig()) -> PlanR
                 result.parallel_layouts += 1
                 try:
                     check_layout(base, request.model, request.seq_length, request.global_batch_size)
-                except ConfigError:
+                except ConfigError as refusal:
+                    result.refusals[base.label] = str(refusal)
                     continue
                 result.valid += 1
                 best = best_recompute(request, base, tm)
@@ -188,3 +191,22 @@ def plan(request: PlanRequest, tm: TimeModelConfig = TimeModelConfig()) -> PlanR
                     result.candidates.append(best)
     result.candidates.sort(key=lambda c: (c.time.step, c.memory.total))
     return result
+
+
+def nearest_valid_batch(request: PlanRequest) -> tuple[int, Layout] | None:
+    """The global batch size nearest the requested one that the trainer accepts with some searched
+    layout (ZeRO-1, no recompute), and that layout; None if none does."""
+    best: tuple[int, Layout] | None = None
+    for tp, pp, vp, cp, dp in parallel_shapes(request):
+        for micro_batch in request.micro_batch_sizes:
+            step = micro_batch * dp
+            batch = max(1, round(request.global_batch_size / step)) * step
+            layout = Layout(tp, pp, vp, cp, dp, micro_batch, True, bf16_params=request.execution.bf16)
+            if best is not None and abs(batch - request.global_batch_size) >= abs(best[0] - request.global_batch_size):
+                continue
+            try:
+                check_layout(layout, request.model, request.seq_length, batch)
+            except ConfigError:
+                continue
+            best = (batch, layout)
+    return best
