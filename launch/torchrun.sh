@@ -76,6 +76,8 @@ if [[ "$DRY_RUN" == 1 ]]; then
     echo "== launch environment (see docs/launch.md) =="
     for name in MCODE_MODULE NNODES NPROC_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT RDZV_ID TORCHRUN_LOG_DIR \
                 CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG \
+                TORCH_FR_BUFFER_SIZE TORCH_FR_DUMP_TEMP_FILE TORCH_NCCL_TRACE_BUFFER_SIZE \
+                TORCH_NCCL_DEBUG_INFO_TEMP_FILE TORCH_NCCL_DUMP_ON_TIMEOUT \
                 NCCL_IB_HCA NCCL_SOCKET_IFNAME NCCL_IB_GID_INDEX NCCL_NVLS_ENABLE PYTHONPATH; do
         printf '%s=%s\n' "$name" "${!name-(unset: library default)}"
     done

@@ -248,7 +248,10 @@ def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
     assert re.search(r"^srun --nodes=64 --ntasks-per-node=1 .*launch/torchrun.sh --preset 7b ", out, re.M)
     assert "--nnodes=64 --rdzv-backend=c10d --rdzv-endpoint=gpu001:24242 --rdzv-id=4242" in out
     for line in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "OMP_NUM_THREADS=12", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                 "NCCL_DEBUG=INFO", "NCCL_IB_HCA==mlx5_0,mlx5_1", "NCCL_NVLS_ENABLE=(unset: library default)"):
+                 "NCCL_DEBUG=INFO", "NCCL_IB_HCA==mlx5_0,mlx5_1", "NCCL_NVLS_ENABLE=(unset: library default)",
+                 "TORCH_FR_BUFFER_SIZE=20000", "TORCH_NCCL_TRACE_BUFFER_SIZE=20000", "TORCH_NCCL_DUMP_ON_TIMEOUT=1",
+                 f"TORCH_FR_DUMP_TEMP_FILE={root}/logs/pretrain-7b-4k-4242/nccl_trace/rank_",
+                 f"TORCH_NCCL_DEBUG_INFO_TEMP_FILE={root}/logs/pretrain-7b-4k-4242/nccl_trace/rank_"):
         assert line in out.splitlines(), line  # defaults, and the caller's values kept
     cfg = resolved_config(out)
     assert cfg["data"]["seq_length"] == 4096 and cfg["training"]["global_batch_size"] == 1024

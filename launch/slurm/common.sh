@@ -49,6 +49,16 @@ slurm_environment() {
     # hanging until the job's time limit; torchrun then stops the node and srun
     # (--kill-on-bad-exit) the job. torchrun sets it too; torch < 2.2 read NCCL_ASYNC_ERROR_HANDLING.
     _default TORCH_NCCL_ASYNC_ERROR_HANDLING 1
+    # Flight recorder: each rank keeps its last 20,000 collectives (group, sizes, state, Python
+    # stack) in a ring buffer and writes it to $LOG_DIR/nccl_trace/rank_<N> when one times out, so
+    # a hang names the rank that never joined (python -m torch.distributed.flight_recorder.fr_trace
+    # $LOG_DIR/nccl_trace). Older torch reads only the TORCH_NCCL_* spellings (torch 2.13 reads
+    # TORCH_FR_* first, then those), so both are set, the older from the newer.
+    _default TORCH_FR_BUFFER_SIZE 20000
+    _default TORCH_FR_DUMP_TEMP_FILE "$LOG_DIR/nccl_trace/rank_"
+    _default TORCH_NCCL_TRACE_BUFFER_SIZE "$TORCH_FR_BUFFER_SIZE"
+    _default TORCH_NCCL_DEBUG_INFO_TEMP_FILE "$TORCH_FR_DUMP_TEMP_FILE"
+    _default TORCH_NCCL_DUMP_ON_TIMEOUT 1
     # One hardware work queue per GPU: kernels start in the order they are issued, so a
     # tensor-parallel collective issued before a GEMM starts first and overlaps with it (with
     # several queues the GEMM can be scheduled first and the collective waits behind it).
@@ -117,7 +127,7 @@ slurm_launch() {
         DRY_RUN=1 NODE_RANK=0 bash "$REPO_DIR/launch/torchrun.sh" "$@"
         return
     fi
-    mkdir -p "$LOG_DIR" "$CKPT_DIR"
+    mkdir -p "$LOG_DIR" "$CKPT_DIR" "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
     EXIT_REQUESTED=0
     trap _forward_exit_signal USR1
     "${srun_cmd[@]}" &
