@@ -78,3 +78,16 @@ def test_context_parallel_chunks_are_load_balanced_and_cover_the_sequence():
     assert held == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
     gathered = torch.tensor(held[0] + held[1])
     assert torch.equal(gathered[_natural_order_cpu(16, 2)], torch.arange(16))
+
+
+def test_a_rank_that_cannot_see_the_index_cache_says_it_must_be_shared(fixture_data, process_group, tmp_path,
+                                                                       monkeypatch):
+    """megatron-core builds the index on global rank 0 and the others load it from the cache
+    directory. A rank on a node that does not see that directory (here: a rank 1 whose rank 0
+    never built it, an empty cache) must name the cause and the flag, not a bare FileNotFoundError."""
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    data = DataConfig(data_path=[fixture_data], seq_length=64, split="949,50,1",
+                      data_cache_path=str(tmp_path / "node-local-cache"))
+    with pytest.raises(ConfigError, match=r"rank 1 cannot read megatron-core's dataset index .*node-local-cache.*"
+                                          r"must be on a file system all nodes share\. Point --data-cache-path"):
+        build_datasets(data, SentencePieceTokenizer(TOKENIZER), 1, [6, 6, 6], need_valid=True)

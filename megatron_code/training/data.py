@@ -138,10 +138,32 @@ def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int
     )
     # Sizes are given for every split: megatron-core skips zero-weight splits itself, and with
     # blend weights it asserts that no size is None.
-    train, valid, test = BlendedMegatronDatasetBuilder(dataset_class, num_samples, lambda: True, config).build()
+    builder = BlendedMegatronDatasetBuilder(dataset_class, num_samples, lambda: True, config)
+    train, valid, test = build_or_explain_missing_cache(builder, data.data_cache_path)
     if train is None:
         raise ConfigError(f"--split {data.split}: the train split is empty.")
     return Datasets(train, valid, test)
+
+
+def build_or_explain_missing_cache(builder: BlendedMegatronDatasetBuilder, cache_path: str | None):
+    """builder.build(), with a clear error where megatron-core's index cache is not shared.
+
+    megatron-core builds the sample and shuffle indices on global rank 0 alone, writes them to the
+    cache directory, and every other rank loads them from there after a barrier. On a node that
+    does not see rank 0's files (node-local data or cache) numpy raises a bare FileNotFoundError."""
+    try:
+        return builder.build()
+    except FileNotFoundError as missing:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            raise
+        where = f"--data-cache-path {cache_path}" if cache_path else "the default cache (DIR/cache beside each --data-path prefix)"
+        raise ConfigError(
+            f"rank {rank} cannot read megatron-core's dataset index {missing.filename}: global rank 0 "
+            f"builds it into {where} and every other rank loads it from there, so that directory must "
+            "be on a file system all nodes share. Point --data-cache-path at a shared directory "
+            "(the data itself may stay node-local)."
+        ) from missing
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
