@@ -140,6 +140,34 @@ def test_metrics_file_has_one_object_per_step(fixture_data, tmp_path, capsys):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
 
+def test_a_resumed_run_supersedes_the_crashed_segment_in_the_metrics(fixture_data, tmp_path, monkeypatch):
+    """A run that crashed after logging steps 3-4 (its save at 4 failed) resumes from step 2 and
+    logs 3-4 again: the JSONL marks the resume point, and TensorBoard shows each step once, with
+    the resumed run's values (SummaryWriter's purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt, metrics, tb = str(tmp_path / "ckpt"), tmp_path / "m.jsonl", str(tmp_path / "tb")
+    logging = dict(save=ckpt, load=ckpt, metrics_file=str(metrics), tensorboard_dir=tb)
+    run_training(tiny_run(fixture_data, train_iters=2, **logging))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash mid-save")
+
+    monkeypatch.setattr(checkpointing.dcp, "save", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(tiny_run(fixture_data, train_iters=4, lr=1e-2, **logging))  # other losses
+    monkeypatch.undo()
+    resumed = run_training(tiny_run(fixture_data, train_iters=4, **logging))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    marks = [r.get("resumed_from_step", r.get("step")) for r in records if "loss" in r or "resumed_from_step" in r]
+    assert marks == [1, 2, 2, 3, 4, 2, 3, 4]
+    events = EventAccumulator(tb)
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in shown] == [1, 2, 3, 4]
+    assert [value for _, value in shown[2:]] == pytest.approx([h["loss"] for h in resumed])
+
+
 def test_wandb_runs_offline_by_default(fixture_data, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_training(tiny_run(fixture_data, train_iters=2, wandb_project="unit", wandb_save_dir=str(tmp_path)))

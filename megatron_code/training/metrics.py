@@ -20,7 +20,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, config: LoggingConfig, run_config_dict: dict, enabled: bool, save_dir: str | None):
+    def __init__(self, config: LoggingConfig, run_config_dict: dict, enabled: bool, save_dir: str | None,
+                 resumed_at: int = 0):
+        """resumed_at: the checkpoint's iteration when the run resumes (0: a fresh start). Steps
+        after it that an earlier, crashed segment logged are logged again by this one."""
         self.config = config
         self.enabled = enabled
         self.jsonl = self.tensorboard = self.wandb_run = None
@@ -28,12 +31,18 @@ class MetricsLogger:
             return
         if config.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(config.metrics_file)), exist_ok=True)
-            # Append: a resumed run continues the same file.
+            # Append: a resumed run continues the same file. Records of steps after the resume
+            # point that follow the marker supersede earlier ones (the crashed segment's).
             self.jsonl = open(config.metrics_file, "a", buffering=1)
+            if resumed_at:
+                self.jsonl.write(json.dumps({"resumed_from_step": resumed_at}) + "\n")
         if config.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=config.tensorboard_dir)
+            # purge_step hides the crashed segment's events from resumed_at + 1 on, so the curves
+            # do not fold back over themselves.
+            self.tensorboard = SummaryWriter(log_dir=config.tensorboard_dir,
+                                             purge_step=resumed_at + 1 if resumed_at else None)
         if config.wandb_project:
             self.wandb_run = _init_wandb(config, run_config_dict, save_dir)
 

@@ -83,7 +83,8 @@ class Trainer:
         self.sequences_per_sample = 1  # DPO: a sample is a pair of sequences
         self.precision = compute_precision(cfg.model, cfg.training.bf16)
         self.peak_tflops = peak_tflops(env.device, self.precision, cfg.logging.peak_tflops)
-        self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save)
+        self.metrics = MetricsLogger(cfg.logging, dataclasses.asdict(cfg), env.is_main, cfg.checkpoint.save,
+                                     resumed_at=self.iteration)
         self.history: list[dict] = []
         self.timers = PhaseTimers(env.device)  # megatron_code.profile turns timing/NVTX on
         self.step_hooks: list = []
