@@ -115,6 +115,27 @@ def test_bad_inputs_raise_one_clear_error(fixture_data, extra, message):
         validate_run(parse_args(_args(fixture_data, *extra)))
 
 
+def test_a_load_that_would_silently_start_from_scratch_is_refused(fixture_data, tmp_path):
+    """Each of these used to start from random weights (or fail inside the load): a checkpoint's
+    own iter_* directory, a typo'd --load other than --save, a marker naming a deleted
+    checkpoint. An empty --load equal to --save is the restartable job's first start."""
+    root = tmp_path / "ckpt"
+    (root / "iter_0000004").mkdir(parents=True)
+    (root / "iter_0000004" / "train_state.json").write_text("{}")
+    check = lambda *flags: validate_run(parse_args(_args(fixture_data, *flags)))  # noqa: E731
+    with pytest.raises(ConfigError, match=r"--load .*iter_0000004 is one checkpoint's directory; give the directory "
+                                          r"above it \(.*ckpt\), which holds latest_checkpointed_iteration.txt"):
+        check("--load", str(root / "iter_0000004"), "--finetune")
+    with pytest.raises(ConfigError, match=r"--load .*typo: no checkpoint there .* only when it equals --save"):
+        check("--load", str(tmp_path / "typo"), "--save", str(tmp_path / "out"))
+    check("--load", str(tmp_path / "out"), "--save", str(tmp_path / "out"))  # first start: accepted
+    (root / "latest_checkpointed_iteration.txt").write_text("8")
+    with pytest.raises(ConfigError, match=r"names iteration 8, but .*iter_0000008/train_state.json does not exist"):
+        check("--load", str(root), "--save", str(root))
+    (root / "latest_checkpointed_iteration.txt").write_text("4")
+    check("--load", str(root), "--save", str(root))
+
+
 def test_missing_data_files_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"nowhere_text_document.bin does not exist"):
         validate_run(parse_args(_args(str(tmp_path / "nowhere_text_document"))))

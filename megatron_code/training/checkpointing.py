@@ -38,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megatron_code.errors import ConfigError
 from megatron_code.parallel.distributed_optimizer import DistributedOptimizer
 from megatron_code.model.config import ModelConfig
 from megatron_code.model.te_linear import load_te_fp8_state, te_fp8_state, te_linears
@@ -342,6 +343,21 @@ def _json_default(obj):
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     return str(obj)
+
+
+def check_checkpoint_root(root: str, flag: str) -> None:
+    """Refuse the two mistakes that would otherwise load nothing or fail deep inside a load: a
+    checkpoint's own iter_* directory given instead of the directory above it, and a `latest`
+    marker naming a checkpoint that is not there."""
+    if os.path.isfile(os.path.join(root, "train_state.json")) and not os.path.isfile(os.path.join(root, LATEST_MARKER)):
+        parent = os.path.dirname(os.path.abspath(root))
+        raise ConfigError(f"{flag} {root} is one checkpoint's directory; give the directory above it ({parent}), "
+                          f"which holds {LATEST_MARKER} (its latest checkpoint is the one loaded).")
+    iteration = latest_iteration(root)
+    if iteration is not None and not os.path.isfile(os.path.join(checkpoint_dir(root, iteration), "train_state.json")):
+        raise ConfigError(f"{flag} {root}: {LATEST_MARKER} names iteration {iteration}, but "
+                          f"{checkpoint_dir(root, iteration)}/train_state.json does not exist (deleted or moved?). "
+                          f"Write the iteration of a complete iter_* directory into {LATEST_MARKER}.")
 
 
 def latest_iteration(root: str) -> int | None:

@@ -11,7 +11,7 @@ from megatron_code.errors import ConfigError
 from megatron_code.parallel.pipeline import check_pipeline
 from megatron_code.parallel.state import distributed_timeout, validate_layout, virtual_stages
 from megatron_code.tokenizer import SentencePieceTokenizer
-from megatron_code.training.checkpointing import latest_iteration
+from megatron_code.training.checkpointing import check_checkpoint_root, latest_iteration
 from megatron_code.training.config import RunConfig
 from megatron_code.training.data import SyntheticVocabulary, check_data_files, parse_blend, split_weights
 from megatron_code.training.exit_signal import parse_exit_signal
@@ -139,13 +139,23 @@ def _tokenizer_for_plan(cfg: RunConfig):
 
 
 def _check_load(cfg: RunConfig, require_files: bool) -> None:
+    """Each of these would otherwise start from random weights without a word, or fail mid-load."""
     ck = cfg.checkpoint
     if ck.finetune and not ck.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from).")
-    if ck.finetune and require_files and latest_iteration(ck.load) is None:
-        # Without this the run would silently start from random weights.
+    for root, flag in ((ck.load, "--load"), (ck.ref_load, "--ref-load")):
+        if root:
+            check_checkpoint_root(root, flag)
+    if not require_files or not ck.load or latest_iteration(ck.load) is not None:
+        return
+    if ck.finetune:
         raise ConfigError(f"--finetune --load {ck.load}: no checkpoint there (no "
                           "latest_checkpointed_iteration.txt); point --load at a finished checkpoint directory.")
+    if not ck.save or os.path.abspath(ck.load) != os.path.abspath(ck.save):
+        # --load == --save with nothing there yet is the first start of a restartable job.
+        raise ConfigError(f"--load {ck.load}: no checkpoint there (no latest_checkpointed_iteration.txt). A run "
+                          "starts from scratch on an empty --load only when it equals --save (the same command "
+                          "line restarts a preempted job); fix the path, or drop --load to start from scratch.")
 
 
 def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
@@ -163,6 +173,7 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
         )
     if cfg.data.mock_data and cfg.data.data_path:
         raise ConfigError("--mock-data and --data-path exclude each other: drop one.")
+    _check_load(cfg, require_files)
     check_training_mode(cfg, tokenizer, require_files)
     pretraining_data = not cfg.data.mock_data and cfg.training.training_mode == "pretrain"
     prefixes = parse_blend(cfg.data.data_path)[0] if pretraining_data else []
@@ -188,7 +199,6 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
         raise ConfigError("--save-interval is set but --save (the checkpoint directory) is not.")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"--keep-last must be >= 1 (checkpoints to keep), got {cfg.checkpoint.keep_last}.")
-    _check_load(cfg, require_files)
     parse_exit_signal(cfg.training.exit_signal)
     LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
     check_data_matches_tokenizer(prefixes, cfg.model.padded_vocab_size())
