@@ -117,15 +117,18 @@ def test_bad_inputs_raise_one_clear_error(fixture_data, extra, message):
 
 def test_a_load_that_would_silently_start_from_scratch_is_refused(fixture_data, tmp_path):
     """Each of these used to start from random weights (or fail inside the load): a checkpoint's
-    own iter_* directory, a typo'd --load other than --save, a marker naming a deleted
-    checkpoint. An empty --load equal to --save is the restartable job's first start."""
+    own iter_* directory for a full resume, a typo'd --load other than --save, a marker naming a
+    deleted checkpoint. An empty --load equal to --save is the restartable job's first start, and
+    --finetune may take one iteration's directory."""
     root = tmp_path / "ckpt"
     (root / "iter_0000004").mkdir(parents=True)
-    (root / "iter_0000004" / "train_state.json").write_text("{}")
+    (root / "iter_0000004" / "train_state.json").write_text('{"iteration": 4}')
     check = lambda *flags: validate_run(parse_args(_args(fixture_data, *flags)))  # noqa: E731
-    with pytest.raises(ConfigError, match=r"--load .*iter_0000004 is one checkpoint's directory; give the directory "
-                                          r"above it \(.*ckpt\), which holds latest_checkpointed_iteration.txt"):
-        check("--load", str(root / "iter_0000004"), "--finetune")
+    with pytest.raises(ConfigError, match=r"--load .*iter_0000004 is one checkpoint's directory\. A full resume loads "
+                                          r"the latest checkpoint of a --save directory: give .*ckpt \(to resume from "
+                                          r"this iteration .* write its number into .*ckpt/latest_checkpointed_iter"):
+        check("--load", str(root / "iter_0000004"), "--save", str(root))
+    check("--load", str(root / "iter_0000004"), "--finetune")  # weights only: one iteration's directory will do
     with pytest.raises(ConfigError, match=r"--load .*typo: no checkpoint there .* only when it equals --save"):
         check("--load", str(tmp_path / "typo"), "--save", str(tmp_path / "out"))
     check("--load", str(tmp_path / "out"), "--save", str(tmp_path / "out"))  # first start: accepted

@@ -3,6 +3,7 @@ equals one big micro-batch, checkpoints survive a crash mid-save, and the logs c
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -122,6 +123,20 @@ def test_finetune_loads_weights_only_and_restarts_at_zero(fixture_data, tmp_path
     tuned = run_training(tiny_run(fixture_data, train_iters=2, load=ckpt, finetune=True))
     assert [h["step"] for h in tuned] == [1, 2]
     assert tuned[0]["loss"] < pretrain[0]["loss"] - 0.5  # starts from trained weights
+
+
+def test_finetune_from_one_iteration_directory_takes_that_iteration(fixture_data, tmp_path):
+    """--finetune --load ROOT/iter_0000003 loads iteration 3, not the latest (6): the same weights
+    as a copy of ROOT whose latest marker says 3."""
+    ckpt = tmp_path / "ckpt"
+    run_training(tiny_run(fixture_data, train_iters=6, save=str(ckpt), save_interval=3))
+    rolled_back = tmp_path / "rolled_back"
+    shutil.copytree(ckpt, rolled_back)
+    (rolled_back / checkpointing.LATEST_MARKER).write_text("3")
+    losses_from = lambda load: losses(run_training(tiny_run(fixture_data, train_iters=2, load=load, finetune=True)))  # noqa: E731
+    from_iteration_dir = losses_from(str(ckpt / "iter_0000003"))
+    assert from_iteration_dir == losses_from(str(rolled_back))
+    assert from_iteration_dir != losses_from(str(ckpt))
 
 
 def test_metrics_file_has_one_object_per_step(fixture_data, tmp_path, capsys):

@@ -345,14 +345,24 @@ def _json_default(obj):
     return str(obj)
 
 
-def check_checkpoint_root(root: str, flag: str) -> None:
-    """Refuse the two mistakes that would otherwise load nothing or fail deep inside a load: a
-    checkpoint's own iter_* directory given instead of the directory above it, and a `latest`
-    marker naming a checkpoint that is not there."""
-    if os.path.isfile(os.path.join(root, "train_state.json")) and not os.path.isfile(os.path.join(root, LATEST_MARKER)):
+def is_iteration_dir(path: str) -> bool:
+    """One checkpoint's own iter_* directory (rather than the --save root above it)."""
+    return (os.path.isfile(os.path.join(path, "train_state.json"))
+            and not os.path.isfile(os.path.join(path, LATEST_MARKER)))
+
+
+def check_checkpoint_root(root: str, flag: str, weights_only: bool) -> None:
+    """Refuse what would otherwise load nothing, the wrong thing, or fail deep inside a load:
+    an iter_* directory for a full resume, and a `latest` marker naming a missing checkpoint.
+    A weights-only load (--finetune, --ref-load) may name one iteration's directory."""
+    if is_iteration_dir(root):
+        if weights_only:
+            return
         parent = os.path.dirname(os.path.abspath(root))
-        raise ConfigError(f"{flag} {root} is one checkpoint's directory; give the directory above it ({parent}), "
-                          f"which holds {LATEST_MARKER} (its latest checkpoint is the one loaded).")
+        raise ConfigError(
+            f"{flag} {root} is one checkpoint's directory. A full resume loads the latest checkpoint of "
+            f"a --save directory: give {parent} (to resume from this iteration instead of the latest, write "
+            f"its number into {parent}/{LATEST_MARKER}); or add --finetune to take only its weights.")
     iteration = latest_iteration(root)
     if iteration is not None and not os.path.isfile(os.path.join(checkpoint_dir(root, iteration), "train_state.json")):
         raise ConfigError(f"{flag} {root}: {LATEST_MARKER} names iteration {iteration}, but "
@@ -360,8 +370,25 @@ def check_checkpoint_root(root: str, flag: str) -> None:
                           f"Write the iteration of a complete iter_* directory into {LATEST_MARKER}.")
 
 
+def _checkpoint_to_load(root: str) -> tuple[str, dict] | None:
+    """(directory, train state) of the checkpoint that loading `root` reads: the one its `latest`
+    marker names, or root itself when it is one iteration's directory; None when there is none."""
+    if is_iteration_dir(root):
+        ckpt = root
+    else:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
+        ckpt = checkpoint_dir(root, iteration)
+    with open(os.path.join(ckpt, "train_state.json")) as fh:
+        return ckpt, json.load(fh)
+
+
 def latest_iteration(root: str) -> int | None:
-    """Iteration named by the `latest` marker, or None when there is no complete checkpoint."""
+    """Iteration named by the `latest` marker (or of an iter_* directory given itself), or None
+    when there is no complete checkpoint."""
+    if is_iteration_dir(root):
+        return _checkpoint_to_load(root)[1]["iteration"]
     marker = os.path.join(root, LATEST_MARKER)
     if not os.path.isfile(marker):
         return None
@@ -371,14 +398,14 @@ def latest_iteration(root: str) -> int | None:
 
 def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restore_rng: bool = True,
                     optimizer_state: bool = True) -> dict | None:
-    """Load the latest checkpoint under root into model (and optimizer, unless None or without
-    `optimizer_state`: then only the master weights of bf16 parameters), whatever layout saved it.
-    Returns its train state, or None when root holds no checkpoint yet (a fresh run with --load
-    == --save)."""
-    train_state = read_train_state(root)
-    if train_state is None:
+    """Load the latest checkpoint under root (or root itself, one iteration's directory) into
+    model (and optimizer, unless None or without `optimizer_state`: then only the master weights
+    of bf16 parameters), whatever layout saved it. Returns its train state, or None when root
+    holds no checkpoint yet (a fresh run with --load == --save)."""
+    found = _checkpoint_to_load(root)
+    if found is None:
         return None
-    ckpt = checkpoint_dir(root, train_state["iteration"])
+    ckpt, train_state = found
     state = sharded_state(model, optimizer, parallel, gather_optimizer=False, optimizer_state=optimizer_state)
     dcp.load(state, checkpoint_id=ckpt)
     _copy_loaded(state, model, optimizer)
@@ -456,12 +483,10 @@ def _fp8_state_mismatch(saved, histories, te_layers, parallel: ParallelState, se
 
 
 def read_train_state(root: str) -> dict | None:
-    """train_state.json of the latest checkpoint (iteration, consumed samples, run config)."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        return None
-    with open(os.path.join(checkpoint_dir(root, iteration), "train_state.json")) as fh:
-        return json.load(fh)
+    """train_state.json of the checkpoint loading root reads (iteration, consumed samples, run
+    config), or None."""
+    found = _checkpoint_to_load(root)
+    return None if found is None else found[1]
 
 
 def _rng_file(ckpt: str) -> str:

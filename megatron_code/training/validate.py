@@ -143,9 +143,9 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
     ck = cfg.checkpoint
     if ck.finetune and not ck.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from).")
-    for root, flag in ((ck.load, "--load"), (ck.ref_load, "--ref-load")):
+    for root, flag, weights_only in ((ck.load, "--load", ck.finetune), (ck.ref_load, "--ref-load", True)):
         if root:
-            check_checkpoint_root(root, flag)
+            check_checkpoint_root(root, flag, weights_only)
     if not require_files or not ck.load or latest_iteration(ck.load) is not None:
         return
     if ck.finetune:
