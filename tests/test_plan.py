@@ -555,6 +555,12 @@ def test_trainer_prints_the_forecast_on_gpus_only():
     line = startup_memory_forecast(cfg, 1, "cuda")
     assert line.startswith("memory forecast (planner): fullest GPU (pipeline rank 0): weights ")
     assert memory_forecast(cfg, 1)[0] in line and startup_memory_forecast(cfg, 1, "cpu") is None
+    # The whole 7B on one GPU (fp32 weights, grads and Adam state: 141 GiB forecast) cannot fit an
+    # 80 GB card: warned before the first step, with the fixes.
+    h100 = startup_memory_forecast(cfg, 1, "cuda", capacity_bytes=80 * 10**9)
+    assert h100.startswith(line + "\nWARNING: the forecast exceeds this GPU's 74.5 GiB: expect an out-of-memory "
+                                  "error in the first step. To fit: --use-distributed-optimizer")
+    assert startup_memory_forecast(cfg, 1, "cuda", capacity_bytes=10**13) == line  # fits: no warning
 
 
 def test_profile_report_sets_the_planner_forecast_beside_the_measured_peak_on_gpus():

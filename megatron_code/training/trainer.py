@@ -521,15 +521,25 @@ def _print_summary(trainer: Trainer) -> None:
     )
     if isinstance(trainer.optimizer, DistributedOptimizer):
         print_rank0(f"memory: {trainer.optimizer.memory_summary()}", enabled=trainer.env.is_main)
-    forecast = startup_memory_forecast(cfg, trainer.parallel.world_size, trainer.env.device.type)
+    device = trainer.env.device
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    forecast = startup_memory_forecast(cfg, trainer.parallel.world_size, device.type, capacity)
     if forecast:
         print_rank0(forecast, enabled=trainer.env.is_main)
 
 
-def startup_memory_forecast(cfg: RunConfig, world_size: int, device_type: str) -> str | None:
+def startup_memory_forecast(cfg: RunConfig, world_size: int, device_type: str,
+                            capacity_bytes: int | None = None) -> str | None:
     """On GPUs, the planner's forecast of the fullest GPU's memory (what the dry run prints), to
-    read against the peak the log lines report."""
+    read against the peak the log lines report; with a warning when it exceeds the GPU's
+    capacity, since the first step will then most likely fail out of memory."""
     memory = running_forecast(cfg, world_size, device_type)
     if memory is None:
         return None
-    return f"memory forecast (planner): {describe(memory)}; log lines report the measured peak"
+    line = f"memory forecast (planner): {describe(memory)}; log lines report the measured peak"
+    if capacity_bytes is None or memory.total <= capacity_bytes:
+        return line
+    return (f"{line}\nWARNING: the forecast exceeds this GPU's {capacity_bytes / 2**30:.1f} GiB: expect an "
+            f"out-of-memory error in the first step. To fit: --use-distributed-optimizer, --recompute-granularity, "
+            f"more TP/PP/CP; `python -m megatron_code.plan --gpus {world_size} --seq-length "
+            f"{cfg.data.seq_length} --preset ...` lists the layouts that fit.")
