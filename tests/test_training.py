@@ -1,6 +1,7 @@
 """Training-loop tests: the loss falls, N + N resumed steps equal 2N steps, gradient accumulation
 equals one big micro-batch, checkpoints survive a crash mid-save, and the logs carry the metrics."""
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -181,6 +182,44 @@ def test_a_resumed_run_supersedes_the_crashed_segment_in_the_metrics(fixture_dat
     shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [step for step, _ in shown] == [1, 2, 3, 4]
     assert [value for _, value in shown[2:]] == pytest.approx([h["loss"] for h in resumed])
+
+
+def _collections_during_training(fixture_data, **values) -> list[tuple[int, int]]:
+    """(iteration last launched, generation) of each garbage collection between the first step's
+    launch and the end of the loop (not the teardown after it, which collects on purpose)."""
+    seen, launched, done = [], [], []
+
+    def watch(phase, info):
+        if phase == "start" and launched and not done:
+            seen.append((launched[-1], info["generation"]))
+
+    def record(trainer):
+        trainer.step_hooks.append(launched.append)
+        run = trainer.run
+        trainer.run = lambda: (run(), done.append(True))[0]
+
+    gc.callbacks.append(watch)
+    try:
+        train(run_config_from_values(tiny_run(fixture_data, **values)), prepare=record)
+    finally:
+        gc.callbacks.remove(watch)
+    return seen
+
+
+def test_manual_gc_collects_on_schedule_only_and_restores_the_collector(fixture_data):
+    """--manual-gc: no automatic collection during the loop, a full one at every
+    --manual-gc-interval'th step; the automatic collector is back on after the run, also after a
+    failed one. Without the flag the same run collects automatically (what the flag removes)."""
+    common = dict(train_iters=5, micro_batch_size=2, global_batch_size=2, seq_length=64)
+    assert any(generation == 0 for _, generation in _collections_during_training(fixture_data, **common))
+    assert gc.isenabled()
+    manual = _collections_during_training(fixture_data, **common, manual_gc=True, manual_gc_interval=2)
+    assert manual == [(2, 2), (4, 2)]
+    assert gc.isenabled()
+    with pytest.raises(FloatingPointError):
+        run_training(tiny_run(fixture_data, **common, manual_gc=True, lr=1e30, min_lr=1e29, lr_warmup_iters=0,
+                              clip_grad=0.0))
+    assert gc.isenabled()
 
 
 def test_wandb_runs_offline_by_default(fixture_data, tmp_path, monkeypatch):

@@ -351,10 +351,11 @@ def is_iteration_dir(path: str) -> bool:
             and not os.path.isfile(os.path.join(path, LATEST_MARKER)))
 
 
-def check_checkpoint_root(root: str, flag: str, weights_only: bool) -> None:
+def check_checkpoint_root(root: str, flag: str, weights_only: bool, complete: bool = True) -> None:
     """Refuse what would otherwise load nothing, the wrong thing, or fail deep inside a load:
-    an iter_* directory for a full resume, and a `latest` marker naming a missing checkpoint.
-    A weights-only load (--finetune, --ref-load) may name one iteration's directory."""
+    an iter_* directory for a full resume, and (with `complete`; a dry run may plan with a bare
+    marker) a `latest` marker naming a missing checkpoint. A weights-only load (--finetune,
+    --ref-load) may name one iteration's directory."""
     if is_iteration_dir(root):
         if weights_only:
             return
@@ -363,7 +364,7 @@ def check_checkpoint_root(root: str, flag: str, weights_only: bool) -> None:
             f"{flag} {root} is one checkpoint's directory. A full resume loads the latest checkpoint of "
             f"a --save directory: give {parent} (to resume from this iteration instead of the latest, write "
             f"its number into {parent}/{LATEST_MARKER}); or add --finetune to take only its weights.")
-    iteration = latest_iteration(root)
+    iteration = latest_iteration(root) if complete else None
     if iteration is not None and not os.path.isfile(os.path.join(checkpoint_dir(root, iteration), "train_state.json")):
         raise ConfigError(f"{flag} {root}: {LATEST_MARKER} names iteration {iteration}, but "
                           f"{checkpoint_dir(root, iteration)}/train_state.json does not exist (deleted or moved?). "

@@ -109,6 +109,12 @@ class TrainingConfig:
     """Global batches per validation run."""
     exit_interval: int | None = None
     """Stop (after saving, if --save is set) once this iteration is reached."""
+    manual_gc: bool = False
+    """Turn Python's automatic garbage collector off during training; every rank collects at the
+    same steps instead (--manual-gc-interval) and after each validation. At scale the automatic
+    collector pauses ranks at different moments and every collective waits for the paused one."""
+    manual_gc_interval: int = 0
+    """With --manual-gc: a full garbage collection every this many steps (0: only after validation)."""
     exit_signal: str = "SIGUSR1"
     """Signal that makes the run finish the current step, save a checkpoint (if --save is set) and
     exit 0; SIGTERM does the same. All ranks stop at the same iteration (the flag is all-reduced

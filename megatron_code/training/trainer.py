@@ -32,6 +32,9 @@ from megatron_code.training.config import RunConfig
 from megatron_code.training.data import (
     ResumableBatchSampler, build_datasets, micro_batch_loader, segment_ids_from_eod,
 )
+from megatron_code.training.garbage_collection import (
+    collect_after_validation, collect_if_due, manual_garbage_collection,
+)
 from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
 from megatron_code.training.launched_step import DeviceScalars, LaunchedStep, StepClock
@@ -293,6 +296,7 @@ class Trainer:
         unread: LaunchedStep | None = None
         while self.iteration < t.train_iters:
             launched = self._launch_step(loader)
+            collect_if_due(t, self.iteration)  # host-side pause while the GPU runs the step
             if unread is not None:
                 self._finish(unread)  # waits for that step only: this one stays queued
             unread = launched
@@ -306,6 +310,7 @@ class Trainer:
                 unread = None
             if validating:
                 self._log_validation()
+                collect_after_validation(t)
             self._publish_async_save(wait=False)
             if ck.save and (due or exiting):
                 self.save()
@@ -497,7 +502,8 @@ def _build_and_run(cfg: RunConfig, env, tokenizer, exit_signal: ExitSignal, prep
     _print_summary(trainer)
     if prepare is not None:
         prepare(trainer)
-    return trainer.run()
+    with manual_garbage_collection(cfg.training):
+        return trainer.run()
 
 
 def _print_summary(trainer: Trainer) -> None:

@@ -145,7 +145,7 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from).")
     for root, flag, weights_only in ((ck.load, "--load", ck.finetune), (ck.ref_load, "--ref-load", True)):
         if root:
-            check_checkpoint_root(root, flag, weights_only)
+            check_checkpoint_root(root, flag, weights_only, complete=require_files)
     if not require_files or not ck.load or latest_iteration(ck.load) is not None:
         return
     if ck.finetune:
@@ -195,6 +195,9 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter "
                           "all-gather: add --use-distributed-optimizer or drop it.")
+    if cfg.training.manual_gc_interval < 0 or (cfg.training.manual_gc_interval and not cfg.training.manual_gc):
+        raise ConfigError(f"--manual-gc-interval {cfg.training.manual_gc_interval}: give a step count >= 0 "
+                          "together with --manual-gc (which turns the automatic collector off).")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save:
         raise ConfigError("--save-interval is set but --save (the checkpoint directory) is not.")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
