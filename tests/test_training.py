@@ -12,7 +12,7 @@ import torch
 from megatron_code.training import checkpointing
 from megatron_code.training.arguments import run_config_from_values
 from megatron_code.training.trainer import train
-from tests.conftest import run_training, tiny_run
+from tests.conftest import CORPUS, TOKENIZER, run_training, tiny_run
 
 
 def losses(history):
@@ -75,6 +75,37 @@ def test_resume_with_another_global_batch_size_continues_at_the_consumed_sample(
     assert resumed == stream[8:32]
     with open(os.path.join(checkpointing.checkpoint_dir(ckpt, 5), "train_state.json")) as fh:
         assert json.load(fh)["consumed_samples"] == 32
+
+
+def test_a_validation_set_of_its_own(fixture_data, tmp_path):
+    """--valid-data-path: validation reads only its own data, and every document of --data-path
+    trains (the training losses equal those of --split 1,0,0)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_tools.preprocess_data import preprocess_data
+
+    held_out = tmp_path / "held_out.jsonl"
+    with open(CORPUS) as source, open(held_out, "w") as sink:
+        sink.writelines(line for i, line in enumerate(source) if i % 5 == 0)  # another document mix
+    valid = preprocess_data(str(held_out), TOKENIZER, str(tmp_path / "held_out"), workers=1,
+                            progress=False).outputs["text"]
+    seen = {}
+
+    def inspect(trainer):
+        seen.update(train=trainer.datasets.train, valid=trainer.datasets.valid)
+
+    def valid_losses(metrics):
+        return [json.loads(line)["valid_loss"] for line in open(metrics) if '"valid_loss"' in line]
+
+    common = dict(train_iters=4, micro_batch_size=2, global_batch_size=2, seq_length=64, eval_iters=2)
+    own, split = str(tmp_path / "own.jsonl"), str(tmp_path / "split.jsonl")
+    with_own = train(run_config_from_values(tiny_run(
+        fixture_data, **common, valid_data_path=[valid], eval_interval=2, metrics_file=own)), prepare=inspect)
+    assert seen["valid"].dataset.path_prefix == valid and seen["train"].dataset.path_prefix == fixture_data
+    assert len(seen["train"].indices) == len(IndexedDataset(fixture_data))  # no document held back
+    assert losses(with_own) == losses(run_training(tiny_run(fixture_data, **common, split="1,0,0")))
+    run_training(tiny_run(fixture_data, **common, eval_interval=2, metrics_file=split))
+    assert len(valid_losses(own)) == 2 and valid_losses(own) != valid_losses(split)
 
 
 def test_gradient_accumulation_equals_one_large_micro_batch(fixture_data):

@@ -15,7 +15,11 @@ class DataConfig:
     data_path: list[str] = field(default_factory=list)
     """Dataset prefixes (without .bin/.idx), optionally weighted: `0.7 code 0.3 docs` or `code docs`."""
     split: str = "949,50,1"
-    """Train/valid/test proportions of each dataset, e.g. 949,50,1."""
+    """Train/valid/test proportions of each dataset, e.g. 949,50,1 (not used with --valid-data-path)."""
+    valid_data_path: list[str] = field(default_factory=list)
+    """Validation datasets of their own (prefixes, optionally weighted like --data-path), e.g. a
+    held-out corpus of real code beside synthetic training data. Then --data-path is all training
+    data and --split is not used."""
     tokenizer_model: str | None = None
     """Path of the sentencepiece .model file the data was tokenized with."""
     seq_length: int = 256

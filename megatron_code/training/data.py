@@ -42,12 +42,12 @@ def parse_blend(data_path: list[str], flag: str = "--data-path") -> tuple[list[s
     return list(data_path[1::2]), weights
 
 
-def check_data_files(prefixes: list[str]) -> None:
+def check_data_files(prefixes: list[str], flag: str = "--data-path") -> None:
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise ConfigError(
-                    f"--data-path: {prefix + ext} does not exist. Give the prefix without extension "
+                    f"{flag}: {prefix + ext} does not exist. Give the prefix without extension "
                     "(e.g. data/code_text_document for data/code_text_document.bin/.idx); build it "
                     "with `mcode-preprocess-data`."
                 )
@@ -116,8 +116,13 @@ class Datasets:
 
 def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int], need_valid: bool) -> Datasets:
     """Build train/valid/test through megatron-core. Needs torch.distributed initialized."""
+    blend_per_split = None
     if data.mock_data:  # megatron-core makes mock data when no blend is given
         blend, split, dataset_class = None, None, MockGPTDataset
+    elif data.valid_data_path:  # every document of --data-path trains; validation has its own
+        blend, split, dataset_class = None, None, GPTDataset
+        valid = parse_blend(data.valid_data_path, "--valid-data-path") if need_valid else None
+        blend_per_split = [parse_blend(data.data_path), valid, None]
     else:
         prefixes, weights = parse_blend(data.data_path)
         blend, dataset_class = (prefixes, weights), GPTDataset
@@ -126,6 +131,7 @@ def build_datasets(data: DataConfig, tokenizer, seed: int, num_samples: list[int
         random_seed=seed,
         sequence_length=data.seq_length,
         blend=blend,
+        blend_per_split=blend_per_split,
         split=split,
         path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,

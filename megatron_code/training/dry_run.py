@@ -81,10 +81,14 @@ def _file_status(cfg: RunConfig, tokenizer_found: bool) -> list[str]:
     mode = cfg.training.training_mode
     if d.mock_data:
         lines.append("data       --mock-data (synthetic " + ("tokens)" if mode == "pretrain" else "conversations)"))
-    for prefix in ([] if d.mock_data or mode != "pretrain" else parse_blend(d.data_path)[0]):
-        state = ("found, token ids checked against the vocabulary" if data_files_exist(prefix)
-                 else "MISSING .bin/.idx, not checked (a real run refuses to start)")
-        lines.append(f"data       {prefix}: {state}")
+    pretraining = [] if d.mock_data or mode != "pretrain" else [("data      ", d.data_path)]
+    if pretraining and d.valid_data_path:
+        pretraining.append(("valid data", d.valid_data_path))
+    for label, paths in pretraining:
+        for prefix in parse_blend(paths)[0]:
+            state = ("found, token ids checked against the vocabulary" if data_files_exist(prefix)
+                     else "MISSING .bin/.idx, not checked (a real run refuses to start)")
+            lines.append(f"{label} {prefix}: {state}")
     if mode != "pretrain":
         lines += finetune_file_status(cfg)
     lines.append(f"load       {_load_status(ck)}")

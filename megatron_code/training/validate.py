@@ -171,21 +171,9 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
             f"--seq-length ({cfg.data.seq_length}) exceeds --max-position-embeddings "
             f"({cfg.model.max_position_embeddings}); raise the latter or shorten the sequences."
         )
-    if cfg.data.mock_data and cfg.data.data_path:
-        raise ConfigError("--mock-data and --data-path exclude each other: drop one.")
     _check_load(cfg, require_files)
     check_training_mode(cfg, tokenizer, require_files)
-    pretraining_data = not cfg.data.mock_data and cfg.training.training_mode == "pretrain"
-    prefixes = parse_blend(cfg.data.data_path)[0] if pretraining_data else []
-    if not require_files:
-        prefixes = [p for p in prefixes if data_files_exist(p)]
-    check_data_files(prefixes)
-    weights = split_weights("1,1,1" if cfg.data.mock_data else cfg.data.split)
-    if cfg.training.eval_interval and weights[1] == 0:
-        raise ConfigError(
-            f"--eval-interval {cfg.training.eval_interval} needs a validation split, but --split "
-            f"{cfg.data.split} gives it weight 0. Use e.g. --split 949,50,1 or --eval-interval 0."
-        )
+    datasets = _pretraining_datasets(cfg, require_files)
     check_params_dtype(cfg)
     distributed_timeout(cfg.parallel.distributed_timeout_minutes)
     if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size < 1:
@@ -204,5 +192,35 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
         raise ConfigError(f"--keep-last must be >= 1 (checkpoints to keep), got {cfg.checkpoint.keep_last}.")
     parse_exit_signal(cfg.training.exit_signal)
     LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
-    check_data_matches_tokenizer(prefixes, cfg.model.padded_vocab_size())
+    for flag, prefixes in datasets.items():
+        check_data_matches_tokenizer(prefixes, cfg.model.padded_vocab_size(), flag)
     return tokenizer
+
+
+def _pretraining_datasets(cfg: RunConfig, require_files: bool) -> dict[str, list[str]]:
+    """Check the pretraining data flags; return the prefixes to scan per flag (a dry run leaves
+    out missing files)."""
+    d, mode = cfg.data, cfg.training.training_mode
+    if d.mock_data and (d.data_path or d.valid_data_path):
+        raise ConfigError("--mock-data and --data-path / --valid-data-path exclude each other: drop one.")
+    if d.valid_data_path and mode != "pretrain":
+        raise ConfigError(f"--valid-data-path is for pretraining data; --training-mode {mode} takes its "
+                          "validation rows from --split of its own data path.")
+    if d.valid_data_path and not cfg.training.eval_interval:
+        raise ConfigError("--valid-data-path is given but --eval-interval is 0: nothing would read it. "
+                          "Set --eval-interval N, or drop --valid-data-path.")
+    weights = split_weights("1,1,1" if d.mock_data or d.valid_data_path else d.split)
+    if cfg.training.eval_interval and weights[1] == 0:
+        raise ConfigError(
+            f"--eval-interval {cfg.training.eval_interval} needs a validation split, but --split "
+            f"{d.split} gives it weight 0. Use e.g. --split 949,50,1, --valid-data-path, or --eval-interval 0."
+        )
+    if d.mock_data or mode != "pretrain":
+        return {}
+    datasets = {"--data-path": parse_blend(d.data_path)[0]}
+    if d.valid_data_path:
+        datasets["--valid-data-path"] = parse_blend(d.valid_data_path, "--valid-data-path")[0]
+    for flag, prefixes in datasets.items():
+        datasets[flag] = prefixes if require_files else [p for p in prefixes if data_files_exist(p)]
+        check_data_files(datasets[flag], flag)
+    return datasets
