@@ -61,7 +61,7 @@ def _samples_read(fixture_data, **values) -> list[int]:
     return read
 
 
-def test_resume_with_another_global_batch_size_continues_at_the_consumed_sample(fixture_data, tmp_path):
+def test_resume_with_another_global_batch_size_continues_at_the_consumed_sample(fixture_data, tmp_path, capsys):
     """The data position is the checkpoint's consumed samples, not iteration x the new global
     batch: 2 steps of 4 samples + resume at 8 per step must read samples 8..23 next, as one run
     reading 32 samples would (the dataset index is built for the same 32)."""
@@ -73,6 +73,8 @@ def test_resume_with_another_global_batch_size_continues_at_the_consumed_sample(
     resumed = _samples_read(fixture_data, train_iters=5, global_batch_size=8, micro_batch_size=4,
                             save=ckpt, load=ckpt)
     assert resumed == stream[8:32]
+    assert "note: global batch size changed from 4 (checkpoint) to 8: the data continues at sample 8\n" in \
+        capsys.readouterr().out
     with open(os.path.join(checkpointing.checkpoint_dir(ckpt, 5), "train_state.json")) as fh:
         assert json.load(fh)["consumed_samples"] == 32
 

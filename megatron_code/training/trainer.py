@@ -37,6 +37,7 @@ from megatron_code.training.garbage_collection import (
 )
 from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
+from megatron_code.training.resume_notes import resume_notes
 from megatron_code.training.launched_step import DeviceScalars, LaunchedStep, StepClock
 from megatron_code.training.metrics import MetricsLogger, peak_memory_gib, print_rank0
 from megatron_code.training.optimizer import build_optimizer, set_learning_rate
@@ -131,11 +132,8 @@ class Trainer:
             self.iteration = saved["iteration"]
             self.consumed_samples = saved["consumed_samples"]
         print_rank0(f"resumed from {ck.load} at iteration {saved['iteration']}", enabled=self.env.is_main)
-        saved_batch = saved.get("config", {}).get("training", {}).get("global_batch_size")
-        if not ck.finetune and saved_batch not in (None, self.cfg.training.global_batch_size):
-            print_rank0(f"global batch size changed from {saved_batch} (checkpoint) to "
-                        f"{self.cfg.training.global_batch_size}: the data continues at sample "
-                        f"{self.consumed_samples:,}", enabled=self.env.is_main)
+        for note in [] if ck.finetune else resume_notes(saved, self.cfg, self.iteration, self.consumed_samples):
+            print_rank0(f"note: {note}", enabled=self.env.is_main)
 
     def _train_loader(self):
         t = self.cfg.training
