@@ -141,6 +141,11 @@ def test_a_load_that_would_silently_start_from_scratch_is_refused(fixture_data, 
         check("--load", str(root), "--save", str(root))
     (root / "latest_checkpointed_iteration.txt").write_text("4")
     check("--load", str(root), "--save", str(root))
+    # Another run's checkpoints in --save: a fresh run or a fine-tune into them would replace them.
+    for flags in ([], ["--load", str(tmp_path / "out"), "--finetune"], ["--load", str(root), "--finetune"]):
+        with pytest.raises(ConfigError, match=r"--save .*ckpt already holds checkpoints \(latest: iteration 4\) "
+                                              r"that this run does not resume from .* Use a new --save directory"):
+            check("--save", str(root), *flags)
 
 
 def test_missing_data_files_name_the_file(tmp_path):

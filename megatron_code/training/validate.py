@@ -146,6 +146,15 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
     for root, flag, weights_only in ((ck.load, "--load", ck.finetune), (ck.ref_load, "--ref-load", True)):
         if root:
             check_checkpoint_root(root, flag, weights_only, complete=require_files)
+    if require_files and ck.save and latest_iteration(ck.save) is not None:
+        resumes_from_save = bool(ck.load) and os.path.abspath(ck.load) == os.path.abspath(ck.save) and not ck.finetune
+        if not resumes_from_save:
+            # Its saves would replace that run's iter_* directories and latest marker.
+            raise ConfigError(
+                f"--save {ck.save} already holds checkpoints (latest: iteration {latest_iteration(ck.save)}) that "
+                f"this run does not resume from ({'--finetune' if ck.finetune else '--load ' + str(ck.load)}), "
+                "and its saves would overwrite them. Use a new --save directory, or --load the same "
+                "directory (without --finetune) to resume that run.")
     if not require_files or not ck.load or latest_iteration(ck.load) is not None:
         return
     if ck.finetune:
