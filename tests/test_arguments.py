@@ -106,6 +106,7 @@ def _args(data_prefix, *extra):
         (["--params-dtype", "bfloat16", "--use-distributed-optimizer"], r"with --bf16 and --use-distributed"),
         (["--ddp-bucket-size", "0"], r"--ddp-bucket-size must be >= 1 \(gradient elements per bucket\), got 0"),
         (["--distributed-timeout-minutes", "-1"], r"--distributed-timeout-minutes must be > 0, got -1"),
+        (["--exit-duration-in-mins", "0"], r"--exit-duration-in-mins must be > 0 \(minutes\), got 0"),
         (["--valid-data-path", "/nope/held_out", "--eval-interval", "5"],
          r"--valid-data-path: /nope/held_out.bin does not exist"),
         (["--valid-data-path", "/nope/held_out", "--eval-interval", "0"], r"--eval-interval is 0: nothing would read it"),

@@ -255,6 +255,19 @@ def test_manual_gc_collects_on_schedule_only_and_restores_the_collector(fixture_
     assert gc.isenabled()
 
 
+def test_time_limit_saves_and_stops_like_a_signal(fixture_data, tmp_path, capsys):
+    """--exit-duration-in-mins: past the limit (here at once) the run stops after the step whose
+    agreement saw it, saves, says why, and the checkpoint resumes to the uninterrupted result."""
+    ckpt = str(tmp_path / "ckpt")
+    common = dict(train_iters=6, micro_batch_size=2, global_batch_size=2, seq_length=64)
+    stopped = run_training(tiny_run(fixture_data, **common, save=ckpt, exit_duration_in_mins=1e-9))
+    assert len(stopped) < 6 and checkpointing.latest_iteration(ckpt) == stopped[-1]["step"]
+    assert (f"time limit (--exit-duration-in-mins 1e-09): stopped after iteration {stopped[-1]['step']}/6, "
+            f"checkpoint {ckpt}/iter_{stopped[-1]['step']:07d}; resume with --load {ckpt}") in capsys.readouterr().out
+    resumed = run_training(tiny_run(fixture_data, **common, save=ckpt, load=ckpt))
+    assert losses(stopped + resumed) == losses(run_training(tiny_run(fixture_data, **common)))
+
+
 def test_wandb_runs_offline_by_default(fixture_data, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_training(tiny_run(fixture_data, train_iters=2, wandb_project="unit", wandb_save_dir=str(tmp_path)))

@@ -119,6 +119,10 @@ class TrainingConfig:
     collector pauses ranks at different moments and every collective waits for the paused one."""
     manual_gc_interval: int = 0
     """With --manual-gc: a full garbage collection every this many steps (0: only after validation)."""
+    exit_duration_in_mins: float | None = None
+    """Save and exit 0 once the run has lasted this many minutes (counted from its start, before
+    model build and data loading), all ranks after the same step: for schedulers whose time limit
+    comes without a warning signal. None: no limit."""
     exit_signal: str = "SIGUSR1"
     """Signal that makes the run finish the current step, save a checkpoint (if --save is set) and
     exit 0; SIGTERM does the same. All ranks stop at the same iteration (the flag is all-reduced

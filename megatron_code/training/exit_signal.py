@@ -3,7 +3,10 @@ forwarded by launch/slurm/common.sh; SIGTERM at the time limit or from torchrun)
 process record the signal; the trainer all-reduces the record after every step and reads the
 result with that step's loss, once it has launched the next step, so all ranks stop after the same
 iteration (one or two steps after the signal), save (collectively) and exit 0. The handler only
-records: saving from inside a signal handler could interrupt a collective half-way."""
+records: saving from inside a signal handler could interrupt a collective half-way.
+
+--exit-duration-in-mins goes the same way: a rank past the time limit reports it in the same
+all-reduce, so every rank stops after the same step, saves and exits 0."""
 from __future__ import annotations
 
 import ctypes
@@ -12,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,6 +23,9 @@ import torch.distributed as dist
 from megatron_code.errors import ConfigError
 
 _UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+TIME_LIMIT = 0x100
+"""What `agreement` reports for --exit-duration-in-mins: above every signal number, so the
+all-reduce's MAX keeps it."""
 
 
 def parse_exit_signal(name: str) -> signal.Signals:
@@ -63,12 +70,15 @@ class ExitSignal:
     """Installs handlers for SIGTERM and the configured signal (restored by `restore`); `agreement`
     is the per-step collective that tells every rank whether any rank got one."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, duration_minutes: float | None = None):
         self.signals = sorted({parse_exit_signal(name), signal.SIGTERM})
         self.received = 0
         """Number of the first signal this process got (0: none)."""
-        self.stopped_by: signal.Signals | None = None
-        """The signal all ranks agreed to stop on (the largest number any rank got)."""
+        self.duration_minutes = duration_minutes
+        self.deadline = None if duration_minutes is None else time.monotonic() + 60 * duration_minutes
+        """time.monotonic() past which the run stops (--exit-duration-in-mins, counted from here)."""
+        self.stopped_by: signal.Signals | int | None = None
+        """The signal all ranks agreed to stop on (the largest number any rank got), or TIME_LIMIT."""
         self._previous = {}
         self._native = {}
         """Per signal, the native handler address Python's signal.signal installed."""
@@ -110,7 +120,8 @@ class ExitSignal:
         number any rank got so far (0: none), left on the device. The trainer reads it with the
         step's loss (training/launched_step.py) and passes it to `decide`."""
         self.reclaim()
-        flag = torch.full((), self.received, dtype=torch.int32, device=device)  # a fill: no blocking copy
+        code = self.received or (TIME_LIMIT if self.deadline is not None and time.monotonic() >= self.deadline else 0)
+        flag = torch.full((), code, dtype=torch.int32, device=device)  # a fill: no blocking copy
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
@@ -118,15 +129,19 @@ class ExitSignal:
     def decide(self, agreed: float) -> signal.Signals | None:
         """The signal that stops the run, given an `agreement` read back on the host, or None."""
         if agreed and self.stopped_by is None:
-            self.stopped_by = signal.Signals(int(agreed))
+            self.stopped_by = TIME_LIMIT if int(agreed) == TIME_LIMIT else signal.Signals(int(agreed))
         return self.stopped_by
 
     def stop_message(self, iteration: int, train_iters: int, saved_to: str | None) -> str:
-        """The one log line that says the run stopped on the signal, and where it can resume."""
-        name = self.stopped_by.name if self.stopped_by else "?"
+        """The one log line that says the run stopped on the signal or the time limit, and where it
+        can resume."""
+        if self.stopped_by == TIME_LIMIT:
+            reason = f"time limit (--exit-duration-in-mins {self.duration_minutes:g})"
+        else:
+            reason = f"exit signal {self.stopped_by.name if self.stopped_by else '?'}"
         where = (f"checkpoint {saved_to}; resume with --load {os.path.dirname(saved_to)}" if saved_to
                  else "no --save, nothing saved")
-        return f"exit signal {name}: stopped after iteration {iteration}/{train_iters}, {where}"
+        return f"{reason}: stopped after iteration {iteration}/{train_iters}, {where}"
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():

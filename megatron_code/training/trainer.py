@@ -478,7 +478,8 @@ def train(cfg: RunConfig, prepare=None) -> list[dict]:
     runs once the trainer is built, before the first step (profiling hooks in)."""
     tokenizer = validate_job(cfg, launched_world_size(cfg.launch, os.environ))
     env = init_distributed(cfg.parallel.distributed_timeout_minutes)
-    exit_signal = ExitSignal(cfg.training.exit_signal)  # from here on: save and exit on the signal
+    # from here on: save and exit on the signal (or the time limit)
+    exit_signal = ExitSignal(cfg.training.exit_signal, cfg.training.exit_duration_in_mins)
     try:
         # The trainer lives in _build_and_run's frame only, so that it is gone when the
         # process groups are destroyed and freed (destroy_distributed).

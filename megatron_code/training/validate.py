@@ -200,6 +200,8 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"--keep-last must be >= 1 (checkpoints to keep), got {cfg.checkpoint.keep_last}.")
     parse_exit_signal(cfg.training.exit_signal)
+    if cfg.training.exit_duration_in_mins is not None and not cfg.training.exit_duration_in_mins > 0:
+        raise ConfigError(f"--exit-duration-in-mins must be > 0 (minutes), got {cfg.training.exit_duration_in_mins}.")
     LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
     for flag, prefixes in datasets.items():
         check_data_matches_tokenizer(prefixes, cfg.model.padded_vocab_size(), flag)
