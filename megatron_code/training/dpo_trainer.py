@@ -22,7 +22,8 @@ from megatron_code.training.data import segment_ids_from_eod
 from megatron_code.training.dpo_loss import PairLosses, dpo_losses, sequence_log_probs
 from megatron_code.training.flops import REFERENCE_FLOPS_SHARE
 from megatron_code.training.metrics import print_rank0
-from megatron_code.training.trainer import Trainer, check_same_model
+from megatron_code.training.resume import check_same_model
+from megatron_code.training.trainer import Trainer
 
 
 

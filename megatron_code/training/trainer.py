@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from megatron_code.distributed import DistributedEnv, destroy_distributed, init_distributed
-from megatron_code.errors import ConfigError
 from megatron_code.model import GPTModel
 from megatron_code.model.core_attention import pack_documents
 from megatron_code.model.fp8 import describe_fp8
@@ -37,7 +36,7 @@ from megatron_code.training.garbage_collection import (
 )
 from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
-from megatron_code.training.resume_notes import resume_notes
+from megatron_code.training.resume import resume_from_checkpoint
 from megatron_code.training.launched_step import DeviceScalars, LaunchedStep, StepClock
 from megatron_code.training.metrics import MetricsLogger, peak_memory_gib, print_rank0
 from megatron_code.training.optimizer import build_optimizer, set_learning_rate
@@ -80,7 +79,9 @@ class Trainer:
         self.consumed_samples = 0
         """Training samples read so far: the data position. Not iteration x global batch: a run
         may resume with another --global-batch-size."""
-        self._resume()
+        if cfg.checkpoint.load:
+            self.iteration, self.consumed_samples = resume_from_checkpoint(
+                cfg, self.model, self.optimizer, parallel, env.is_main)
         self.datasets = self._build_datasets()
         self.flops_per_token = training_flops_per_token(
             cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(parallel.tp))
@@ -108,32 +109,6 @@ class Trainer:
         eval_samples = t.eval_iters * t.global_batch_size
         train_samples = self.consumed_samples + (t.train_iters - self.iteration) * t.global_batch_size
         return [train_samples, eval_samples, eval_samples]
-
-    def _resume(self) -> None:
-        ck = self.cfg.checkpoint
-        if not ck.load:
-            return
-        saved = checkpointing.read_train_state(ck.load)
-        if saved is None:
-            print_rank0(f"no checkpoint in --load {ck.load}; starting from scratch", enabled=self.env.is_main)
-            return
-        check_same_model(saved, self.cfg)
-        source = saved.get("converted_from")
-        if source and not ck.finetune:
-            where = source.get("path", source) if isinstance(source, dict) else source
-            raise ConfigError(
-                f"--load {ck.load}: this checkpoint was converted from {where} and "
-                "holds weights only (no optimizer state); add --finetune to start training from it."
-            )
-        # --finetune: weights only (the optimizer still takes the master weights of bf16 parameters)
-        checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.parallel, restore_rng=not ck.finetune,
-                                      optimizer_state=not ck.finetune)
-        if not ck.finetune:
-            self.iteration = saved["iteration"]
-            self.consumed_samples = saved["consumed_samples"]
-        print_rank0(f"resumed from {ck.load} at iteration {saved['iteration']}", enabled=self.env.is_main)
-        for note in [] if ck.finetune else resume_notes(saved, self.cfg, self.iteration, self.consumed_samples):
-            print_rank0(f"note: {note}", enabled=self.env.is_main)
 
     def _train_loader(self):
         t = self.cfg.training
@@ -447,30 +422,6 @@ def build_model(cfg: RunConfig, parallel: ParallelState, device: torch.device):
                             bf16=cfg.training.bf16, micro_batch_size=t.micro_batch_size,
                             seq_length=cfg.data.seq_length)
     return ModelChunks(chunks), runner
-
-
-def check_same_model(state: dict, cfg: RunConfig, flag: str = "--load") -> None:
-    """A checkpoint of another shape would fail deep inside DCP; say which field differs instead."""
-    saved = state.get("config", {}).get("model", {})
-    shape_fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                    "num_query_groups", "group_query_attention", "kv_channels",
-                    "untie_embeddings_and_output_weights", "vocab_size")
-    for name in shape_fields:
-        if name in saved and saved[name] != getattr(cfg.model, name):
-            raise ConfigError(
-                f"{flag}: the checkpoint has {name}={saved[name]} but this run has "
-                f"{name}={getattr(cfg.model, name)}. Use the checkpoint's model flags or another {flag}."
-            )
-    saved_tp = state.get("config", {}).get("parallel", {}).get("tensor_model_parallel_size", 1)
-    saved_padded = cfg.model.replace(
-        make_vocab_size_divisible_by=saved.get("make_vocab_size_divisible_by", 128)).padded_vocab_size(saved_tp)
-    padded = cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size)
-    if saved_padded != padded:
-        raise ConfigError(
-            f"{flag}: the checkpoint's embedding has {saved_padded} rows (vocab padded for TP {saved_tp}) "
-            f"but this layout pads to {padded}. Keep --make-vocab-size-divisible-by x TP a multiple "
-            "of the same value in both layouts (e.g. --make-vocab-size-divisible-by 1024)."
-        )
 
 
 def train(cfg: RunConfig, prepare=None) -> list[dict]:
