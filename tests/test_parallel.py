@@ -322,6 +322,19 @@ def test_keep_last_never_deletes_the_latest(tmp_path):
                                                "iter_0000010.tmp"])
 
 
+def test_keep_last_counts_the_checkpoints_up_to_the_latest_after_a_rollback(tmp_path):
+    """Marker set back to 3 with 9 and 12 left from the abandoned segment: --keep-last 2 keeps 2
+    and 3 (it used to count 9 and 12 as the newest two and delete 2), and leaves 9 and 12."""
+    root = str(tmp_path)
+    for iteration in (1, 2, 3, 9, 12):
+        os.makedirs(checkpointing.checkpoint_dir(root, iteration))
+    with open(os.path.join(root, checkpointing.LATEST_MARKER), "w") as fh:
+        fh.write("3\n")
+    assert checkpointing.delete_old_checkpoints(root, 2) == [checkpointing.checkpoint_dir(root, 1)]
+    assert sorted(d for d in os.listdir(root) if d.startswith("iter_")) == [
+        "iter_0000002", "iter_0000003", "iter_0000009", "iter_0000012"]
+
+
 def test_async_save_resumes_exactly(fixture_data, reference, tmp_path):
     """Async saves every step (each published at the next step, the last at exit); resuming from
     the last one reproduces the uninterrupted run. The resumed run saves synchronously with

@@ -314,13 +314,16 @@ def _finalize(root: str, tmp_dir: str, final_dir: str, iteration: int, keep_last
 
 
 def delete_old_checkpoints(root: str, keep_last: int) -> list[str]:
-    """Delete iter_* checkpoints beyond the newest keep_last, never the one `latest` names.
-    Returns the deleted directories."""
+    """Delete iter_* checkpoints beyond the newest keep_last up to the one `latest` names (which
+    is kept). Those after it are left alone: after a rollback (the marker set back by hand) they
+    belong to the abandoned segment, are not this run's to count, and its saves replace them as
+    it reaches their iterations. Returns the deleted directories."""
     latest = latest_iteration(root)
     iterations = sorted(int(name[5:]) for name in os.listdir(root)
                         if name.startswith("iter_") and name[5:].isdigit())
+    current = [i for i in iterations if latest is None or i <= latest]
     deleted = []
-    for iteration in iterations[:-keep_last]:
+    for iteration in current[:-keep_last]:
         if iteration != latest:
             path = checkpoint_dir(root, iteration)
             shutil.rmtree(path, ignore_errors=True)
