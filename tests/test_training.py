@@ -309,9 +309,17 @@ def test_each_step_is_read_back_after_the_next_one_is_launched(fixture_data):
         log_step = trainer.metrics.log_step
         trainer.metrics.log_step = lambda record: (events.append(f"log {record['step']}"), log_step(record))
 
-    train(run_config_from_values(tiny_run(fixture_data, train_iters=5, eval_interval=2, eval_iters=1)), prepare=watch)
-    assert events == ["launch 1", "launch 2", "log 1", "log 2", "launch 3", "launch 4", "log 3", "log 4",
-                      "launch 5", "log 5"]
+    def validated(trainer):
+        watch(trainer)
+        log_validation = trainer.metrics.log_validation
+        trainer.metrics.log_validation = lambda step, *a, **k: (events.append(f"valid {step}"),
+                                                                log_validation(step, *a, **k))
+
+    train(run_config_from_values(tiny_run(fixture_data, train_iters=5, eval_interval=2, eval_iters=1)),
+          prepare=validated)
+    # Validation every 2 steps and at the last one (5), whose weights would otherwise get no value.
+    assert events == ["launch 1", "launch 2", "log 1", "log 2", "valid 2", "launch 3", "launch 4", "log 3", "log 4",
+                      "valid 4", "launch 5", "log 5", "valid 5"]
 
 
 def test_weights_only_load_gives_bf16_parameters_the_checkpoints_fp32_master_weights(fixture_data, tmp_path):

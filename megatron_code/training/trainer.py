@@ -273,8 +273,9 @@ class Trainer:
             if unread is not None:
                 self._finish(unread)  # waits for that step only: this one stays queued
             unread = launched
-            validating = (bool(t.eval_interval) and self.iteration % t.eval_interval == 0
-                          and self.datasets.valid is not None)
+            # ... and at the last step, as Megatron-LM does, so the final weights always get a value
+            validating = (bool(t.eval_interval) and self.datasets.valid is not None
+                          and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters))
             due = bool(ck.save) and bool(ck.save_interval) and self.iteration % ck.save_interval == 0
             exiting = (self.exit_signal is not None and self.exit_signal.stopped_by is not None) or (
                 bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
