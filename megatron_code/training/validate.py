@@ -12,7 +12,7 @@ from megatron_code.parallel.pipeline import check_pipeline
 from megatron_code.parallel.state import distributed_timeout, validate_layout, virtual_stages
 from megatron_code.tokenizer import SentencePieceTokenizer
 from megatron_code.training.checkpointing import check_checkpoint_root, latest_iteration
-from megatron_code.training.config import RunConfig
+from megatron_code.training.config import CheckpointConfig, RunConfig
 from megatron_code.training.data import SyntheticVocabulary, check_data_files, parse_blend, split_weights
 from megatron_code.training.exit_signal import parse_exit_signal
 from megatron_code.training.finetune_checks import check_training_mode
@@ -146,15 +146,8 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
     for root, flag, weights_only in ((ck.load, "--load", ck.finetune), (ck.ref_load, "--ref-load", True)):
         if root:
             check_checkpoint_root(root, flag, weights_only, complete=require_files)
-    if require_files and ck.save and latest_iteration(ck.save) is not None:
-        resumes_from_save = bool(ck.load) and os.path.abspath(ck.load) == os.path.abspath(ck.save) and not ck.finetune
-        if not resumes_from_save:
-            # Its saves would replace that run's iter_* directories and latest marker.
-            raise ConfigError(
-                f"--save {ck.save} already holds checkpoints (latest: iteration {latest_iteration(ck.save)}) that "
-                f"this run does not resume from ({'--finetune' if ck.finetune else '--load ' + str(ck.load)}), "
-                "and its saves would overwrite them. Use a new --save directory, or --load the same "
-                "directory (without --finetune) to resume that run.")
+    if require_files:
+        _check_save(ck)
     if not require_files or not ck.load or latest_iteration(ck.load) is not None:
         return
     if ck.finetune:
@@ -165,6 +158,20 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
         raise ConfigError(f"--load {ck.load}: no checkpoint there (no latest_checkpointed_iteration.txt). A run "
                           "starts from scratch on an empty --load only when it equals --save (the same command "
                           "line restarts a preempted job); fix the path, or drop --load to start from scratch.")
+
+
+def _check_save(ck: CheckpointConfig) -> None:
+    """A --save directory holding another run's checkpoints is only for resuming that run: any
+    other run's saves would replace its iter_* directories and latest marker."""
+    latest = latest_iteration(ck.save) if ck.save else None
+    resumes_from_save = bool(ck.load and ck.save) and os.path.abspath(ck.load) == os.path.abspath(ck.save) \
+        and not ck.finetune
+    if latest is not None and not resumes_from_save:
+        raise ConfigError(
+            f"--save {ck.save} already holds checkpoints (latest: iteration {latest}) that this run does not "
+            f"resume from ({'--finetune' if ck.finetune else '--load ' + str(ck.load)}), and its saves would "
+            "overwrite them. Use a new --save directory, or --load the same directory (without --finetune) "
+            "to resume that run.")
 
 
 def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
