@@ -62,7 +62,8 @@ def dry_run_args(*extra):
 
 def test_dry_run_plans_512_ranks_without_starting_anything(capsys):
     code = main(dry_run_args("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                             "--world-size", "512", "--nproc-per-node", "8", "--global-batch-size", "512"))
+                             "--world-size", "512", "--nproc-per-node", "8", "--global-batch-size", "512",
+                             "--valid-data-path", "missing/held_out"))
     out = capsys.readouterr().out
     assert code == 0
     assert not dist.is_initialized() and not torch.cuda.is_initialized()
@@ -73,7 +74,8 @@ def test_dry_run_plans_512_ranks_without_starting_anything(capsys):
     cfg = resolved_config(out)
     assert cfg["parallel"]["pipeline_model_parallel_size"] == 2 and cfg["model"]["vocab_size"] == 2048
     assert cfg["training"]["global_batch_size"] == 512 and cfg["launch"]["world_size"] == 512
-    assert "missing/data: MISSING .bin/.idx, not checked" in out
+    assert "data       missing/data: MISSING .bin/.idx, not checked" in out
+    assert "valid data missing/held_out: MISSING .bin/.idx, not checked" in out
     assert "tp     256 groups of 2, each within one node: first [0, 1]" in out
 
 
