@@ -60,6 +60,9 @@ def test_cli_ranks_valid_fitting_7b_layouts_for_512_h100s(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "13b", "--gpus", "8"], "unknown preset"),
     (["--preset", "7b", "--gpus", "0"], "--gpus must be positive"),
+    # An explicit 0 used to be taken as "not given" and silently replaced by the preset's value.
+    (["--preset", "7b", "--gpus", "8", "--seq-length", "0"], "--seq-length must be positive, got 0"),
+    (["--preset", "7b", "--gpus", "8", "--global-batch-size", "0"], "--global-batch-size must be positive, got 0"),
     (["--preset", "7b", "--gpus", "8", "--seq-length", "262144"], "exceeds the 7b preset's max_position_embeddings"),
     (["--preset", "7b", "--gpus", "8", "--gpu", "a100", "--precision", "fp8"], "no FP8 tensor cores"),
     (["--preset", "7b", "--gpus", "8", "--gpu", "b300"], "unknown GPU"),

@@ -69,13 +69,13 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
     values = get_preset(args.preset)
     values["vocab_size"] = args.vocab_size
     run = run_config_from_values(values)
-    seq = args.seq_length or run.data.seq_length
-    batch = args.global_batch_size or run.training.global_batch_size
+    # `is None`, not `or`: an explicit 0 is bad input to report, not a request for the default.
+    seq = run.data.seq_length if args.seq_length is None else args.seq_length
+    batch = run.training.global_batch_size if args.global_batch_size is None else args.global_batch_size
     for name, value in (("--gpus", args.gpus), ("--seq-length", seq), ("--global-batch-size", batch),
                         ("--vocab-size", args.vocab_size), ("--top", args.top),
                         ("--ddp-bucket-size", 1 if args.ddp_bucket_size is None else args.ddp_bucket_size),
-                        *(("--micro-batch-sizes", m)
-                                                                                  for m in args.micro_batch_sizes)):
+                        *(("--micro-batch-sizes", m) for m in args.micro_batch_sizes)):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}.")
     if seq > run.model.max_position_embeddings:
