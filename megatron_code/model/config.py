@@ -177,6 +177,12 @@ class ModelConfig:
                     f"--num-attention-heads ({self.num_attention_heads}) must be divisible by "
                     f"--num-query-groups ({self.num_query_groups})."
                 )
+        for name in ("init_method_std", "rotary_base") + (("rope_scaling_factor",) if self.use_rope_scaling else ()):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}.")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}.")
         if self.head_dim % 2:
             raise ConfigError(f"head dim must be even for RoPE, got {self.head_dim}.")
         if self.params_dtype not in PARAMS_DTYPES:

@@ -56,6 +56,8 @@ def check_batch_sizes(cfg: RunConfig, data_parallel_size: int) -> None:
         raise ConfigError(f"--micro-batch-size must be positive, got {t.micro_batch_size}.")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * data_parallel_size
+    if t.global_batch_size <= 0:
+        raise ConfigError(f"--global-batch-size must be positive, got {t.global_batch_size}.")
     if t.global_batch_size % (t.micro_batch_size * data_parallel_size):
         raise ConfigError(
             f"--global-batch-size ({t.global_batch_size}) must be divisible by --micro-batch-size "
@@ -99,6 +101,46 @@ def validate_job(cfg: RunConfig, world_size: int, require_files: bool = True):
                        virtual_stages(cfg.parallel, cfg.model.num_layers), cfg.model,
                        t.global_batch_size // (t.micro_batch_size * dp))
     return tokenizer
+
+
+def _at_least(low):
+    return lambda value: value >= low, f">= {low}"
+
+
+def _positive():
+    return lambda value: value > 0, "> 0"
+
+
+def _fraction():
+    return lambda value: 0 <= value < 1, "in [0, 1)"
+
+
+def check_numbers(cfg: RunConfig) -> None:
+    """Values outside their range would otherwise crash mid-run (a zero log interval divides by
+    zero at the first log line, a beta of 1.5 fails in torch's AdamW after the model is built,
+    seed -1 in numpy) or train silently wrong (a negative learning rate ascends, zero validation
+    batches log a validation loss of 0)."""
+    t, o, sc, d = cfg.training, cfg.optimizer, cfg.scheduler, cfg.data
+    checks = [
+        ("--seq-length", d.seq_length, _positive()), ("--num-workers", d.num_workers, _at_least(0)),
+        ("--lr", o.lr, _at_least(0)), ("--min-lr", o.min_lr, _at_least(0)),
+        ("--weight-decay", o.weight_decay, _at_least(0)), ("--clip-grad", o.clip_grad, _at_least(0)),
+        ("--adam-beta1", o.adam_beta1, _fraction()), ("--adam-beta2", o.adam_beta2, _fraction()),
+        ("--adam-eps", o.adam_eps, _at_least(0)), ("--lr-warmup-iters", sc.lr_warmup_iters, _at_least(0)),
+        ("--eval-interval", t.eval_interval, _at_least(0)), ("--log-interval", cfg.logging.log_interval, _at_least(1)),
+        ("--seed", t.seed, (lambda value: 0 <= value < 2**32, "in [0, 2**32)")),
+    ]
+    checks += [(flag, value, _positive()) for flag, value in (
+        ("--lr-decay-iters", sc.lr_decay_iters), ("--lr-wsd-decay-iters", sc.lr_wsd_decay_iters),
+        ("--save-interval", cfg.checkpoint.save_interval), ("--exit-interval", t.exit_interval)) if value is not None]
+    if t.eval_interval:
+        checks.append(("--eval-iters", t.eval_iters, _at_least(1)))
+    for flag, value, (accepts, expected) in checks:
+        if not accepts(value):
+            raise ConfigError(f"{flag} must be {expected}, got {value}.")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr ({o.min_lr}) exceeds --lr ({o.lr}): the decay would raise the rate. Set "
+                          "--min-lr at or below --lr (a --preset brings its own --min-lr with its --lr).")
 
 
 def check_params_dtype(cfg: RunConfig) -> None:
@@ -182,6 +224,7 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
     tokenizer = load_tokenizer(cfg) if require_files else _tokenizer_for_plan(cfg)
     cfg.model.validate()
     check_batch_sizes(cfg, data_parallel_size)
+    check_numbers(cfg)
     if cfg.data.seq_length > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"--seq-length ({cfg.data.seq_length}) exceeds --max-position-embeddings "
