@@ -243,9 +243,10 @@ def _validate(inputs: Sequence[str], json_key: str, vocab_size: int, max_sentenc
                             f"required ASCII pieces alone take {MIN_VOCAB_SIZE - 16}; use at least {MIN_VOCAB_SIZE}")
     if max_sentence_length < 256:
         raise DataToolError(f"--max-sentence-length {max_sentence_length} is too small; use at least 256 (bytes)")
-    if input_sentence_size < 0 or num_threads < 1:
-        raise DataToolError(f"--input-sentence-size must be >= 0 (got {input_sentence_size}) "
-                            f"and --num-threads >= 1 (got {num_threads})")
+    if input_sentence_size < 0:
+        raise DataToolError(f"--input-sentence-size must be >= 0 (0: every sentence), got {input_sentence_size}")
+    if num_threads < 1:
+        raise DataToolError(f"--num-threads must be >= 1, got {num_threads}")
     for path in inputs:
         check_jsonl_head(path, (json_key,), "--json-key")
 
@@ -262,7 +263,7 @@ def train_tokenizer(inputs: Sequence[str], output_prefix: str, *, json_key: str 
     after training and evaluation succeed. Raises :class:`DataToolError` on bad input.
     """
     start = time.perf_counter()
-    num_threads = num_threads or os.cpu_count() or 1
+    num_threads = (os.cpu_count() or 1) if num_threads is None else num_threads  # an explicit 0 is refused
     _validate(inputs, json_key, vocab_size, max_sentence_length, input_sentence_size, num_threads)
     summary = TokenizerSummary(model_path=output_prefix + ".model", vocab_path=output_prefix + ".vocab")
     check_outputs_free([summary.model_path, summary.vocab_path], overwrite, "--output-prefix")

@@ -198,6 +198,9 @@ def test_tokenizer_input_errors(corpus, tokenizer_model, tmp_path):
         (["--input", str(tmp_path / "missing.jsonl")], "does not exist"),
         (["--input", corpus, "--json-key", "content"], "missing key 'content'"),
         (["--input", corpus, "--vocab-size", "100"], "too small"),
+        # An explicit 0 used to mean "all CPUs" (`or`); now refused like any thread count below 1.
+        (["--input", corpus, "--num-threads", "0"], "--num-threads must be >= 1, got 0"),
+        (["--input", corpus, "--input-sentence-size", "-1"], "--input-sentence-size must be >= 0 (0: every"),
     ]
     for extra, expected in cases:
         with pytest.raises(SystemExit) as excinfo:
