@@ -85,6 +85,10 @@ def test_dry_run_validates_like_a_real_run(capsys):
     assert "--num-attention-heads (32) must be divisible by --tensor-model-parallel-size (3)" in capsys.readouterr().err
     code = main(dry_run_args("--world-size", "12", "--nproc-per-node", "8"))
     assert code == 2 and "not a multiple of 8 processes per node" in capsys.readouterr().err
+    # 0 is not "off": it read "... 0 x ... must divide the number of processes", or (VP) passed
+    for flag in ("--tensor-model-parallel-size", "--virtual-pipeline-model-parallel-size"):
+        assert main(dry_run_args(flag, "0", "--pipeline-model-parallel-size", "2")) == 2
+        assert f"{flag} must be >= 1, got 0." in capsys.readouterr().err
 
 
 def test_world_comes_from_torchrun_then_slurm_then_flags():

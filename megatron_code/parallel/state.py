@@ -134,7 +134,13 @@ def validate_layout(config: ParallelConfig, world_size: int, model, seq_length: 
     model.validate()
     tp, cp, pp = config.tensor_model_parallel_size, config.context_parallel_size, config.pipeline_model_parallel_size
     num_attention_heads, num_kv_heads = model.num_attention_heads, model.num_kv_heads
-    if tp < 1 or cp < 1 or pp < 1 or world_size % (tp * cp * pp):
+    sizes = {"--tensor-model-parallel-size": tp, "--context-parallel-size": cp, "--pipeline-model-parallel-size": pp,
+             "--virtual-pipeline-model-parallel-size": config.virtual_pipeline_model_parallel_size,
+             "--num-layers-per-virtual-pipeline-stage": config.num_layers_per_virtual_pipeline_stage}
+    for flag, size in sizes.items():
+        if size is not None and size < 1:  # 0 is not "off": leave the flag out, or give 1
+            raise ConfigError(f"{flag} must be >= 1, got {size}.")
+    if world_size % (tp * cp * pp):
         raise ConfigError(
             f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} x "
             f"--pipeline-model-parallel-size {pp} must divide the number of processes ({world_size})."
