@@ -76,10 +76,10 @@ class DecontaminateConfig:
     """Shorter normalized prompts/solutions are not substring-matched (``return a + b`` is everywhere)."""
 
     def check(self) -> None:
+        if self.ngram_size < 3:  # checked first: it is the flag a user sets (--ngram-size)
+            raise DataToolError(f"ngram_size must be >= 3 (smaller n-grams match ordinary code), got {self.ngram_size}")
         if self.min_distinct_words > self.ngram_size:
             raise DataToolError(f"min_distinct_words ({self.min_distinct_words}) cannot exceed ngram_size ({self.ngram_size})")
-        if self.ngram_size < 3:
-            raise DataToolError(f"ngram_size must be >= 3 (smaller n-grams match ordinary code), got {self.ngram_size}")
         if not self.humaneval and not self.benchmarks:
             raise DataToolError("no benchmark: set humaneval: true or list benchmarks")
 

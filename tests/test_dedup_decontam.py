@@ -179,3 +179,8 @@ def test_cli_commands(clean_docs, humaneval, tmp_path, capsys):
     with pytest.raises(SystemExit) as excinfo:
         dedup_main(["--input", source, "--output", str(tmp_path / "d.jsonl"), "--report", str(tmp_path / "d.json")])
     assert "already exists" in str(excinfo.value.code)
+    # The flag the user gave is named first (it used to read "min_distinct_words (6) cannot exceed ngram_size (0)").
+    with pytest.raises(SystemExit) as excinfo:
+        decontaminate_main(["--input", source, "--output", str(tmp_path / "c0.jsonl"), "--report",
+                            str(tmp_path / "c0.json"), "--ngram-size", "0"])
+    assert "ngram_size must be >= 3 (smaller n-grams match ordinary code), got 0" in str(excinfo.value.code)
