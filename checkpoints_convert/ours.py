@@ -9,7 +9,6 @@ however many shards the ranks wrote. Nothing here depends on the layout that sav
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import warnings
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from checkpoints_convert.errors import ConvertError
 from megatron_code.model.config import ModelConfig
 from megatron_code.training.checkpointing import LATEST_MARKER, checkpoint_dir
+from megatron_code.training.config import from_saved
 
 TRAIN_STATE = "train_state.json"
 MODEL_PREFIX = "model."
@@ -72,13 +72,6 @@ def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> str:
     return ckpt
 
 
-def model_config_from_dict(values: dict) -> ModelConfig:
-    """ModelConfig from the `config.model` section of train_state.json; fields this version does
-    not know are dropped, missing ones keep their defaults."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in values.items() if k in known})
-
-
 class OurCheckpoint:
     """One iteration of our checkpoint: its model config and global model tensors."""
 
@@ -93,7 +86,7 @@ class OurCheckpoint:
         if "model" not in run_config:
             raise ConvertError(f"{state_file}: no config.model section (the model's shape).")
         self.run_config = run_config
-        self.config = model_config_from_dict(run_config["model"])
+        self.config = from_saved(ModelConfig, run_config["model"])
         metadata = dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata
         self.tensors: dict[str, tuple[tuple, torch.dtype]] = {}
         for key, md in metadata.items():

@@ -2,6 +2,7 @@
 argument names (`--micro-batch-size` sets `micro_batch_size`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_code.model.config import ModelConfig
@@ -213,3 +214,11 @@ class RunConfig:
     """Logging sinks."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Process count and dry-run planning."""
+
+
+def from_saved(kind: type, values: dict):
+    """An instance of the config dataclass `kind` from its section of a checkpoint's saved config
+    (train_state.json): fields this version does not know are dropped, missing ones keep their
+    defaults."""
+    known = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in values.items() if k in known})

@@ -42,6 +42,14 @@ def parse_blend(data_path: list[str], flag: str = "--data-path") -> tuple[list[s
     return list(data_path[1::2]), weights
 
 
+def pretraining_prefixes(data: DataConfig) -> dict[str, list[str]]:
+    """The pretraining datasets' prefixes per flag: --data-path, and --valid-data-path if given."""
+    prefixes = {"--data-path": parse_blend(data.data_path)[0]}
+    if data.valid_data_path:
+        prefixes["--valid-data-path"] = parse_blend(data.valid_data_path, "--valid-data-path")[0]
+    return prefixes
+
+
 def check_data_files(prefixes: list[str], flag: str = "--data-path") -> None:
     for prefix in prefixes:
         for ext in (".bin", ".idx"):

@@ -13,7 +13,7 @@ from megatron_code.parallel.rank_layout import format_groups, format_rank_table
 from megatron_code.parallel.state import rank_grid
 from megatron_code.training.checkpointing import latest_iteration
 from megatron_code.training.config import CheckpointConfig, RunConfig
-from megatron_code.training.data import parse_blend
+from megatron_code.training.data import pretraining_prefixes
 from megatron_code.training.finetune_status import finetune_file_status, reference_status
 from megatron_code.training.memory_forecast import memory_forecast
 from megatron_code.training.validate import data_files_exist, validate_job
@@ -81,14 +81,12 @@ def _file_status(cfg: RunConfig, tokenizer_found: bool) -> list[str]:
     mode = cfg.training.training_mode
     if d.mock_data:
         lines.append("data       --mock-data (synthetic " + ("tokens)" if mode == "pretrain" else "conversations)"))
-    pretraining = [] if d.mock_data or mode != "pretrain" else [("data      ", d.data_path)]
-    if pretraining and d.valid_data_path:
-        pretraining.append(("valid data", d.valid_data_path))
-    for label, paths in pretraining:
-        for prefix in parse_blend(paths)[0]:
+    labels = {"--data-path": "data      ", "--valid-data-path": "valid data"}
+    for flag, prefixes in ({} if d.mock_data or mode != "pretrain" else pretraining_prefixes(d)).items():
+        for prefix in prefixes:
             state = ("found, token ids checked against the vocabulary" if data_files_exist(prefix)
                      else "MISSING .bin/.idx, not checked (a real run refuses to start)")
-            lines.append(f"{label} {prefix}: {state}")
+            lines.append(f"{labels[flag]} {prefix}: {state}")
     if mode != "pretrain":
         lines += finetune_file_status(cfg)
     lines.append(f"load       {_load_status(ck)}")

@@ -126,8 +126,9 @@ class ExitSignal:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
 
-    def decide(self, agreed: float) -> signal.Signals | None:
-        """The signal that stops the run, given an `agreement` read back on the host, or None."""
+    def decide(self, agreed: float) -> signal.Signals | int | None:
+        """The signal (or TIME_LIMIT) that stops the run, given an `agreement` read back on the
+        host, or None."""
         if agreed and self.stopped_by is None:
             self.stopped_by = TIME_LIMIT if int(agreed) == TIME_LIMIT else signal.Signals(int(agreed))
         return self.stopped_by

@@ -75,6 +75,13 @@ def describe(memory: MemoryEstimate) -> str:
             + f" = {memory.total / GIB:.1f} GiB")
 
 
+def fit_advice(world_size: int, seq_length: int) -> str:
+    """What to change when the forecast does not fit (the dry run's line, the trainer's warning)."""
+    return (f"--use-distributed-optimizer, --recompute-granularity, more TP/PP/CP; "
+            f"`python -m megatron_code.plan --gpus {world_size} --seq-length {seq_length} "
+            "--preset ...` lists the layouts that fit, fastest first")
+
+
 def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
     """Lines for the dry run: the fullest GPU's predicted bytes and which GPUs they fit."""
     memory = forecast(cfg, world_size)
@@ -85,9 +92,7 @@ def memory_forecast(cfg: RunConfig, world_size: int) -> list[str]:
         fits.append(f"{name} {'fits' if memory.total <= budget else 'DOES NOT FIT'} ({budget / GIB:.1f} usable)")
     lines.append("; ".join(fits))
     if any("DOES NOT FIT" in fit for fit in fits):
-        lines.append(f"to fit: --use-distributed-optimizer, --recompute-granularity, more TP/PP/CP; "
-                     f"`python -m megatron_code.plan --gpus {world_size} --seq-length {cfg.data.seq_length} "
-                     "--preset ...` lists the layouts that fit, fastest first")
+        lines.append(f"to fit: {fit_advice(world_size, cfg.data.seq_length)}")
     notes = ["bf16 autocast" if cfg.training.bf16 else "fp32", "the fused CUDA kernels"]
     if cfg.model.fp8_format:
         notes.append("FP8 activations counted as bf16")

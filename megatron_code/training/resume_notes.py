@@ -3,9 +3,7 @@ changed flag's effect on the data stream or the learning rate otherwise shows on
 much later. Notes, not errors: changing the data mixture or the schedule mid-run can be intended."""
 from __future__ import annotations
 
-import dataclasses
-
-from megatron_code.training.config import OptimizerConfig, RunConfig, SchedulerConfig
+from megatron_code.training.config import OptimizerConfig, RunConfig, SchedulerConfig, from_saved
 from megatron_code.training.lr_schedule import LearningRateSchedule
 
 DATA_STREAM_FLAGS = (("training", "seed", "--seed"), ("data", "data_path", "--data-path"),
@@ -37,8 +35,8 @@ def resume_notes(saved: dict, cfg: RunConfig, iteration: int, consumed_samples: 
 def _learning_rate_change(old: dict, cfg: RunConfig, step: int) -> str | None:
     """The next step's rate under the checkpoint's schedule and under this run's, when they differ."""
     try:
-        before = LearningRateSchedule(_config(SchedulerConfig, old.get("scheduler", {})),
-                                      _config(OptimizerConfig, old.get("optimizer", {})),
+        before = LearningRateSchedule(from_saved(SchedulerConfig, old.get("scheduler", {})),
+                                      from_saved(OptimizerConfig, old.get("optimizer", {})),
                                       old["training"]["train_iters"])(step)
     except (KeyError, TypeError, ValueError):  # a checkpoint too old or foreign to rebuild: no note
         return None
@@ -47,8 +45,3 @@ def _learning_rate_change(old: dict, cfg: RunConfig, step: int) -> str | None:
         return None
     return (f"learning-rate schedule changed (--lr, --min-lr, --lr-*, or --train-iters with the default "
             f"--lr-decay-iters): step {step} runs at {after:.4g} where the checkpoint's run would use {before:.4g}")
-
-
-def _config(kind, values: dict):
-    names = {f.name for f in dataclasses.fields(kind)}
-    return kind(**{k: v for k, v in values.items() if k in names})

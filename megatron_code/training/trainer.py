@@ -43,7 +43,7 @@ from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.timers import PhaseTimers
 from megatron_code.training.exit_signal import ExitSignal
 from megatron_code.training.finetune_data import build_finetune_datasets
-from megatron_code.training.memory_forecast import describe, running_forecast
+from megatron_code.training.memory_forecast import describe, fit_advice, running_forecast
 from megatron_code.training.validate import validate_job
 from megatron_code.training.world import launched_world_size
 
@@ -497,6 +497,4 @@ def startup_memory_forecast(cfg: RunConfig, world_size: int, device_type: str,
     if capacity_bytes is None or memory.total <= capacity_bytes:
         return line
     return (f"{line}\nWARNING: the forecast exceeds this GPU's {capacity_bytes / 2**30:.1f} GiB: expect an "
-            f"out-of-memory error in the first step. To fit: --use-distributed-optimizer, --recompute-granularity, "
-            f"more TP/PP/CP; `python -m megatron_code.plan --gpus {world_size} --seq-length "
-            f"{cfg.data.seq_length} --preset ...` lists the layouts that fit.")
+            f"out-of-memory error in the first step. To fit: {fit_advice(world_size, cfg.data.seq_length)}")

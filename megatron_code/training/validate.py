@@ -13,7 +13,7 @@ from megatron_code.parallel.state import distributed_timeout, validate_layout, v
 from megatron_code.tokenizer import SentencePieceTokenizer
 from megatron_code.training.checkpointing import check_checkpoint_root, latest_iteration
 from megatron_code.training.config import CheckpointConfig, RunConfig
-from megatron_code.training.data import SyntheticVocabulary, check_data_files, parse_blend, split_weights
+from megatron_code.training.data import SyntheticVocabulary, check_data_files, pretraining_prefixes, split_weights
 from megatron_code.training.exit_signal import parse_exit_signal
 from megatron_code.training.finetune_checks import check_training_mode
 from megatron_code.training.lr_schedule import LearningRateSchedule
@@ -195,7 +195,7 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
     if ck.finetune:
         raise ConfigError(f"--finetune --load {ck.load}: no checkpoint there (no "
                           "latest_checkpointed_iteration.txt); point --load at a finished checkpoint directory.")
-    if not ck.save or os.path.abspath(ck.load) != os.path.abspath(ck.save):
+    if not _same_directory(ck.load, ck.save):
         # --load == --save with nothing there yet is the first start of a restartable job.
         raise ConfigError(f"--load {ck.load}: no checkpoint there (no latest_checkpointed_iteration.txt). A run "
                           "starts from scratch on an empty --load only when it equals --save (the same command "
@@ -206,14 +206,16 @@ def _check_save(ck: CheckpointConfig) -> None:
     """A --save directory holding another run's checkpoints is only for resuming that run: any
     other run's saves would replace its iter_* directories and latest marker."""
     latest = latest_iteration(ck.save) if ck.save else None
-    resumes_from_save = bool(ck.load and ck.save) and os.path.abspath(ck.load) == os.path.abspath(ck.save) \
-        and not ck.finetune
-    if latest is not None and not resumes_from_save:
+    if latest is not None and (ck.finetune or not _same_directory(ck.load, ck.save)):
         raise ConfigError(
             f"--save {ck.save} already holds checkpoints (latest: iteration {latest}) that this run does not "
             f"resume from ({'--finetune' if ck.finetune else '--load ' + str(ck.load)}), and its saves would "
             "overwrite them. Use a new --save directory, or --load the same directory (without --finetune) "
             "to resume that run.")
+
+
+def _same_directory(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.abspath(a) == os.path.abspath(b)
 
 
 def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
@@ -278,9 +280,7 @@ def _pretraining_datasets(cfg: RunConfig, require_files: bool) -> dict[str, list
         )
     if d.mock_data or mode != "pretrain":
         return {}
-    datasets = {"--data-path": parse_blend(d.data_path)[0]}
-    if d.valid_data_path:
-        datasets["--valid-data-path"] = parse_blend(d.valid_data_path, "--valid-data-path")[0]
+    datasets = pretraining_prefixes(d)
     for flag, prefixes in datasets.items():
         datasets[flag] = prefixes if require_files else [p for p in prefixes if data_files_exist(p)]
         check_data_files(datasets[flag], flag)
