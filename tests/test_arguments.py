@@ -24,7 +24,8 @@ MEGATRON_FLAGS = (
     "--clip-grad --bf16 --data-path --split --tokenizer-model --save --load --save-interval "
     "--eval-interval --eval-iters --log-interval --exit-interval --seed --wandb-project "
     "--reset-position-ids --reset-attention-mask --eod-mask-loss --untie-embeddings-and-output-weights "
-    "--rotary-base --norm-epsilon --init-method-std --make-vocab-size-divisible-by --use-rope-scaling"
+    "--rotary-base --norm-epsilon --init-method-std --make-vocab-size-divisible-by --use-rope-scaling "
+    "--log-straggler --straggler-minmax-count"
 ).split()
 
 
@@ -109,6 +110,7 @@ def _args(data_prefix, *extra):
         (["--exit-duration-in-mins", "0"], r"--exit-duration-in-mins must be > 0 \(minutes\), got 0"),
         # Out of range: each used to crash mid-run or train silently wrong (check_numbers' docstring).
         (["--log-interval", "0"], r"--log-interval must be >= 1, got 0"),
+        (["--log-straggler", "--straggler-minmax-count", "0"], r"--straggler-minmax-count must be >= 1, got 0"),
         (["--adam-beta1", "1.5"], r"--adam-beta1 must be in \[0, 1\), got 1.5"),
         (["--lr", "-1"], r"--lr must be >= 0, got -1.0"),
         (["--min-lr", "1"], r"--min-lr \(1.0\) exceeds --lr \(0.002\): the decay would raise the rate"),

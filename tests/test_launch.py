@@ -269,6 +269,7 @@ def test_pretrain_script_dry_run_plans_the_512_gpu_job(script_runs):
     assert cfg["logging"]["metrics_file"] == f"{root}/logs/pretrain-7b-4k-4242/metrics.jsonl"
     assert cfg["training"]["exit_signal"] == "SIGUSR1" and not os.path.exists(root / "logs")
     assert cfg["training"]["manual_gc"] and cfg["training"]["manual_gc_interval"] == 100
+    assert cfg["logging"]["log_straggler"]
     assert re.search(r"^fullest GPU \(pipeline rank 0\): weights .* GiB$", out, re.M) and "h100-sxm fits" in out
 
 

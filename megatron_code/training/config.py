@@ -175,6 +175,11 @@ class LoggingConfig:
     """offline (default: nothing leaves the machine; `wandb sync` later) or online."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one accelerator for MFU (default: known for H100/H200/A100, else no MFU)."""
+    log_straggler: bool = False
+    """Every log interval, gather each rank's forward-backward time and host data wait and print
+    the slowest ranks with their hosts (training/straggler.py; a gloo collective on the host)."""
+    straggler_minmax_count: int = 1
+    """With --log-straggler: how many of the slowest ranks the console line and the JSONL name."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ class StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._start, self._end = self._now(), None
+        self._marks: dict = {}
 
     def _now(self):
         """A CUDA event recorded on the current stream, or the host clock's reading."""
@@ -39,12 +40,19 @@ class StepClock:
         """Mark the end of the step's launched work."""
         self._end = self._now()
 
-    def seconds(self) -> float:
-        """Waits for the step's work on CUDA (call it once the step's results are read)."""
+    def mark(self, name: str) -> None:
+        """Mark a point inside the step (on CUDA: where the GPU reaches the work launched so far)."""
+        self._marks[name] = self._now()
+
+    def seconds(self, start: str | None = None, end: str | None = None) -> float:
+        """From the step's start (or mark `start`) to its end (or mark `end`); a mark never made
+        stands for the step's start or end. Waits for the step's work on CUDA (call it once the
+        step's results are read)."""
+        first, last = self._marks.get(start, self._start), self._marks.get(end, self._end)
         if self.cuda:
-            self._end.synchronize()
-            return self._start.elapsed_time(self._end) / 1000.0
-        return self._end - self._start
+            last.synchronize()
+            return first.elapsed_time(last) / 1000.0
+        return last - first
 
 
 class DeviceScalars:
@@ -86,3 +94,5 @@ class LaunchedStep:
     """Training samples read once this step is done."""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds per phase when phase timing is on (megatron_code.profile), else empty."""
+    data_wait_seconds: float = 0.0
+    """Host time spent waiting for its micro-batches."""

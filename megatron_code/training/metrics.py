@@ -10,6 +10,12 @@ import sys
 import torch
 
 from megatron_code.training.config import LoggingConfig
+from megatron_code.training.straggler import format_straggler_line, straggler_scalars
+
+
+def is_log_step(step: int, train_iters: int, log_interval: int) -> bool:
+    """Whether step gets a console line (every log interval, and the last step)."""
+    return step % log_interval == 0 or step == train_iters
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -53,14 +59,20 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
+        scalars = {f"train/{key}": value for key, value in metrics.items()
+                   if key != "step" and isinstance(value, (int, float))}
+        scalars.update({f"train/phase_ms/{name}": ms for name, ms in metrics.get("phase_ms", {}).items()})
+        if "straggler" in metrics:
+            scalars.update(straggler_scalars(metrics["straggler"]))
         if self.tensorboard:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}", value, step)
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
         if self.wandb_run:
-            self.wandb_run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
-        if step % self.config.log_interval == 0 or step == metrics["train_iters"]:
+            self.wandb_run.log(scalars, step=step)
+        if is_log_step(step, metrics["train_iters"], self.config.log_interval):
             print(format_console_line(metrics), flush=True)
+            if "straggler" in metrics:
+                print(format_straggler_line(metrics["straggler"]), flush=True)
 
     def log_memory(self, per_rank: list[dict]) -> None:
         """End of run: each rank's peak memory and parameter/gradient/optimizer bytes."""

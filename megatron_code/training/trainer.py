@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import random
+import time
 from contextlib import nullcontext
 from itertools import islice
 
@@ -37,8 +38,9 @@ from megatron_code.training.garbage_collection import (
 from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
 from megatron_code.training.resume import resume_from_checkpoint
+from megatron_code.training.straggler import StragglerReport
 from megatron_code.training.launched_step import DeviceScalars, LaunchedStep, StepClock
-from megatron_code.training.metrics import MetricsLogger, peak_memory_gib, print_rank0
+from megatron_code.training.metrics import MetricsLogger, is_log_step, peak_memory_gib, print_rank0
 from megatron_code.training.optimizer import build_optimizer, set_learning_rate
 from megatron_code.training.timers import PhaseTimers
 from megatron_code.training.exit_signal import ExitSignal
@@ -92,6 +94,10 @@ class Trainer:
                                      resumed_at=self.iteration)
         self.history: list[dict] = []
         self.timers = PhaseTimers(env.device)  # megatron_code.profile turns timing/NVTX on
+        self.stragglers = (StragglerReport.for_job(cfg.logging.straggler_minmax_count,
+                                                   cfg.parallel.distributed_timeout_minutes)
+                           if cfg.logging.log_straggler else None)
+        self._clock: StepClock | None = None  # the step being launched, with --log-straggler
         self.step_hooks: list = []
         """callables(iteration) run once each step's work is launched, before its record exists
         (records are logged when the step's results reach the host: launched_step.py)."""
@@ -170,6 +176,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         total_tokens = self._loss_normalizer(micro_batches)
+        self._mark("forward-backward")  # data- and context-parallel ranks leave the loss-token sum together
         with cached_weight_casts(self.model):  # bf16 weight copies shared by the step's micro-batches
             if self.pipeline is not None:  # the schedule runs all micro-batches in one call
                 if self.grad_reducer is not None and self.pipeline.backward_fires_grad_hooks:
@@ -178,6 +185,7 @@ class Trainer:
                     total_loss = self.pipeline.run(*self._pipeline_inputs(micro_batches), total_tokens, train=True)
             else:
                 total_loss = self._accumulate_gradients(micro_batches, total_tokens)
+        self._mark("forward-backward done")  # what follows waits for the other ranks
         if self.grad_reducer is not None:
             with self.timers.phase("grad-sync"):  # DP reduction not hidden behind backward
                 self.grad_reducer.finish()
@@ -189,6 +197,10 @@ class Trainer:
         with self.timers.phase("optimizer"):
             self.optimizer.step()
         return {"loss": total_loss, "grad_norm": grad_norm}, lr
+
+    def _mark(self, name: str) -> None:
+        if self._clock is not None:
+            self._clock.mark(name)
 
     def _loss_normalizer(self, micro_batches: list[dict]) -> float | torch.Tensor:
         """What each micro-batch's summed loss is divided by: the loss tokens of the global batch,
@@ -347,8 +359,11 @@ class Trainer:
         results to the host; read nothing back."""
         t = self.cfg.training
         clock = StepClock(self.env.device)
+        self._clock = clock if self.stragglers is not None else None  # marks only where reported
+        waiting_since = time.perf_counter()
         with self.timers.phase("data-wait"):
             micro_batches = list(islice(loader, t.global_batch_size // (t.micro_batch_size * self.parallel.dp)))
+        data_wait = time.perf_counter() - waiting_since
         values, lr = self.train_step(micro_batches)
         values.update(self.step_tensors())
         if self.exit_signal is not None:
@@ -357,7 +372,8 @@ class Trainer:
         self.iteration += 1
         self.consumed_samples += t.global_batch_size
         launched = LaunchedStep(self.iteration, lr, DeviceScalars(values), clock, self.consumed_samples,
-                                self.timers.pop())
+                                self.timers.pop(), data_wait)
+        self._clock = None
         for hook in self.step_hooks:
             hook(self.iteration)
         return launched
@@ -394,6 +410,12 @@ class Trainer:
         }
         if step.phase_seconds:
             record["phase_ms"] = {name: 1000 * sec for name, sec in step.phase_seconds.items()}
+        if self.stragglers is not None:
+            self.stragglers.add(step.clock.seconds("forward-backward", "forward-backward done"), step.data_wait_seconds)
+            if is_log_step(step.iteration, t.train_iters, self.cfg.logging.log_interval):
+                summary = self.stragglers.report()  # rank 0 waits for every rank's numbers
+                if summary is not None:
+                    record["straggler"] = summary
         self.history.append(record)
         self.metrics.log_step(record)
 

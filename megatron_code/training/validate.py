@@ -128,6 +128,7 @@ def check_numbers(cfg: RunConfig) -> None:
         ("--adam-beta1", o.adam_beta1, _fraction()), ("--adam-beta2", o.adam_beta2, _fraction()),
         ("--adam-eps", o.adam_eps, _at_least(0)), ("--lr-warmup-iters", sc.lr_warmup_iters, _at_least(0)),
         ("--eval-interval", t.eval_interval, _at_least(0)), ("--log-interval", cfg.logging.log_interval, _at_least(1)),
+        ("--straggler-minmax-count", cfg.logging.straggler_minmax_count, _at_least(1)),
         ("--seed", t.seed, (lambda value: 0 <= value < 2**32, "in [0, 2**32)")),
     ]
     checks += [(flag, value, _positive()) for flag, value in (
