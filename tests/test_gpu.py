@@ -118,8 +118,14 @@ def test_the_trainer_launches_its_steps_without_waiting_for_the_gpu(fixture_data
                 checked.append(trainer.iteration)
         trainer._launch_step = launch_checked
 
-    extra = {"fp8": {"fp8_format": "hybrid"}, "bf16-packed": {"reset_attention_mask": True}}.get(precision, {})
+    # bf16 also checks --log-straggler's CUDA events inside the step
+    extra = {"fp8": {"fp8_format": "hybrid"}, "bf16-packed": {"reset_attention_mask": True},
+             "bf16": {"log_straggler": True, "log_interval": 2}}[precision]
     values = tiny_run(fixture_data, train_iters=4, bf16=True, micro_batch_size=2, global_batch_size=8, **extra)
     history = train(run_config_from_values(values), prepare=check_launches)
     assert checked == [2, 3, 4] and len(history) == 4
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["ms_per_step"] > 0 for r in history)
+    if precision == "bf16":  # its forward-backward is part of its step, on the GPU's timeline
+        for first, second in (history[0:2], history[2:4]):
+            forward_backward = second["straggler"]["forward_backward_ms"]["max"]
+            assert 0 < forward_backward < (first["ms_per_step"] + second["ms_per_step"]) / 2, (first, second)
