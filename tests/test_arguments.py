@@ -111,6 +111,10 @@ def _args(data_prefix, *extra):
         # Out of range: each used to crash mid-run or train silently wrong (check_numbers' docstring).
         (["--log-interval", "0"], r"--log-interval must be >= 1, got 0"),
         (["--log-straggler", "--straggler-minmax-count", "0"], r"--straggler-minmax-count must be >= 1, got 0"),
+        (["--skip-steps", "3-x"], r"--skip-steps: '3-x' is neither a step nor a FIRST-LAST range of steps"),
+        (["--skip-steps", "0"], r"--skip-steps: '0' must lie within steps 1\.\.4 \(--train-iters\), first <= last"),
+        (["--skip-steps", "3-2"], r"--skip-steps: '3-2' must lie within steps 1\.\.4"),
+        (["--skip-steps", "2", "5"], r"--skip-steps: '5' must lie within steps 1\.\.4"),
         (["--adam-beta1", "1.5"], r"--adam-beta1 must be in \[0, 1\), got 1.5"),
         (["--lr", "-1"], r"--lr must be >= 0, got -1.0"),
         (["--min-lr", "1"], r"--min-lr \(1.0\) exceeds --lr \(0.002\): the decay would raise the rate"),

@@ -344,3 +344,60 @@ def test_weights_only_load_gives_bf16_parameters_the_checkpoints_fp32_master_wei
         assert torch.equal(masters[p], q) and torch.equal(p, q.bfloat16()), name
         assert p.dtype == torch.bfloat16 and q.dtype == torch.float32
     assert all(not s.any() for b in optimizer.buckets for s in b.state.values())
+
+
+def _trained_batches(fixture_data, **values):
+    """Train; return (the step records, the tokens each optimizer step trained on, the trainer)."""
+    batches, trainers = [], []
+
+    def record(trainer):
+        train_step = trainer.train_step
+
+        def recording(micro_batches):
+            batches.append(torch.cat([b["tokens"] for b in micro_batches]))
+            return train_step(micro_batches)
+        trainer.train_step = recording
+        trainers.append(trainer)
+
+    history = train(run_config_from_values(tiny_run(fixture_data, **values)), prepare=record)
+    return history, batches, trainers[0]
+
+
+def test_skipped_steps_drop_their_batches_and_the_rest_train_as_before(fixture_data, tmp_path):
+    """--skip-steps 3-4: steps 1, 2, 5, 6 train on the batches the unskipped run gives them, at
+    its learning rates; 3 and 4 update nothing (AdamW counts 4 steps) and are logged as skipped."""
+    common = dict(train_iters=6, lr_warmup_iters=2, micro_batch_size=2, global_batch_size=4)
+    full, full_batches, _ = _trained_batches(fixture_data, **common)
+    metrics = str(tmp_path / "m.jsonl")
+    skipped, batches, trainer = _trained_batches(fixture_data, **common, skip_steps=["3-4"], metrics_file=metrics)
+    assert [h["step"] for h in skipped] == [1, 2, 5, 6]
+    assert len(batches) == 4 and all(torch.equal(mine, full_batches[i]) for mine, i in zip(batches, [0, 1, 4, 5]))
+    assert losses(skipped[:2]) == losses(full[:2]) and losses(skipped[2:]) != losses(full[4:])
+    assert [h["lr"] for h in skipped] == [full[i]["lr"] for i in (0, 1, 4, 5)]
+    assert {int(state["step"]) for state in trainer.optimizer.state.values()} == {4}
+    records = [json.loads(line) for line in open(metrics)]
+    assert [r["step"] for r in records if r.get("skipped")] == [3, 4]
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]  # in step order
+    assert [r["consumed_samples"] for r in records if "step" in r] == [4, 8, 12, 16, 20, 24]
+
+
+def test_a_run_stopped_inside_a_skipped_range_resumes_past_it_exactly(fixture_data, tmp_path, capsys):
+    common = dict(train_iters=6, lr_warmup_iters=2, micro_batch_size=2, global_batch_size=4, skip_steps=["3-4"])
+    whole = run_training(tiny_run(fixture_data, **common))
+    ckpt = str(tmp_path / "ckpt")
+    first = run_training(tiny_run(fixture_data, **common, save=ckpt, exit_interval=3))
+    assert checkpointing.latest_iteration(ckpt) == 3 and [h["step"] for h in first] == [1, 2]
+    capsys.readouterr()
+    second = run_training(tiny_run(fixture_data, **common, save=ckpt, load=ckpt))
+    assert "skipping steps 4 (--skip-steps): 1 global batch, 4 samples read and not trained on" in capsys.readouterr().out
+    assert losses(first + second) == losses(whole) and [h["step"] for h in second] == [5, 6]
+
+
+def test_the_skips_ahead_are_named_as_ranges():
+    from megatron_code.training.skip_steps import describe_skips, parse_skip_steps
+
+    steps = parse_skip_steps(["7-9", "2-3", "5", "5"], train_iters=10)
+    assert steps == {2, 3, 5, 7, 8, 9}
+    assert describe_skips(steps, after=2, global_batch_size=4) == (
+        "skipping steps 3, 5, 7-9 (--skip-steps): 5 global batches, 20 samples read and not trained on")
+    assert describe_skips(steps, after=9, global_batch_size=4) is None

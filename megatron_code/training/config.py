@@ -119,7 +119,14 @@ class TrainingConfig:
     same steps instead (--manual-gc-interval) and after each validation. At scale the automatic
     collector pauses ranks at different moments and every collective waits for the paused one."""
     manual_gc_interval: int = 0
-    """With --manual-gc: a full garbage collection every this many steps (0: only after validation)."""
+    """With --manual-gc: a collection of the young generations (generation 1) every this many
+    steps; the full one runs after each validation (0: only that one)."""
+    skip_steps: list[str] = field(default_factory=list)
+    """Steps, numbered as the log numbers them, whose global batch is read and discarded without
+    training (after a loss spike: roll back to an earlier checkpoint and skip the batches before
+    it), e.g. `12001-12400 13050`. The learning-rate schedule moves on as if they ran. Steps at
+    or before the resumed checkpoint's are ignored, so the flag can stay in a requeued job's
+    script. Megatron-LM's --iterations-to-skip counts from 0: its K is step K+1 here."""
     exit_duration_in_mins: float | None = None
     """Save and exit 0 once the run has lasted this many minutes (counted from its start, before
     model build and data loading), all ranks after the same step: for schedulers whose time limit

@@ -74,6 +74,15 @@ class MetricsLogger:
             if "straggler" in metrics:
                 print(format_straggler_line(metrics["straggler"]), flush=True)
 
+    def log_skipped(self, step: int, train_iters: int, consumed_samples: int) -> None:
+        """A step of --skip-steps: its data was read and dropped, nothing was trained."""
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "skipped": True, "consumed_samples": consumed_samples}) + "\n")
+        print(f" step {step:6d}/{train_iters} | skipped (--skip-steps): its global batch was read and not trained on",
+              flush=True)
+
     def log_memory(self, per_rank: list[dict]) -> None:
         """End of run: each rank's peak memory and parameter/gradient/optimizer bytes."""
         if not self.enabled:

@@ -38,6 +38,7 @@ from megatron_code.training.garbage_collection import (
 from megatron_code.training.flops import compute_precision, peak_tflops, training_flops_per_token
 from megatron_code.training.lr_schedule import LearningRateSchedule
 from megatron_code.training.resume import resume_from_checkpoint
+from megatron_code.training.skip_steps import describe_skips, parse_skip_steps
 from megatron_code.training.straggler import StragglerReport
 from megatron_code.training.launched_step import DeviceScalars, LaunchedStep, StepClock
 from megatron_code.training.metrics import MetricsLogger, is_log_step, peak_memory_gib, print_rank0
@@ -77,6 +78,7 @@ class Trainer:
                                  if parallel.dp * parallel.cp > 1 else None)
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.schedule = LearningRateSchedule(cfg.scheduler, cfg.optimizer, cfg.training.train_iters)
+        self.skip_steps = parse_skip_steps(cfg.training.skip_steps, cfg.training.train_iters)
         self.iteration = 0
         self.consumed_samples = 0
         """Training samples read so far: the data position. Not iteration x global batch: a run
@@ -280,18 +282,14 @@ class Trainer:
         last_saved = self.iteration if ck.load else None
         unread: LaunchedStep | None = None
         while self.iteration < t.train_iters:
-            launched = self._launch_step(loader)
-            collect_if_due(t, self.iteration)  # host-side pause while the GPU runs the step
-            if unread is not None:
-                self._finish(unread)  # waits for that step only: this one stays queued
-            unread = launched
+            unread = self._advance(loader, unread)
             # ... and at the last step, as Megatron-LM does, so the final weights always get a value
             validating = (bool(t.eval_interval) and self.datasets.valid is not None
                           and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters))
             due = bool(ck.save) and bool(ck.save_interval) and self.iteration % ck.save_interval == 0
             exiting = (self.exit_signal is not None and self.exit_signal.stopped_by is not None) or (
                 bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
-            if validating or due or exiting or self.iteration == t.train_iters:
+            if unread is not None and (validating or due or exiting or self.iteration == t.train_iters):
                 self._finish(unread)  # so a checkpoint never holds a step whose loss was not finite
                 unread = None
             if validating:
@@ -354,6 +352,21 @@ class Trainer:
         if path is not None:
             print_rank0(f" saved checkpoint {path}", enabled=self.env.is_main)
 
+    def _advance(self, loader, unread: LaunchedStep | None) -> LaunchedStep | None:
+        """Launch the next step, then finish the unread one behind it (waiting for that step
+        only: this one stays queued). A step of --skip-steps finishes the unread one first, so
+        records stay in step order, and drops its data. Returns the step left unread."""
+        if self.iteration + 1 in self.skip_steps:
+            if unread is not None:
+                self._finish(unread)
+            self._skip_step(loader)
+            return None
+        launched = self._launch_step(loader)
+        collect_if_due(self.cfg.training, self.iteration)  # host-side pause while the GPU runs the step
+        if unread is not None:
+            self._finish(unread)
+        return launched
+
     def _launch_step(self, loader) -> LaunchedStep:
         """Queue one optimizer step (data, forward/backward, clip, AdamW) and the copy of its
         results to the host; read nothing back."""
@@ -377,6 +390,16 @@ class Trainer:
         for hook in self.step_hooks:
             hook(self.iteration)
         return launched
+
+    def _skip_step(self, loader) -> None:
+        """Read this rank's micro-batches of the step and drop them; the step counts (data
+        position, iteration, learning-rate schedule) but updates nothing."""
+        t = self.cfg.training
+        for _ in islice(loader, t.global_batch_size // (t.micro_batch_size * self.parallel.dp)):
+            pass
+        self.iteration += 1
+        self.consumed_samples += t.global_batch_size
+        self.metrics.log_skipped(self.iteration, t.train_iters, self.consumed_samples)
 
     def _finish(self, step: LaunchedStep) -> None:
         """Read a launched step's results (waiting for its work only), stop on a non-finite loss
@@ -498,6 +521,9 @@ def _print_summary(trainer: Trainer) -> None:
         f"accumulation steps x {trainer.parallel.dp} data-parallel ranks",
         enabled=trainer.env.is_main,
     )
+    skips = describe_skips(trainer.skip_steps, trainer.iteration, cfg.training.global_batch_size)
+    if skips:
+        print_rank0(skips, enabled=trainer.env.is_main)
     if isinstance(trainer.optimizer, DistributedOptimizer):
         print_rank0(f"memory: {trainer.optimizer.memory_summary()}", enabled=trainer.env.is_main)
     device = trainer.env.device

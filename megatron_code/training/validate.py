@@ -18,6 +18,7 @@ from megatron_code.training.exit_signal import parse_exit_signal
 from megatron_code.training.finetune_checks import check_training_mode
 from megatron_code.training.lr_schedule import LearningRateSchedule
 from megatron_code.training.optimizer import check_optimizer_impl
+from megatron_code.training.skip_steps import parse_skip_steps
 
 # Enough tokens to catch data tokenized with another tokenizer, cheap on an mmap.
 _TOKENS_TO_SCAN = 1_000_000
@@ -228,6 +229,7 @@ def validate_run(cfg: RunConfig, data_parallel_size: int = 1,
     cfg.model.validate()
     check_batch_sizes(cfg, data_parallel_size)
     check_numbers(cfg)
+    parse_skip_steps(cfg.training.skip_steps, cfg.training.train_iters)
     if cfg.data.seq_length > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"--seq-length ({cfg.data.seq_length}) exceeds --max-position-embeddings "
