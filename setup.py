@@ -39,6 +39,7 @@ EXTRAS = {
 CONSOLE_SCRIPTS = [
     "mcode-train=megatron_code.train:main",
     "mcode-profile=megatron_code.profile:main",
+    "mcode-preflight=megatron_code.preflight.cli:main",
     "mcode-plan=megatron_code.plan.cli:main",
     "mcode-seed-corpus=data_tools.seed_corpus:main",
     "mcode-train-tokenizer=data_tools.train_tokenizer:main",

@@ -375,6 +375,20 @@ def run_bench(script: str, out_dir: str) -> str | None:
     return text
 
 
+def run_preflight(out_dir: str) -> dict:
+    """mcode-preflight on this one GPU: its bf16 GEMM TFLOP/s, the number the 512-GPU check
+    compares across GPUs (launch/slurm/preflight.sbatch)."""
+    report = os.path.join(out_dir, "preflight.json")
+    proc = subprocess.run([sys.executable, "-m", "megatron_code.preflight", "--report", report],
+                          capture_output=True, text=True, timeout=SECTION_TIMEOUT_S)
+    print(proc.stdout[-3000:] or proc.stderr[-3000:])
+    if not os.path.exists(report):
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-1000:]}"}
+    with open(report) as fh:
+        ranks = json.load(fh)["ranks"]
+    return {"exit": proc.returncode, "gemm_tflops": ranks[0]["gemm_tflops"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_results")
@@ -388,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Which of our model's rows to time (default all).")
     parser.add_argument("--skip", nargs="*", action="extend", default=None,
                         choices=["tests", "ours", "ours_te", "transformers", "profile", "profile_fp8", "sft", "dpo", "kernels",
-                                 "optimizer", "fp8_wgrad", "profile_bf16_params"])
+                                 "optimizer", "fp8_wgrad", "profile_bf16_params", "preflight"])
     parser.add_argument("--merge", nargs="+", metavar="GPU_CHECK_JSON",
                         help="Print one table of the rows of earlier runs' gpu_check.json files (same card), run nothing.")
     return parser
@@ -417,6 +431,7 @@ def main(argv=None) -> dict:
                 "kernels": lambda: run_bench("bench_kernels", args.out) is not None,
                 "optimizer": lambda: run_bench("bench_optimizer", args.out),
                 "fp8_wgrad": lambda: run_bench("bench_fp8_wgrad", args.out),
+                "preflight": lambda: run_preflight(args.out),
                 # Last (each section's result is saved as it ends): the job scripts' bf16 parameters
                 # under ZeRO-1 (one rank), beside `profile`; on one GPU both hold 18 bytes per parameter.
                 "profile_bf16_params": lambda: run_profile_command(layers, args.out, "bf16", extra=BF16_PARAMS,

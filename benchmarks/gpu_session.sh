@@ -31,7 +31,7 @@ if [ -d .te ]; then
 fi
 timeout 290 python3 benchmarks/gpu_check.py --out "$out/phase1" --variants ours:bf16 ours-cast-copies:bf16 ours:fp8 ours-fp8-wgrad-add:fp8 \
     ours-fp8-unfused-swiglu:fp8 \
-    --skip ours_te tests profile profile_fp8 sft dpo kernels profile_bf16_params
+    --skip ours_te tests profile profile_fp8 sft dpo kernels profile_bf16_params preflight
 if [ -n "${te_pid:-}" ]; then
     wait "$te_pid" && echo "Transformer Engine built" || echo "Transformer Engine build failed: $out/te_install.log"
     tail -3 "$out/te_install.log"

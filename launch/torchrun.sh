@@ -21,8 +21,9 @@
 #                   (default $SLURM_NODEID, else 0)
 #   TORCHRUN_LOG_DIR  also write each rank's output under this directory (torchrun --log-dir --tee 3)
 #   PYTHON          interpreter (default python)
-#   MCODE_MODULE    what each rank runs: megatron_code.train (default) or megatron_code.profile
+#   MCODE_MODULE    what each rank runs: megatron_code.train (default), megatron_code.profile
 #                   (a profiling run: the same flags plus the profiler's; launch/slurm/profile_7b.sbatch)
+#                   or megatron_code.preflight (GPU and link check; launch/slurm/preflight.sbatch)
 #   DRY_RUN=1 or --dry-run: print the torchrun command, the environment and the trainer's
 #                   --dry-run (resolved config + rank layout of the whole job); start nothing.
 set -euo pipefail
@@ -34,8 +35,9 @@ reexec_with_default_signals "$0" "$@"  # before the USR1/USR2 traps below
 PY=${PYTHON:-python}
 MODULE=${MCODE_MODULE:-megatron_code.train}
 case "$MODULE" in
-    megatron_code.train|megatron_code.profile) ;;
-    *) echo "torchrun.sh: MCODE_MODULE=$MODULE: expected megatron_code.train or megatron_code.profile" >&2; exit 2 ;;
+    megatron_code.train|megatron_code.profile|megatron_code.preflight) ;;
+    *) echo "torchrun.sh: MCODE_MODULE=$MODULE: expected megatron_code.train, megatron_code.profile" \
+            "or megatron_code.preflight" >&2; exit 2 ;;
 esac
 # The repo's package without installing it; relative paths in the arguments keep the caller's cwd.
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"

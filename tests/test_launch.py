@@ -199,7 +199,7 @@ def script_runs(tmp_path_factory):
     """Every script's dry run, started together (each spends seconds importing torch), as
     name -> (output, run root)."""
     roots = {name: tmp_path_factory.mktemp(name)
-             for name in ("pretrain", "extend", "extend_again", "single", "sft", "dpo_again", "profile")}
+             for name in ("pretrain", "extend", "extend_again", "single", "sft", "dpo_again", "profile", "preflight")}
     resumable = roots["extend_again"] / "checkpoints" / "extend-7b-128k"
     resumable.mkdir(parents=True)
     (resumable / checkpointing.LATEST_MARKER).write_text("40\n")  # the stage's own checkpoint, as after a requeue
@@ -221,6 +221,8 @@ def script_runs(tmp_path_factory):
             roots["dpo_again"], "dpo-7b", DRY_RUN="1", DPO_DATA_PATH="exp/a/dpo", SFT_CKPT=pre, **eight_nodes)),
         "profile": ("launch/slurm/profile_7b.sbatch", ["--dry-run", "--no-overlap-param-gather"],
                     _slurm_env(roots["profile"], "profile-7b-4k", PROFILE_STEPS="8")),
+        "preflight": ("launch/slurm/preflight.sbatch", ["--dry-run", "--slow-fraction", "0.8"],
+                      _slurm_env(roots["preflight"], "preflight")),
         "single": ("launch/torchrun.sh", ["--dry-run", "--preset", "1b", "--tokenizer-model", TOKENIZER,
                                           "--data-path", "data/x", "--train-iters", "3000",
                                           "--tensor-model-parallel-size", "4"],
@@ -347,7 +349,17 @@ def test_launcher_refuses_an_unknown_module(tmp_path):
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": sys.executable, "MCODE_MODULE": "os"}
     result = subprocess.run(["bash", os.path.join(REPO, "launch", "torchrun.sh"), "--dry-run"], env=env,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "MCODE_MODULE=os: expected megatron_code.train or" in result.stderr
+    assert result.returncode == 2 and "MCODE_MODULE=os: expected megatron_code.train, megatron_code.profile" in result.stderr
+
+
+def test_preflight_script_dry_run_plans_the_check_of_all_512_gpus(script_runs):
+    out, root = script_runs["preflight"]
+    report = f"{root}/logs/preflight-4242/preflight.json"
+    assert f" -m megatron_code.preflight --report {report} --slow-fraction 0.8" in out
+    assert "preflight: 512 ranks on 64 node(s) x 8 | cuda (the job's nodes)" in out
+    assert "  GEMM: 20 x [8192, 8192] x [8192, 8192] bf16 per rank" in out
+    assert "between neighbouring nodes (2 round(s), rank by rank)" in out and "slow: below 80%" in out
+    assert "train iters" not in out and not os.path.exists(root / "logs")  # nothing trained, nothing made
 
 
 def test_single_node_script_dry_run(script_runs):

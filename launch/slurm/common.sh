@@ -122,7 +122,9 @@ slurm_launch() {
         printf '%q ' "${srun_cmd[@]}"; echo
         echo "== job =="
         echo "nodes $NNODES x $NPROC_PER_NODE processes; logs $LOG_DIR; checkpoints $CKPT_DIR (shared by requeues)"
-        echo "train iters $TRAIN_ITERS; USR1 before the time limit -> save, exit, scontrol requeue"
+        if (( TRAIN_ITERS > 0 )); then
+            echo "train iters $TRAIN_ITERS; USR1 before the time limit -> save, exit, scontrol requeue"
+        fi
         echo
         DRY_RUN=1 NODE_RANK=0 bash "$REPO_DIR/launch/torchrun.sh" "$@"
         return

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_code.preflight.cli import main
+
+sys.exit(main())
