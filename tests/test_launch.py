@@ -357,7 +357,7 @@ def test_preflight_script_dry_run_plans_the_check_of_all_512_gpus(script_runs):
     report = f"{root}/logs/preflight-4242/preflight.json"
     assert f" -m megatron_code.preflight --report {report} --slow-fraction 0.8" in out
     assert "preflight: 512 ranks on 64 node(s) x 8 | cuda (the job's nodes)" in out
-    assert "  GEMM: 20 x [8192, 8192] x [8192, 8192] bf16 per rank" in out
+    assert "  GEMM: 500 x [8192, 8192] x [8192, 8192] bf16 per rank" in out
     assert "between neighbouring nodes (2 round(s), rank by rank)" in out and "slow: below 80%" in out
     assert "train iters" not in out and not os.path.exists(root / "logs")  # nothing trained, nothing made
 

@@ -27,8 +27,9 @@ class PreflightConfig:
 
     gemm_size: int | None = None
     """Side of the square matrices each rank multiplies (default 8192 in bf16 on a GPU, 512 in fp32 on a CPU)."""
-    gemm_iters: int = 20
-    """Timed matrix products per rank."""
+    gemm_iters: int | None = None
+    """Timed matrix products per rank (default 500 on a GPU, about a second on an H100; some
+    10,000 load the GPUs long enough for thermal throttling to show; 20 on a CPU)."""
     all_reduce_mib: float | None = None
     """MiB each all-reduce carries (default 256 on GPUs: bandwidth-bound; 4 on CPUs)."""
     all_reduce_iters: int = 10
@@ -65,18 +66,25 @@ def parse_args(argv: list[str] | None) -> PreflightConfig:
     return cfg
 
 
+def for_device(cfg: PreflightConfig, cuda: bool) -> PreflightConfig:
+    """cfg with the sizes left unset given the device's defaults."""
+    return dataclasses.replace(cfg, gemm_size=cfg.gemm_size or (8192 if cuda else 512),
+                               gemm_iters=cfg.gemm_iters or (500 if cuda else 20),
+                               all_reduce_mib=cfg.all_reduce_mib or (256 if cuda else 4))
+
+
 def plan_lines(cfg: PreflightConfig, world: int, per_node: int, device_type: str, where: str = "") -> list[str]:
     """What the check measures on this layout (where: said after the device type)."""
     nodes = -(-world // per_node)
     cuda = device_type == "cuda"
-    size = cfg.gemm_size or (8192 if cuda else 512)
-    mib = cfg.all_reduce_mib or (256 if cuda else 4)
+    cfg = for_device(cfg, cuda)
+    size = cfg.gemm_size
     rounds = 0 if nodes < 2 else 1 if nodes == 2 else 2
     return [
         f"preflight: {world} ranks on {nodes} node(s) x {per_node} | {device_type}{where}",
         f"  GEMM: {cfg.gemm_iters} x [{size}, {size}] x [{size}, {size}] "
         f"{'bf16' if cuda else 'fp32'} per rank",
-        f"  all-reduce: {cfg.all_reduce_iters} x {mib:g} MiB over all ranks, inside each node"
+        f"  all-reduce: {cfg.all_reduce_iters} x {cfg.all_reduce_mib:g} MiB over all ranks, inside each node"
         + (f", and between neighbouring nodes ({rounds} round(s), rank by rank)" if rounds else ""),
         f"  slow: below {100 * cfg.slow_fraction:.0f}% of the job's median",
     ]
@@ -99,13 +107,14 @@ def _node_layout(rank: int) -> tuple[list[list[int]], list[str], int]:
 def measure(cfg: PreflightConfig, device: torch.device) -> tuple[dict, list[str]]:
     """This rank's measurements (each phase starts together on all ranks) and the node names."""
     cuda = device.type == "cuda"
+    cfg = for_device(cfg, cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
-    numel = int((cfg.all_reduce_mib or (256 if cuda else 4)) * 2**20) * 8 // torch.finfo(dtype).bits
+    numel = int(cfg.all_reduce_mib * 2**20) * 8 // torch.finfo(dtype).bits
     rank = dist.get_rank()
     node_ranks, names, node = _node_layout(rank)
     dist.barrier()
     mine = {"rank": rank, "node": node, "host": socket.gethostname(),
-            "gemm_tflops": gemm_tflops(device, dtype, cfg.gemm_size or (8192 if cuda else 512), cfg.gemm_iters)}
+            "gemm_tflops": gemm_tflops(device, dtype, cfg.gemm_size, cfg.gemm_iters)}
     dist.barrier()
 
     def bus(group, size):
