@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_code.config_docs import field_docs
 from megatron_code.distributed import destroy_distributed, init_distributed
-from megatron_code.preflight.measure import all_reduce_bus_gbps, gemm_tflops, pair_groups
+from megatron_code.preflight.measure import all_reduce_bus_gbps, gemm_tflops, pair_groups, pair_rounds
 from megatron_code.preflight.report import format_verdict, judge
 
 SLOW_FOUND = 3
@@ -79,7 +79,7 @@ def plan_lines(cfg: PreflightConfig, world: int, per_node: int, device_type: str
     cuda = device_type == "cuda"
     cfg = for_device(cfg, cuda)
     size = cfg.gemm_size
-    rounds = 0 if nodes < 2 else 1 if nodes == 2 else 2
+    rounds = pair_rounds(nodes)
     return [
         f"preflight: {world} ranks on {nodes} node(s) x {per_node} | {device_type}{where}",
         f"  GEMM: {cfg.gemm_iters} x [{size}, {size}] x [{size}, {size}] "
@@ -90,7 +90,7 @@ def plan_lines(cfg: PreflightConfig, world: int, per_node: int, device_type: str
     ]
 
 
-def _node_layout(rank: int) -> tuple[list[list[int]], list[str], int]:
+def _node_layout() -> tuple[list[list[int]], list[str], int]:
     """The ranks of each node, the nodes' names and this rank's node. Nodes are torchrun's agents
     (GROUP_RANK), named by host (with the agent's number where hosts repeat: one host, two agents)."""
     mine = (int(os.environ.get("GROUP_RANK", 0)), socket.gethostname())
@@ -111,7 +111,7 @@ def measure(cfg: PreflightConfig, device: torch.device) -> tuple[dict, list[str]
     dtype = torch.bfloat16 if cuda else torch.float32
     numel = int(cfg.all_reduce_mib * 2**20) * 8 // torch.finfo(dtype).bits
     rank = dist.get_rank()
-    node_ranks, names, node = _node_layout(rank)
+    node_ranks, names, node = _node_layout()
     dist.barrier()
     mine = {"rank": rank, "node": node, "host": socket.gethostname(),
             "gemm_tflops": gemm_tflops(device, dtype, cfg.gemm_size, cfg.gemm_iters)}
@@ -125,7 +125,7 @@ def measure(cfg: PreflightConfig, device: torch.device) -> tuple[dict, list[str]
     dist.barrier()
     mine["node_bus_gbps"] = bus(node_group, len(own)) if node_group is not None else None
     mine["pairs"] = []
-    for round_index in range(0 if len(node_ranks) < 2 else 1 if len(node_ranks) == 2 else 2):
+    for round_index in range(pair_rounds(len(node_ranks))):
         dist.barrier()  # one round at a time: pairs of different rounds share nodes
         for a, b, ranks in pair_groups(node_ranks, round_index):
             if rank in ranks:

@@ -51,6 +51,11 @@ def all_reduce_bus_gbps(group, size: int, numel: int, dtype: torch.dtype, device
     return buffer.numel() * buffer.element_size() * 2 * (size - 1) / size / seconds / 1e9
 
 
+def pair_rounds(node_count: int) -> int:
+    """Rounds of neighbour pairs: none for one node, one for two (a single pair), else two."""
+    return 0 if node_count < 2 else 1 if node_count == 2 else 2
+
+
 def node_pairs(node_count: int, round_index: int) -> list[tuple[int, int]]:
     """Neighbouring nodes paired for one round of pair tests: round 0 pairs (0, 1), (2, 3), ...;
     round 1 shifts by one, (1, 2), (3, 4), ..., closing the ring with (last, 0) when the count is
