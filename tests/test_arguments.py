@@ -111,6 +111,7 @@ def _args(data_prefix, *extra):
         # Out of range: each used to crash mid-run or train silently wrong (check_numbers' docstring).
         (["--log-interval", "0"], r"--log-interval must be >= 1, got 0"),
         (["--log-straggler", "--straggler-minmax-count", "0"], r"--straggler-minmax-count must be >= 1, got 0"),
+        (["--no-load-optim", "--no-load-rng"], r"--no-load-optim and --no-load-rng without --load: there is no"),
         (["--skip-steps", "3-x"], r"--skip-steps: '3-x' is neither a step nor a FIRST-LAST range of steps"),
         (["--skip-steps", "0"], r"--skip-steps: '0' must lie within steps 1\.\.4 \(--train-iters\), first <= last"),
         (["--skip-steps", "3-2"], r"--skip-steps: '3-2' must lie within steps 1\.\.4"),

@@ -401,3 +401,40 @@ def test_the_skips_ahead_are_named_as_ranges():
     assert describe_skips(steps, after=2, global_batch_size=4) == (
         "skipping steps 3, 5, 7-9 (--skip-steps): 5 global batches, 20 samples read and not trained on")
     assert describe_skips(steps, after=9, global_batch_size=4) is None
+
+
+def test_no_load_optim_resumes_the_weights_with_fresh_adamw_moments(fixture_data, tmp_path, capsys):
+    """Step 5's loss comes from the resumed weights and data (equal to the uninterrupted run's);
+    its update starts AdamW afresh, so step 6 differs; the schedule and data position go on and
+    AdamW counts only the 4 steps since the resume."""
+    common = dict(train_iters=8, lr_warmup_iters=2, micro_batch_size=2, global_batch_size=4)
+    whole = run_training(tiny_run(fixture_data, **common))
+    ckpt = str(tmp_path / "ckpt")
+    run_training(tiny_run(fixture_data, **common, save=ckpt, exit_interval=4))
+    capsys.readouterr()
+    trainers = []
+    resumed = train(run_config_from_values(tiny_run(fixture_data, **common, save=ckpt, load=ckpt, load_optim=False)),
+                    prepare=trainers.append)
+    assert "note: not loaded: AdamW's state (--no-load-optim: moments and step counts start fresh)" in \
+        capsys.readouterr().out
+    assert [h["step"] for h in resumed] == [5, 6, 7, 8] and resumed[0]["loss"] == whole[4]["loss"]
+    assert resumed[1]["loss"] != whole[5]["loss"]
+    assert [h["lr"] for h in resumed] == [h["lr"] for h in whole[4:]]
+    assert [h["consumed_samples"] for h in resumed] == [h["consumed_samples"] for h in whole[4:]]
+    assert {int(state["step"]) for state in trainers[0].optimizer.state.values()} == {4}
+
+
+def test_no_load_rng_draws_other_dropout_masks_after_the_resume(fixture_data, tmp_path):
+    common = dict(train_iters=6, lr_warmup_iters=2, micro_batch_size=2, global_batch_size=4, hidden_dropout=0.1)
+    whole = run_training(tiny_run(fixture_data, **common))
+    ckpt = str(tmp_path / "ckpt")
+    run_training(tiny_run(fixture_data, **common, save=ckpt, exit_interval=3))
+    with_rng = run_training(tiny_run(fixture_data, **common, save=ckpt, load=ckpt))
+    assert losses(with_rng) == losses(whole[3:])  # the RNG restored: the same masks
+    for name in os.listdir(ckpt):  # back to iteration 3 for the second resume
+        if name.startswith("iter_") and name != "iter_0000003":
+            shutil.rmtree(os.path.join(ckpt, name))
+    with open(os.path.join(ckpt, checkpointing.LATEST_MARKER), "w") as fh:
+        fh.write("3\n")
+    without_rng = run_training(tiny_run(fixture_data, **common, save=ckpt, load=ckpt, load_rng=False))
+    assert losses(without_rng)[0] != whole[3]["loss"]  # dropout drew other masks from step 4 on

@@ -401,11 +401,12 @@ def latest_iteration(root: str) -> int | None:
 
 
 def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restore_rng: bool = True,
-                    optimizer_state: bool = True) -> dict | None:
+                    optimizer_state: bool = True, restore_fp8: bool | None = None) -> dict | None:
     """Load the latest checkpoint under root (or root itself, one iteration's directory) into
     model (and optimizer, unless None or without `optimizer_state`: then only the master weights
-    of bf16 parameters), whatever layout saved it. Returns its train state, or None when root
-    holds no checkpoint yet (a fresh run with --load == --save)."""
+    of bf16 parameters), whatever layout saved it, with the RNG states (`restore_rng`) and FP8
+    scaling state (`restore_fp8`, default: as `restore_rng`). Returns its train state, or None
+    when root holds no checkpoint yet (a fresh run with --load == --save)."""
     found = _checkpoint_to_load(root)
     if found is None:
         return None
@@ -415,6 +416,7 @@ def load_checkpoint(root: str, model, optimizer, parallel: ParallelState, restor
     _copy_loaded(state, model, optimizer)
     if restore_rng:  # a full resume: the run goes on as if never stopped
         set_rng_state(torch.load(_rng_file(ckpt), weights_only=False))
+    if restore_rng if restore_fp8 is None else restore_fp8:
         _restore_fp8_state(ckpt, model, parallel)
     return train_state
 

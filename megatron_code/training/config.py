@@ -150,6 +150,13 @@ class CheckpointConfig:
     """Save every this many steps (and at the end of training)."""
     finetune: bool = False
     """Load only model weights from --load and start at iteration 0 with fresh optimizer."""
+    load_optim: bool = True
+    """--no-load-optim: resume everything but AdamW's state (moments and step counts start fresh;
+    the iteration, learning-rate schedule and data position go on), as after a loss spike some
+    runs reset the moments, or to drop an optimizer state that no longer fits the run."""
+    load_rng: bool = True
+    """--no-load-rng: resume everything but the random-number generators (seeded from --seed as
+    in a fresh start: other dropout masks from the resume on)."""
     ref_load: str | None = None
     """--training-mode dpo: checkpoint directory of the frozen reference model (its latest checkpoint;
     default: --load). Required when --load resumes a DPO run's own checkpoint."""

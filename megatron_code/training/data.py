@@ -206,10 +206,13 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return steps * self.per_rank // self.micro_batch_size
 
 
-def micro_batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, pin_memory: bool):
+def micro_batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, pin_memory: bool, seed: int):
+    """Its own generator: a DataLoader draws its workers' base seed when iterated, from torch's
+    global RNG unless given one, and a resumed run creates its loader after restoring that RNG,
+    which then drew other dropout masks than the uninterrupted run."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -29,13 +29,17 @@ def resume_from_checkpoint(cfg: RunConfig, model, optimizer, parallel: ParallelS
             "holds weights only (no optimizer state); add --finetune to start training from it."
         )
     # --finetune: weights only (the optimizer still takes the master weights of bf16 parameters)
-    checkpointing.load_checkpoint(ck.load, model, optimizer, parallel, restore_rng=not ck.finetune,
-                                  optimizer_state=not ck.finetune)
+    checkpointing.load_checkpoint(ck.load, model, optimizer, parallel, restore_rng=ck.load_rng and not ck.finetune,
+                                  optimizer_state=ck.load_optim and not ck.finetune, restore_fp8=not ck.finetune)
     print_rank0(f"resumed from {ck.load} at iteration {saved['iteration']}", enabled=is_main)
     if ck.finetune:
         return 0, 0
     iteration, consumed = saved["iteration"], saved["consumed_samples"]
-    for note in resume_notes(saved, cfg, iteration, consumed):
+    skipped = [what for what, loaded in (("AdamW's state (--no-load-optim: moments and step counts start "
+                                          "fresh)", ck.load_optim),
+                                         ("the RNG states (--no-load-rng: seeded from --seed)", ck.load_rng))
+               if not loaded]
+    for note in resume_notes(saved, cfg, iteration, consumed) + [f"not loaded: {what}" for what in skipped]:
         print_rank0(f"note: {note}", enabled=is_main)
     return iteration, consumed
 

@@ -125,7 +125,7 @@ class Trainer:
             t.micro_batch_size, t.global_batch_size, self.parallel.dp_rank, self.parallel.dp,
         )
         loader = micro_batch_loader(self.datasets.train, sampler, self.cfg.data.num_workers,
-                                    pin_memory=self.env.device.type == "cuda")
+                                    pin_memory=self.env.device.type == "cuda", seed=t.seed)
         return iter(loader)
 
     # ---- one step -------------------------------------------------------------------------

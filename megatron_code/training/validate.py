@@ -187,6 +187,11 @@ def _check_load(cfg: RunConfig, require_files: bool) -> None:
     ck = cfg.checkpoint
     if ck.finetune and not ck.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from).")
+    unloaded = [flag for flag, loaded in (("--no-load-optim", ck.load_optim), ("--no-load-rng", ck.load_rng))
+                if not loaded]
+    if unloaded and not ck.load:
+        raise ConfigError(f"{' and '.join(unloaded)} without --load: there is no checkpoint to leave its parts out "
+                          "of. Add --load, or drop the flag.")
     for root, flag, weights_only in ((ck.load, "--load", ck.finetune), (ck.ref_load, "--ref-load", True)):
         if root:
             check_checkpoint_root(root, flag, weights_only, complete=require_files)
