@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -429,10 +430,11 @@ def _process_report(root: int) -> str:
     return "\n".join(lines)
 
 
-def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None):
-    """Run launch/torchrun.sh ARGS; once step 2 is logged call deliver(process). Returns (exit code,
-    output); a run that hangs is killed with everything it started."""
-    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "torchrun.sh"), *args], cwd=REPO,
+def run_and_signal(args, env, deliver, timeout=240, preexec_fn=None, command=None):
+    """Run launch/torchrun.sh ARGS (or `command` ARGS); once step 2 is logged call deliver(process).
+    Returns (exit code, output); a run that hangs is killed with everything it started."""
+    command = command or ["bash", os.path.join(REPO, "launch", "torchrun.sh")]
+    proc = subprocess.Popen([*command, *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=preexec_fn)
 
@@ -555,3 +557,75 @@ def test_exit_signal_sent_to_the_launcher_works_when_it_started_with_the_signal_
     assert code == 0, out[-3000:]
     assert "were ignored or blocked when this shell started" in out and "SIGUSR1 forwarded to 1 worker(s)" in out
     assert 2 <= stopped_iteration(out, 40) < 40
+
+
+# ---- the batch shell's requeue decision (launch/slurm/common.sh), with srun and scontrol faked ----
+TINY_JOB = """#!/bin/bash
+set -euo pipefail
+JOB_NAME=tiny-job JOB_NODES=1 GPUS_PER_NODE=1
+source "$REPO_DIR/launch/slurm/common.sh"
+slurm_parse_args "$@"
+slurm_setup
+slurm_launch --save "$CKPT_DIR" --load "$CKPT_DIR" "${EXTRA_TRAIN_ARGS[@]}"
+"""
+
+
+def _tiny_slurm_job(root, train_iters: int) -> tuple[list[str], dict]:
+    """A one-node job script on common.sh, with an `srun` that runs its command here and an
+    `scontrol` that answers `show hostnames` and records `requeue` in root/requeues."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\ncase "$1" in\n  show) echo localhost ;;\n'
+                                      '  requeue) echo "requeue $2" >> "$REQUEUE_LOG" ;;\nesac\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    (root / "job.sbatch").write_text(TINY_JOB)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "REPO_DIR": REPO,
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "tiny-job", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "1", "RUN_ROOT": str(root),
+           "TRAIN_ITERS": str(train_iters), "REQUEUE_LOG": str(root / "requeues"), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    return ["bash", str(root / "job.sbatch")], env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _requeues(root) -> list[str]:
+    path = root / "requeues"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_failed_run_is_requeued_only_after_saving_a_newer_checkpoint(fixture_data, tmp_path):
+    """lr 1e30 saves step 1, then stops at step 2 (non-finite gradient norm): the job requeues
+    itself to resume. The requeued job fails at step 2 again without a new checkpoint, and stops
+    there, saying why, rather than looping."""
+    cmd, env = _tiny_slurm_job(tmp_path, train_iters=6)
+    flags = ["--preset", "tiny", "--data-path", fixture_data, "--tokenizer-model", TOKENIZER, "--train-iters", "6",
+             "--lr", "1e30", "--min-lr", "1e29", "--lr-warmup-iters", "0", "--clip-grad", "0", "--micro-batch-size",
+             "2", "--global-batch-size", "2", "--seq-length", "64", "--eval-interval", "0", "--save-interval", "1"]
+    first = subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode != 0 and "gradient norm is nan at iteration 2" in first.stdout + first.stderr
+    assert "the run failed (exit status 1) after saving iteration 1 (this job started at -1); requeueing job 77" \
+        in first.stdout and _requeues(tmp_path) == ["requeue 77"]
+    again = subprocess.run(cmd + flags, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and _requeues(tmp_path) == ["requeue 77"]  # no second requeue
+    assert "the run failed (exit status 1); not requeued: no checkpoint saved since the job started (latest: 1)" \
+        in again.stdout
+
+
+def test_the_batch_shell_forwards_usr1_and_requeues_the_saved_run(fixture_data, tmp_path):
+    """Slurm's `--signal=B:USR1` goes to the batch shell: its trap passes it on through srun to the
+    ranks, which save and exit 0, and the shell requeues the unfinished job."""
+    cmd, env = _tiny_slurm_job(tmp_path, train_iters=40)
+    args = signal_run_args(fixture_data, str(tmp_path / "unused"), 40)[:-2]  # the job script sets --save
+    code, out = run_and_signal(args, env, lambda proc: proc.send_signal(signal.SIGUSR1), command=cmd)
+    assert code == 0, out[-3000:]
+    stop = stopped_iteration(out, 40)
+    assert checkpointing.latest_iteration(str(tmp_path / "checkpoints" / "tiny-job")) == stop
+    assert "USR1 (time limit near)" in out and "checkpoint saved; requeueing job 77" in out
+    assert _requeues(tmp_path) == ["requeue 77"]

@@ -12,6 +12,8 @@
 # time limit; the trap forwards it to srun, which passes it to every task; the training processes
 # finish their step, save to CKPT_DIR and exit 0; then this shell runs `scontrol requeue` (unless
 # training is complete), and the requeued job (same job id and CKPT_DIR) resumes with --load.
+# A run that fails after saving a newer checkpoint than the job started from is requeued too
+# (REQUEUE_ON_FAILURE=0: not); one that saved nothing new is not, so a persistent error cannot loop.
 
 # shellcheck source=launch/signals.sh
 source "$REPO_DIR/launch/signals.sh"
@@ -103,9 +105,38 @@ slurm_setup() {
     slurm_environment
 }
 
-_training_finished() {
+_latest_iteration() {  # the iteration of CKPT_DIR's latest checkpoint, or -1
     local marker="$CKPT_DIR/latest_checkpointed_iteration.txt"
-    [[ -f "$marker" ]] && (( $(cat "$marker") >= TRAIN_ITERS ))
+    if [[ -f "$marker" ]]; then cat "$marker"; else echo -1; fi
+}
+
+_training_finished() {
+    (( $(_latest_iteration) >= TRAIN_ITERS ))
+}
+
+_requeue_unfinished() {  # STATUS START_ITERATION: after srun, requeue the job if that is what to do
+    local status=$1 start=$2 latest
+    latest=$(_latest_iteration)
+    if _training_finished; then
+        return
+    fi
+    if [[ "$status" == 0 && "$EXIT_REQUESTED" == 1 ]]; then
+        echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
+    elif [[ "$status" != 0 && "$latest" -gt "$start" && "${REQUEUE_ON_FAILURE:-1}" == 1 ]]; then
+        # At 512 GPUs hardware faults end runs every few days (a GPU falling off the bus, a link
+        # flap timing out a collective); the requeued job gets a new allocation and resumes.
+        echo "$(date -Is) the run failed (exit status $status) after saving iteration $latest" \
+             "(this job started at $start); requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
+    elif [[ "$status" != 0 ]]; then
+        local why="no checkpoint saved since the job started (latest: $latest), so a requeue would most likely"
+        why+=" fail the same way; fix the cause and resubmit (the run resumes from $CKPT_DIR)"
+        [[ "$latest" -gt "$start" ]] && why="REQUEUE_ON_FAILURE=$REQUEUE_ON_FAILURE"
+        echo "$(date -Is) the run failed (exit status $status); not requeued: $why"
+        return
+    else
+        return
+    fi
+    scontrol requeue "$SLURM_JOB_ID"
 }
 
 _forward_exit_signal() {
@@ -130,6 +161,8 @@ slurm_launch() {
         return
     fi
     mkdir -p "$LOG_DIR" "$CKPT_DIR" "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
+    local start_iteration
+    start_iteration=$(_latest_iteration)
     EXIT_REQUESTED=0
     trap _forward_exit_signal USR1
     "${srun_cmd[@]}" &
@@ -137,9 +170,6 @@ slurm_launch() {
     while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID" || true; done
     local status=0
     wait "$SRUN_PID" || status=$?
-    if [[ "$EXIT_REQUESTED" == 1 && "$status" == 0 ]] && ! _training_finished; then
-        echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
-        scontrol requeue "$SLURM_JOB_ID"
-    fi
+    _requeue_unfinished "$status" "$start_iteration"
     return "$status"
 }
