@@ -572,3 +572,58 @@ def test_profile_report_sets_the_planner_forecast_beside_the_measured_peak_on_gp
     assert planner_peak_gib(cfg, 1, "cpu") is None  # CPU peaks are RSS: not what the model counts
     assert planner_peak_gib(cfg, 1, "cuda") == pytest.approx(forecast(cfg, 1).total / 2**30)
     assert 60 < planner_peak_gib(cfg, 1, "cuda") < 90  # 74.3 GiB measured on an H200 (docs/benchmarks.md)
+
+
+def _preflight_report(path, nodes: int, per_node: int, node_bus: list[float], pair_bus: float) -> str:
+    """A report as mcode-preflight --report writes it (cli.write_report), with chosen bandwidths."""
+    ranks = []
+    for node in range(nodes):
+        for local in range(per_node):
+            partners = [(r, pair) for r in (0, 1) for pair in [(0, 1), (2, 3), (1, 2), (3, 0)][2 * r:2 * r + 2]
+                        if node in pair]
+            ranks.append({"rank": node * per_node + local, "node": node, "host": f"n{node}", "gemm_tflops": 700.0,
+                          "world_bus_gbps": 40.0, "node_bus_gbps": node_bus[node],
+                          "pairs": [{"round": r, "nodes": list(pair), "bus_gbps": pair_bus} for r, pair in partners]})
+    path.write_text(json.dumps({"config": {}, "nodes": [f"n{i}" for i in range(nodes)], "ranks": ranks,
+                                "findings": [], "exclude": []}))
+    return str(path)
+
+
+def test_measured_links_replace_the_datasheets_and_speed_up_the_data_parallel_reduction(tmp_path, capsys):
+    """A preflight that measured 360 GB/s inside the nodes (one slow node left out by the median)
+    and 45 GB/s between them: the planner's links become 360 / 0.75 and 45 / 0.75 GB/s, so its
+    collectives run at the measured rates, and a data-parallel reduction over the network gets
+    faster than with the datasheet's 50 GB/s x 0.75."""
+    from megatron_code.plan.cli import build_parser, request_from_args
+
+    report = _preflight_report(tmp_path / "preflight.json", 4, 8, [360.0, 360.0, 100.0, 370.0], 45.0)
+    argv = ["--preset", "7b", "--gpus", "512", "--seq-length", "4096"]
+    datasheet, tm = request_from_args(build_parser().parse_args(argv))
+    measured, _ = request_from_args(build_parser().parse_args(argv + ["--network-from", report]))
+    assert measured.gpu.intra_node_gb_per_s == pytest.approx(360 / 0.75)
+    assert measured.gpu.inter_node_gb_per_s == pytest.approx(45 / 0.75)
+    layout = Layout(tp=2, pp=1, vp=1, cp=1, dp=256, micro_batch_size=4, distributed_optimizer=True)
+    times = [evaluate(request, layout, tm).time.dp_comm for request in (datasheet, measured)]
+    assert times[1] < times[0]
+    assert main(argv + ["--network-from", report, "--top", "1"]) == 0
+    assert f"links measured by preflight ({report}): intra-node 360 GB/s bus, inter-node 45 GB/s bus" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file; give the preflight.json"),
+    ("four_per_node", "measured with 4 GPUs per node, but the planner's h100-sxm nodes hold 8"),
+    ("with_ib_gbps", "--ib-gbps and --network-from"),
+    ("not_a_report", "not a preflight report"),
+])
+def test_a_preflight_report_that_cannot_stand_for_the_cluster_is_refused(case, message, tmp_path, capsys):
+    path = tmp_path / "preflight.json"
+    if case == "four_per_node":
+        _preflight_report(path, 2, 4, [300.0, 300.0], 40.0)
+    elif case == "with_ib_gbps":
+        _preflight_report(path, 2, 8, [300.0, 300.0], 40.0)
+    elif case == "not_a_report":
+        path.write_text('{"rows": []}')
+    extra = ["--ib-gbps", "400"] if case == "with_ib_gbps" else []
+    assert main(["--preset", "7b", "--gpus", "64", "--network-from", str(path), *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from megatron_code.plan.measured_links import read_preflight
 from megatron_code.preflight.measure import node_pairs, pair_groups
 from megatron_code.preflight.report import format_verdict, judge
 
@@ -58,6 +59,8 @@ def test_a_job_without_slow_parts_passes(tmp_path):
     assert [agent.returncode for agent in agents] == [0, 0], [a.stderr[-2000:] for a in agents]
     assert report["findings"] == [] and report["exclude"] == []
     assert "verdict: no GPU or node below 25% of the job's median" in "".join(a.stdout for a in agents)
+    links = read_preflight(str(tmp_path / "preflight.json"))  # what mcode-plan --network-from takes
+    assert links.gpus_per_node == 2 and links.intra_node_bus > 0 and links.inter_node_bus > 0
 
 
 def test_neighbour_pairs_meet_every_node_twice_on_an_even_ring_and_once_or_twice_on_odd():

@@ -16,6 +16,7 @@ import tempfile
 from megatron_code.errors import ConfigError
 from megatron_code.model.core_attention import packed_attention_kernel
 from megatron_code.plan.hardware import GPUS, get_gpu
+from megatron_code.plan.measured_links import read_preflight, with_measured_links
 from megatron_code.plan.memory import Execution
 from megatron_code.plan.search import GIB, Candidate, PlanRequest, PlanResult, nearest_valid_batch, plan
 from megatron_code.plan.timing import TimeModelConfig
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient elements per data-parallel bucket, as the trainer's flag (default: its "
                         "default, max(40M, 1M x DP x CP)); the recommended command passes it on")
     p.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU in Gb/s (default: the GPU table's)")
+    p.add_argument("--network-from", metavar="PREFLIGHT_JSON",
+                   help="link bandwidths measured on the cluster by mcode-preflight --report (its medians), "
+                        "in place of the datasheet's (docs/launch.md)")
     p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", help="also write every fitting layout with its predictions to this file")
     return p
@@ -88,6 +92,12 @@ def request_from_args(args: argparse.Namespace) -> tuple[PlanRequest, TimeModelC
             raise ConfigError(f"{name} must be in (0, 1], got {value}.")
     run.model.validate()
     gpu = get_gpu(args.gpu, args.ib_gbps)
+    if args.network_from:
+        links = read_preflight(args.network_from)
+        if args.ib_gbps is not None and links.inter_node_bus is not None:
+            raise ConfigError(f"--ib-gbps and --network-from {args.network_from} both give the inter-node "
+                              "bandwidth; keep one.")
+        gpu = with_measured_links(gpu, links, args.link_efficiency)
     tm = TimeModelConfig(compute_efficiency=args.compute_efficiency, link_efficiency=args.link_efficiency,
                          fp8_compute_efficiency=args.fp8_compute_efficiency,
                          masked_attention_efficiency=args.masked_attention_efficiency, precision=args.precision,
@@ -121,6 +131,7 @@ def header(request: PlanRequest, tm: TimeModelConfig, result: PlanResult, preset
             f"cluster: {request.gpus} x {g.name} ({g.peak_tflops(tm.precision):.0f} dense {tm.precision} TFLOP/s, "
             f"{g.memory_gb:.0f} GB, {g.gpus_per_node}/node, {g.intra_node_gb_per_s:.0f} GB/s intra-node, "
             f"{g.inter_node_gb_per_s:.0f} GB/s/GPU inter-node)\n"
+            + (f"{g.links_note}\n" if g.links_note else "") +
             f"assumed: compute at {100 * tm.compute_efficiency:.0f}% of peak{fp8}, links at {100 * tm.link_efficiency:.0f}%, "
             f"{request.memory_budget / GIB:.1f} GiB usable per GPU{packed}\n"
             f"searched {result.parallel_layouts} layouts: {result.valid} valid, {len(result.candidates)} fit{dpo}")

@@ -42,6 +42,8 @@ class GpuSpec:
     """Bandwidth one GPU can send to other nodes, GB/s per direction (its InfiniBand NIC)."""
     gpus_per_node: int = 8
     """GPUs sharing the fast intra-node link."""
+    links_note: str | None = None
+    """Where measured link bandwidths replaced the datasheet's (plan/measured_links.py); None: none did."""
 
     def peak_tflops(self, precision: str) -> float:
         if precision == "fp8":
