@@ -94,8 +94,8 @@ class StragglerReport:
         values = dict(entry.split("=", 1) for entry in entries)
         return [values[str(rank)] for rank in range(self.world_size)]
 
-
     def _missing(self, name: str) -> list[int]:
+        """The ranks that have not posted under name (for the timeout's message)."""
         posted = self.store.get(name).decode() if self.store.check([name]) else ""
         seen = {int(entry.split("=", 1)[0]) for entry in posted.split(";") if entry}
         return [rank for rank in range(self.world_size) if rank not in seen]
